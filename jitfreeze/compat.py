@@ -1,0 +1,245 @@
+"""Compatibility hooks for libraries with trace-friendly code paths (Hugging Face transformers).
+
+Three things live here:
+
+* :func:`tracing_context` - while jitfreeze traces, tell ``torch.compiler.is_compiling()`` /
+  ``torch.compiler.is_exporting()`` the truth about what is happening: an ahead-of-time,
+  ``make_fx``-based trace whose graph will be run without Python. This is exactly what
+  ``torch.export``'s non-strict mode does around its own ``make_fx`` trace.
+* :func:`explain_unsupported_output` - a hint for output objects a frozen graph cannot return
+  (e.g. a transformers key/value ``Cache``), used in the fallback warning.
+* :func:`ensure_pytree_output` - make sure output classes such as transformers' ``ModelOutput``
+  subclasses are pytree nodes, so they come back as the same class with the same fields.
+
+Nothing here imports transformers: classes are recognised by name and module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any, Iterator
+
+import torch
+
+__all__ = ["tracing_context", "in_tracing_context", "explain_unsupported_output", "ensure_pytree_output"]
+
+# torch.compiler module globals, in the order torch._export.utils._compiling_state_context sets them.
+_FLAG_NAMES = ("_is_compiling_flag", "_is_exporting_flag")
+
+_lock = threading.Lock()
+_depth = 0                       # active tracing_context() entries, all threads together
+_saved: dict[str, bool] = {}     # flag values before the outermost entry
+_local = threading.local()       # per-thread depth, for in_tracing_context()
+
+
+def _flag_names() -> tuple[str, ...]:
+    compiler = getattr(torch, "compiler", None)
+    return tuple(n for n in _FLAG_NAMES if compiler is not None and hasattr(compiler, n))
+
+
+@contextlib.contextmanager
+def tracing_context() -> Iterator[None]:
+    """Present a jitfreeze trace to library code as a torch.export-style compile.
+
+    **What it sets.** The two module globals behind torch's public queries::
+
+        torch.compiler._is_compiling_flag = True   # -> torch.compiler.is_compiling() is True
+        torch.compiler._is_exporting_flag = True   # -> torch.compiler.is_exporting() is True
+
+    These are the flags ``torch.export`` sets (``torch._export.utils._compiling_state_context``)
+    around its non-strict trace, which is itself a ``make_fx`` trace of real Python code, as ours
+    is; ``torch.compile`` sets the first one for a whole compile session, including ``make_fx``
+    calls made by backends (``torch._dynamo.convert_frame``, ``_compile_session_context``).
+    "Exporting" is the accurate description of our contract too: the graph is serialized and
+    later run with no Python and no Dynamo runtime, so libraries must pick paths that are valid
+    in a standalone graph (transformers, e.g., then avoids kernels "not all export targets
+    support" and the ``associative_scan`` higher-order op it only uses under non-export compile).
+    ``torch.jit.is_tracing()`` is not touched (that would claim a ``torch.jit.trace`` and some
+    code then calls ``torch.jit``-tracer-only APIs), nor is ``torch.fx`` symbolic tracing.
+
+    **What it changes.** Library code that asks ``torch.compiler.is_compiling()`` (transformers'
+    ``is_torchdynamo_compiling()`` / ``is_tracing()``) takes its trace-friendly path: no
+    ``.item()``/``bool(tensor)`` checks on input values (e.g. "is the attention mask all ones,
+    then drop it" - the mask is always materialised from the input instead, so one frozen
+    function serves full and padded masks), and no "for information" warnings. Inside torch
+    itself, during the window: ``nn.Module.__call__`` skips its always-called forward hooks on
+    exceptions; ``torch.func.vmap``/``grad`` skip a ``functools.wraps`` step; the
+    ``TransformerEncoder`` sparsity fast path is skipped when ``mask_check`` is on; optimizers
+    keep step counts as tensors and skip device grouping; ``torch.fx``'s
+    ``is_fx_symbolic_tracing()`` reads False; flex-attention warnings are silenced.
+    None of these changes the numbers an inference forward computes. Inside TorchScript,
+    ``is_compiling()`` is always False (it checks ``torch.jit.is_scripting()`` first), so the
+    flags have no effect on the scripted or frozen module.
+
+    **For how long.** Only for the ``with`` block (jitfreeze wraps the ``make_fx`` call with it,
+    nothing else - not scripting, freezing, loading, or any eager call). The previous values are
+    restored on exit, also when the trace raises.
+
+    **Threads.** torch keeps these flags as process-wide globals with no thread-local variant,
+    so for the duration of the window *other threads* also see ``is_compiling()`` /
+    ``is_exporting()`` as True: their eager transformers calls take the trace-friendly paths
+    (same results, possibly a little slower, fewer warnings). Entries are reference-counted under
+    a lock, so concurrent or nested jitfreeze traces (any threads) keep the flags up until the
+    last one leaves, and then restore the values seen before the first one entered. A
+    ``torch.compile``/``torch.export`` in another thread uses torch's own save/restore, which
+    is not coordinated with ours; if such a compile *ends* while a jitfreeze trace runs, it can
+    restore False under it, and that trace then fails (data-dependent check) and falls back to
+    eager - never a wrong graph, because ``make_fx`` refuses data-dependent reads.
+    """
+    global _depth
+    names = _flag_names()
+    compiler = getattr(torch, "compiler", None)
+    with _lock:
+        if _depth == 0:
+            _saved.clear()
+            _saved.update({n: getattr(compiler, n) for n in names})
+        for n in names:
+            setattr(compiler, n, True)
+        _depth += 1
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                for n, v in _saved.items():
+                    setattr(compiler, n, v)
+                _saved.clear()
+
+
+def in_tracing_context() -> bool:
+    """True when the calling thread is inside :func:`tracing_context`."""
+    return getattr(_local, "depth", 0) > 0
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def _mro_names(obj: Any) -> list[tuple[str, str]]:
+    return [(getattr(c, "__module__", "") or "", c.__name__) for c in type(obj).__mro__]
+
+
+def _is_hf_cache(obj: Any) -> bool:
+    """A transformers key/value cache (``Cache`` and subclasses) or one of its layers."""
+    for module, name in _mro_names(obj):
+        if not module.startswith("transformers"):
+            continue
+        if name == "Cache" or name.endswith("Cache") or name.endswith("CacheLayerMixin"):
+            return True
+    return False
+
+
+def _explain_leaf(obj: Any) -> str | None:
+    cls = type(obj)
+    qual = f"{cls.__module__}.{cls.__qualname__}"
+    if _is_hf_cache(obj):
+        return (f"{qual} is a transformers key/value cache, which is mutable state a frozen graph "
+                "cannot return; call the model with use_cache=False (or set model.config.use_cache = False) "
+                "to compile it, and run generation loops that need the cache eagerly")
+    if cls.__module__.startswith("transformers") and any(n == "ModelOutput" for _, n in _mro_names(obj)):
+        return (f"{qual} is not registered as a pytree node in this process; "
+                "jitfreeze.compat.ensure_pytree_output registers it")
+    if isinstance(obj, torch.nn.Module):
+        return "return tensors computed by the module, not the module itself"
+    if isinstance(obj, (torch.device, torch.dtype, torch.Size)):
+        return f"a {cls.__name__} is not a tensor; return it from outside the compiled function"
+    return None
+
+
+def explain_unsupported_output(obj: Any) -> str | None:
+    """A hint on how to make ``obj`` (or the first known offender inside it) returnable, else None.
+
+    Accepts a single output leaf or a whole output (tuples, lists, dicts and ``ModelOutput``
+    values are searched). Recognises classes by module and name; imports no third-party library.
+    """
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        hint = _explain_leaf(item)
+        if hint is not None:
+            return hint
+        if isinstance(item, Mapping):
+            stack.extend(reversed(list(item.values())))
+        elif isinstance(item, (tuple, list)):
+            stack.extend(reversed(item))
+    return None
+
+
+# ----------------------------------------------------------------------------- pytree
+
+def _is_model_output_class(cls: type) -> bool:
+    return any(c.__name__ == "ModelOutput" and (c.__module__ or "").startswith("transformers")
+               for c in cls.__mro__[1:]) or (cls.__name__ == "ModelOutput"
+                                             and (cls.__module__ or "").startswith("transformers"))
+
+
+def _register_model_output(cls: type) -> None:
+    """Register a transformers ModelOutput subclass exactly as transformers itself does."""
+    from torch.utils import _pytree as pytree
+
+    generic = sys.modules.get("transformers.utils.generic")
+    flatten = getattr(generic, "_model_output_flatten", None)
+    unflatten = getattr(generic, "_model_output_unflatten", None)
+    if flatten is None or unflatten is None:
+        # transformers' convention: children are the values, context the keys (fields that are not None).
+        def flatten(output):
+            return list(output.values()), list(output.keys())
+
+        def unflatten(values, context, output_type):
+            return output_type(**dict(zip(context, values)))
+
+    import functools
+
+    kwargs = {"serialized_type_name": f"{cls.__module__}.{cls.__qualname__}"}
+    if hasattr(pytree, "_dict_flatten_with_keys"):
+        kwargs["flatten_with_keys_fn"] = pytree._dict_flatten_with_keys
+    try:
+        pytree.register_pytree_node(cls, flatten, functools.partial(unflatten, output_type=cls), **kwargs)
+    except ValueError:
+        pass  # registered meanwhile (another thread, or transformers itself)
+    registered = getattr(generic, "_registered_model_output_types", None)
+    if isinstance(registered, set):
+        registered.add(cls)
+
+
+def ensure_pytree_output(obj: Any) -> Any:
+    """Register the output classes inside ``obj`` that should be pytree nodes but are not.
+
+    transformers registers every ``ModelOutput`` subclass with ``torch.utils._pytree`` when the
+    class is defined (``__init_subclass__``) - but skips it while ``torch.compiler.is_compiling()``
+    is True, so a class first defined during a trace (a lazily imported module) stays a leaf.
+    Such a class is registered here with transformers' own flatten/unflatten functions (values
+    as children, field names as context, ``serialized_type_name`` = module.qualname so
+    ``treespec_dumps`` works). Other dataclasses are left alone (registering a foreign class is a
+    process-wide decision). Returns ``obj`` unchanged; call it outside :func:`tracing_context`
+    or inside, both work.
+    """
+    from torch.utils import _pytree as pytree
+
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or isinstance(item, torch.Tensor):
+            continue
+        seen.add(id(item))
+        cls = type(item)
+        if _is_model_output_class(cls) and cls not in pytree.SUPPORTED_NODES and dataclasses.is_dataclass(cls):
+            with _lock:
+                if cls not in pytree.SUPPORTED_NODES:
+                    _register_model_output(cls)
+        if isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+    return obj
+

@@ -1,0 +1,108 @@
+"""Every environment variable jitfreeze reads, parsed in one place.
+
+A :class:`Config` is a snapshot: the decorator takes one at its first call, so
+setting a variable after a function has run does not change that function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+__all__ = ["Config", "parse_size", "default_cache_dir", "ENV_VARS"]
+
+#: name -> one-line description; the README's table is written from this.
+ENV_VARS = {
+    "JITFREEZE_DISABLE": "`1`: plain eager, nothing traced, nothing read or written.",
+    "JITFREEZE_CACHE_DIR": "Persistent cache directory (default `$XDG_CACHE_HOME/jitfreeze`, else `~/.cache/jitfreeze`).",
+    "JITFREEZE_CLEAR_CACHE": "`1`: clear the persistent cache once per process, before its first lookup.",
+    "JITFREEZE_STRICT": "`1`: failures raise instead of falling back to eager or running uncached.",
+    "JITFREEZE_LOG": "`debug` or `info`: turn on the `jitfreeze` logger's output (to stderr).",
+    "JITFREEZE_CACHE_SIZE_LIMIT": "Size limit of the cache, e.g. `500MB`, `4GiB` (default `4GiB`); least recently used entries go first.",
+    "JITFREEZE_LOCK_TIMEOUT": "Seconds to wait for another process compiling the same key (default `600`); past it, compile without writing.",
+    "JITFREEZE_CACHE_KEY": "HMAC key that signs entries; unsigned or wrongly signed entries are refused. Keep it outside the cache directory.",
+    "JITFREEZE_ALLOW_UNSAFE_CACHE_DIR": "`1`: use a cache directory not owned by you or writable by others (you trust everyone who can write it).",
+    "JITFREEZE_MAX_SIGNATURES": "Most signatures compiled or loaded per function (default `8`); past it, calls with new signatures run eagerly, with one warning.",
+    "JITFREEZE_VERIFY": "`1`: re-trace on fingerprint-index hits and compare graph keys (catches changes the fingerprint cannot see).",
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "kib": 2**10,
+    "m": 10**6, "mb": 10**6, "mib": 2**20,
+    "g": 10**9, "gb": 10**9, "gib": 2**30,
+    "t": 10**12, "tb": 10**12, "tib": 2**40,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """``"500MB"`` -> 500_000_000, ``"4GiB"`` -> 4 * 2**30, ``1024`` -> 1024."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"size must be >= 0, got {text}")
+        return text
+    m = _SIZE_RE.match(str(text))
+    unit = (m.group(2) or "").lower() if m else None
+    if not m or unit not in _UNITS:
+        raise ValueError(f"cannot parse size {text!r}: use e.g. 500MB, 4GiB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _flag(env, name: str) -> bool:
+    value = env.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}={env.get(name)!r}: expected 1/0, true/false, yes/no or on/off")
+
+
+def default_cache_dir(env=None) -> Path:
+    env = os.environ if env is None else env
+    xdg = env.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "jitfreeze"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    disable: bool = False
+    cache_dir: Path | None = None
+    clear_cache: bool = False
+    strict: bool = False
+    log: str = ""
+    size_limit: int = 4 * 2**30
+    lock_timeout: float = 600.0
+    hmac_key: bytes | None = None
+    allow_unsafe_dir: bool = False
+    verify: bool = False
+    max_signatures: int = 8
+
+    @classmethod
+    def from_env(cls, env=None) -> "Config":
+        env = os.environ if env is None else env
+        log = env.get("JITFREEZE_LOG", "").strip().lower()
+        if log not in ("", "debug", "info", "warning", "error"):
+            raise ValueError(f"JITFREEZE_LOG={log!r}: expected debug or info")
+        timeout = env.get("JITFREEZE_LOCK_TIMEOUT", "").strip()
+        key = env.get("JITFREEZE_CACHE_KEY")
+        cache_dir = env.get("JITFREEZE_CACHE_DIR")
+        return cls(
+            disable=_flag(env, "JITFREEZE_DISABLE"),
+            cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(env),
+            clear_cache=_flag(env, "JITFREEZE_CLEAR_CACHE"),
+            strict=_flag(env, "JITFREEZE_STRICT"),
+            log=log,
+            size_limit=parse_size(env.get("JITFREEZE_CACHE_SIZE_LIMIT") or "4GiB"),
+            lock_timeout=float(timeout) if timeout else 600.0,
+            hmac_key=key.encode() if key else None,
+            allow_unsafe_dir=_flag(env, "JITFREEZE_ALLOW_UNSAFE_CACHE_DIR"),
+            verify=_flag(env, "JITFREEZE_VERIFY"),
+            max_signatures=int(env.get("JITFREEZE_MAX_SIGNATURES") or 8),
+        )

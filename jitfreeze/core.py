@@ -1,0 +1,493 @@
+"""The ``@jitfreeze`` decorator: ties signature, pipeline, key and cache together.
+
+Hot path (every call after the first with a given signature): build a small
+tuple key from the positional arguments, one dict lookup, a freshness check of
+the baked-in weights (tensor version counters), the compiled call, and the
+output rebuilt. No locks, no logging, no pytree walk for plain calls.
+
+Slow path (first call per signature, under a per-function lock): describe the
+call, trace it, compute the key, load from the persistent cache or compile
+under the key's cross-process lock, verify the compiled outputs against the
+trace's own (eager) outputs, and put the entry in the in-process table.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import inspect
+import logging
+import re
+import threading
+import time
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+from . import signature as sig_mod
+from .cache import open_cache
+from .config import Config
+from .digest import digest_tensors
+from .errors import FallbackReason, trouble
+from .key import KeyParts, device_text, environment_parts
+from .pipeline import TorchScriptBackend, graph_text, outputs_match, trace
+
+__all__ = ["jitfreeze", "JitFreezeFunction", "CacheInfo"]
+
+log = logging.getLogger("jitfreeze")
+
+CacheInfo = collections.namedtuple("CacheInfo", "hits loads compiles fallbacks entries")
+
+_TABLE_LIMIT = 4096          # concrete signatures kept in one function's in-process table
+_Tensor = torch.Tensor
+_fast_key = sig_mod.fast_key
+_call_mode = sig_mod.call_mode
+
+# Bumped whenever any module registers a parameter or buffer (e.g. ``m.weight = Parameter(...)``):
+# entries then re-check that the tensors they baked in are still the module's.
+_generation = [0]
+
+
+def _bump(*_args):
+    _generation[0] += 1
+
+
+_HOOKS_INSTALLED = False
+
+
+def _install_hooks() -> None:
+    global _HOOKS_INSTALLED
+    if _HOOKS_INSTALLED:
+        return
+    _HOOKS_INSTALLED = True
+    mm = torch.nn.modules.module
+    for name in ("register_module_parameter_registration_hook", "register_module_buffer_registration_hook",
+                 "register_module_module_registration_hook"):
+        hook = getattr(mm, name, None)
+        if hook is not None:
+            hook(_bump)
+
+
+class _Watch:
+    """Is the entry still what eager would compute? Weights unchanged in place and still the module's."""
+
+    __slots__ = ("tensors", "versions", "module", "ids", "gen", "check_grad")
+
+    def __init__(self, tensors, module, check_grad: bool):
+        self.tensors = tuple(tensors)
+        self.versions = tuple(t._version for t in self.tensors)
+        self.module = weakref.ref(module) if module is not None else None
+        self.ids = _module_tensor_ids(module) if module is not None else None
+        self.gen = _generation[0]
+        self.check_grad = check_grad
+
+    def fresh(self) -> bool:
+        for t, v in zip(self.tensors, self.versions):
+            if t._version != v:
+                return False
+        if self.gen != _generation[0]:
+            if self.module is not None:
+                module = self.module()
+                if module is None or _module_tensor_ids(module) != self.ids:
+                    return False
+            self.gen = _generation[0]
+        if self.check_grad:
+            for t in self.tensors:
+                if t.requires_grad:
+                    return False
+        return True
+
+
+def _module_tensor_ids(module) -> tuple:
+    return tuple(id(t) for t in module.parameters()) + tuple(id(t) for t in module.buffers())
+
+
+class _Entry:
+    """A compiled function for one signature, plus how to feed it and rebuild its output."""
+
+    __slots__ = ("fwd", "key", "fast_idx", "tensor_idx", "out_kind", "out_spec", "out_n", "out_tensor_idx",
+                 "out_consts", "watch", "source")
+
+    def __init__(self, module, key, call, out_spec, out_tensor_idx, out_consts, watch, source):
+        self.fwd = module.forward
+        self.key = key
+        self.tensor_idx = call.tensor_idx
+        self.fast_idx = None
+        self.out_spec = out_spec
+        self.out_n = out_spec.num_leaves
+        self.out_tensor_idx = tuple(out_tensor_idx)
+        self.out_consts = tuple(out_consts)
+        self.watch = watch
+        self.source = source
+        if out_spec.is_leaf() and self.out_tensor_idx == (0,):
+            self.out_kind = 0                       # a single tensor
+        elif (out_spec.type is tuple and not out_consts and self.out_n == len(out_tensor_idx)
+              and all(c.is_leaf() for c in out_spec.children_specs)):
+            self.out_kind = 1                       # a flat tuple of tensors
+        else:
+            self.out_kind = 2
+
+    def rebuild(self, outs):
+        kind = self.out_kind
+        if kind == 0:
+            return outs[0]
+        if kind == 1:
+            return tuple(outs)
+        leaves = [None] * self.out_n
+        for i, t in zip(self.out_tensor_idx, outs):
+            leaves[i] = t
+        for i, v in self.out_consts:
+            leaves[i] = v
+        return pytree.tree_unflatten(leaves, self.out_spec)
+
+    def call_fast(self, args):
+        idx = self.fast_idx
+        if idx is None:
+            return self.rebuild(self.fwd(*args))
+        return self.rebuild(self.fwd(*[args[i] for i in idx]))
+
+    def call_leaves(self, leaves):
+        return self.rebuild(self.fwd(*[leaves[i] for i in self.tensor_idx]))
+
+
+class JitFreezeFunction:
+    """What ``@jitfreeze`` returns: call it like the function (or module) it wraps."""
+
+    def __init__(self, fn: Callable, *, module: torch.nn.Module | None = None, cache_dir=None,
+                 optimize: bool = True, max_signatures: int | None = None, name: str | None = None,
+                 _parent: "JitFreezeFunction | None" = None):
+        self.fn = fn
+        self.module = module
+        self.cache_dir = cache_dir
+        self.optimize = optimize
+        self.max_signatures = max_signatures
+        self.name = name or _qualname(fn, module)
+        self._parent = _parent
+        self._bound = weakref.WeakKeyDictionary()
+        self._table: dict = {}
+        self._fallbacks: dict = {}
+        self._signatures = 0
+        self._hits = self._loads = self._compiles = 0
+        self._lock = threading.RLock()
+        self._config: Config | None = None
+        self._disabled = False
+        self._cache = None
+        self._backend = TorchScriptBackend()
+        self._param_names = None
+        if module is None and not isinstance(fn, torch.nn.Module):
+            functools.update_wrapper(self, fn, updated=())
+        else:
+            self.__wrapped__ = fn
+
+    # -- binding as a method --------------------------------------------------------------------
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        try:
+            return self._bound[instance]
+        except (KeyError, TypeError):
+            pass
+        bound = JitFreezeFunction(
+            self.fn.__get__(instance, owner),
+            module=instance if isinstance(instance, torch.nn.Module) else None,
+            cache_dir=self.cache_dir, optimize=self.optimize, max_signatures=self.max_signatures,
+            name=self.name, _parent=self)
+        try:
+            self._bound[instance] = bound
+        except TypeError:
+            pass
+        return bound
+
+    # -- the hot path ---------------------------------------------------------------------------
+
+    def __call__(self, *args, **kwargs):
+        if not kwargs:
+            module = self.module
+            key = _fast_key(args, _call_mode(module))
+            if key is not None:
+                entry = self._table.get(key)
+                if entry is not None and (entry.watch is None or entry.watch.fresh()):
+                    self._hits += 1
+                    return entry.call_fast(args)
+        return self._call_slow(args, kwargs)
+
+    # -- introspection --------------------------------------------------------------------------
+
+    def cache_info(self) -> CacheInfo:
+        entries = len({id(e) for e in self._table.values()})
+        return CacheInfo(self._hits, self._loads, self._compiles, len(self._fallbacks), entries)
+
+    def cache_clear(self) -> None:
+        """Empty the in-process table (and forget remembered fallbacks); the persistent cache stays."""
+        with self._lock:
+            self._table.clear()
+            self._fallbacks.clear()
+            self._signatures = 0
+            self._hits = self._loads = self._compiles = 0
+        for bound in list(self._bound.values()):
+            bound.cache_clear()
+
+    def __repr__(self):
+        return f"<jitfreeze {self.name}>"
+
+    # -- the slow path --------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        config = Config.from_env()
+        if config.log:
+            _configure_logging(config.log)
+        self._disabled = config.disable
+        if self.max_signatures is None:
+            self.max_signatures = config.max_signatures
+        self._config = config
+        _install_hooks()
+
+    def _eager(self, args, kwargs):
+        return self.fn(*args, **kwargs)
+
+    def _names(self):
+        if self._param_names is None:
+            try:
+                target = self.fn.forward if isinstance(self.fn, torch.nn.Module) else self.fn
+                self._param_names = [p.name for p in inspect.signature(target).parameters.values()
+                                     if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            except (TypeError, ValueError):
+                self._param_names = []
+        return self._param_names
+
+    def _fallback(self, key, reason: str, *, warn: bool = True):
+        """Remember that this signature runs eagerly; warn once per function and signature."""
+        self._fallbacks[key] = reason
+        if warn:
+            trouble(f"jitfreeze: {self.name} runs eagerly for this signature: {reason}", None,
+                    strict=self._config.strict, once=(id(self), key), error=FallbackReason)
+        else:
+            log.info("%s runs eagerly for this signature: %s", self.name, reason)
+
+    def _call_slow(self, args, kwargs):
+        if self._config is None:
+            with self._lock:
+                if self._config is None:
+                    self._setup()
+        if self._disabled:
+            return self._eager(args, kwargs)
+        module = self.module
+        mode = _call_mode(module)
+        try:
+            call = sig_mod.describe(args, kwargs, mode, self._names())
+        except FallbackReason as reason:
+            trouble(f"jitfreeze: {self.name} runs eagerly: {reason}", None, strict=self._config.strict,
+                    once=(id(self), str(reason)), error=FallbackReason)
+            return self._eager(args, kwargs)
+        key = call.key
+        if key in self._fallbacks:
+            return self._eager(args, kwargs)
+        entry = self._table.get(key)
+        if entry is not None and (entry.watch is None or entry.watch.fresh()):
+            self._hits += 1
+            return entry.call_leaves(pytree.tree_leaves((args, kwargs)))
+        reason = self._eager_reason(call, mode)
+        if reason is not None:
+            self._fallback(key, reason[0], warn=reason[1])
+            return self._eager(args, kwargs)
+        with self._lock:
+            entry = self._table.get(key)
+            if entry is not None and (entry.watch is None or entry.watch.fresh()):
+                self._hits += 1
+                return entry.call_leaves(pytree.tree_leaves((args, kwargs)))
+            if entry is None and self._signatures >= self.max_signatures:
+                self._fallback(key, f"{self.name} already has {self._signatures} signatures "
+                                    f"(max_signatures={self.max_signatures}, JITFREEZE_MAX_SIGNATURES)")
+                return self._eager(args, kwargs)
+            try:
+                entry, result = self._resolve(call, args, kwargs)
+            except FallbackReason as reason:
+                self._fallback(key, str(reason))
+                return self._eager(args, kwargs)
+            if len(self._table) >= _TABLE_LIMIT:
+                self._table.clear()
+            self._signatures += 1
+            self._table[key] = entry
+            fast = _fast_key(args, mode) if not kwargs else None
+            if fast is not None:
+                entry.fast_idx = _fast_positions(args, call)
+                self._table[fast] = entry
+        return result
+
+    def _eager_reason(self, call, mode):
+        """(why, warn?) when this call must run eagerly before any trace, else None."""
+        grad, autocast, training = mode
+        if training:
+            return (f"the module is in training mode; jitfreeze compiles eval-mode inference "
+                    f"(call .eval() on {type(self.module).__name__})", True)
+        if autocast:
+            return "autocast is enabled; jitfreeze compiles calls outside autocast", True
+        if grad:
+            if call.requires_grad:
+                return "grad is enabled and an input requires grad (frozen graphs are inference-only)", False
+            if self.module is not None and any(p.requires_grad for p in self.module.parameters()):
+                return ("grad is enabled and the module's parameters require grad (frozen graphs are "
+                        "inference-only; call it under torch.no_grad() or torch.inference_mode())", False)
+        return None
+
+    def _resolve(self, call, args, kwargs):
+        """Trace, key, load or compile. Returns (entry, result of this call)."""
+        leaves = pytree.tree_leaves((args, kwargs))
+        tensors = [leaves[i] for i in call.tensor_idx]
+        # The trace runs the function for real (it may mutate its inputs); verification runs the
+        # compiled function on copies taken before.
+        copies = [t.detach().clone() for t in tensors]
+        t0 = time.perf_counter()
+        from . import compat
+        traced = trace(self.fn, call, tensors, tracing_context=compat.tracing_context,
+                       output_hint=compat.explain_unsupported_output)
+        t_trace = time.perf_counter() - t0
+        if call.mode[0] and any(t.requires_grad for _, t in traced.constants):
+            raise FallbackReason("grad is enabled and weights the function uses require grad "
+                                 "(frozen graphs are inference-only; use torch.no_grad())")
+        key, parts = self._key(call, traced)
+        cache = self._cache_for()
+        found = cache.get(key)
+        if found is not None:
+            meta, payload = found
+            module = self._load(cache, key, payload, call)
+            if module is not None:
+                why = outputs_match(_as_list(module.forward(*copies)), traced.real_outputs)
+                if why is None:
+                    self._loads += 1
+                    log.info("%s: loaded %s for %s from %s", self.name, key[:16], _short_sig(call), cache.location)
+                    return self._entry(module, key, call, traced, "cache"), traced.real_result
+                cache.evict(key, f"its outputs differ from eager: {why}")
+        with cache.lock(key) as held:
+            if held:
+                found = cache.get(key)
+                if found is not None:
+                    module = self._load(cache, key, found[1], call)
+                    if module is not None:
+                        self._loads += 1
+                        log.info("%s: loaded %s (compiled by another process)", self.name, key[:16])
+                        return self._entry(module, key, call, traced, "cache"), traced.real_result
+            t1 = time.perf_counter()
+            payload = self._backend.compile(traced)
+            module = self._load(None, key, payload, call)
+            if module is None:
+                raise FallbackReason("the frozen artifact does not load back")
+            why = outputs_match(_as_list(module.forward(*copies)), traced.real_outputs)
+            if why is not None:
+                raise FallbackReason(f"the compiled function disagrees with eager: {why}")
+            self._compiles += 1
+            stored = held and cache.put(key, self._meta(call, parts), payload)
+            log.info("%s: compiled %s in %.2fs (trace %.2fs, script+freeze %.2fs)%s", self.name,
+                     _short_sig(call), time.perf_counter() - t0, t_trace, time.perf_counter() - t1,
+                     f"; stored {len(payload) / 1e6:.1f} MB as {key[:16]}" if stored else "; not stored")
+            return self._entry(module, key, call, traced, "compiled"), traced.real_result
+
+    def _load(self, cache, key, payload, call):
+        device = call.devices[0] if call.devices else None
+        try:
+            return self._backend.load(payload, device, self.optimize)
+        except Exception as exc:  # noqa: BLE001
+            if cache is None:
+                raise FallbackReason(f"the frozen artifact does not load back: {type(exc).__name__}: {exc}") from exc
+            cache.evict(key, "torch.jit.load failed", exc)
+            return None
+
+    def _entry(self, module, key, call, traced, source):
+        watch_tensors = [t for _, t in traced.constants]
+        watch = _Watch(watch_tensors, self.module, check_grad=call.mode[0]) \
+            if watch_tensors or self.module is not None else None
+        return _Entry(module, key, call, traced.out_spec, traced.out_tensor_idx, traced.out_consts, watch, source)
+
+    def _cache_for(self):
+        if self._cache is None:
+            self._cache = open_cache(self.cache_dir, self._config)
+        return self._cache
+
+    def _key(self, call, traced):
+        devices = list(call.devices)
+        for _, t in traced.constants:
+            if t.device not in devices:
+                devices.append(t.device)
+        parts = KeyParts(environment_parts())
+        parts.add("backend", self._backend.name)
+        parts.add("device", ",".join(device_text(d) for d in devices) or "none")
+        parts.add("signature", call.spec_text() + "\n" + "\n".join(call.texts))
+        parts.add("graph", graph_text(traced))
+        parts.add("weights", digest_tensors([t for _, t in traced.constants]))
+        return parts.key(self.name), parts
+
+    def _meta(self, call, parts):
+        import platform
+        return {"qualname": self.name, "signature": list(call.texts), "spec": call.spec_text(),
+                "device": [str(d) for d in call.devices], "torch": torch.__version__,
+                "python": platform.python_version(), "created": time.time(), "parts": parts.summary(),
+                "part_digests": parts.digests()}
+
+
+def _fast_positions(args, call):
+    positions = tuple(i for i, a in enumerate(args) if isinstance(a, _Tensor))
+    return None if len(positions) == len(args) else positions
+
+
+def _as_list(out):
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def _short_sig(call) -> str:
+    """``(4x8 float32, 8x16 float32, scale=2.0)``-style text for log lines."""
+    items = []
+    for text in call.texts:
+        m = _SHAPE_RE.match(text)
+        if m:
+            dims = "x".join(d.strip() for d in m.group(1).split(",") if d.strip()) or "scalar"
+            items.append(f"{dims} {m.group(2).replace('torch.', '')}")
+        else:
+            items.append(text)
+    return "(" + ", ".join(items) + ")"
+
+
+_SHAPE_RE = re.compile(r"Tensor\(shape=\(([^)]*)\), dtype=([^,]+)")
+
+
+def _qualname(fn, module) -> str:
+    if isinstance(fn, torch.nn.Module):
+        return f"{type(fn).__module__}.{type(fn).__qualname__}"
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+_LOGGING_SET = False
+
+
+def _configure_logging(level: str) -> None:
+    global _LOGGING_SET
+    if _LOGGING_SET:
+        return
+    _LOGGING_SET = True
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("jitfreeze %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(getattr(logging, level.upper()))
+
+
+def jitfreeze(fn: Callable | torch.nn.Module | None = None, /, *, cache_dir=None, optimize: bool = True,
+              max_signatures: int | None = None):
+    """Compile-and-freeze ``fn`` on its first call per input signature, with a persistent cache.
+
+    ``@jitfreeze`` on a function or a method, ``jitfreeze(module)`` on a module instance, or
+    ``@jitfreeze(cache_dir=..., optimize=...)``. ``cache_dir`` may also be a Store instance
+    (e.g. :class:`jitfreeze.store.MemoryStore`).
+    """
+    def wrap(f):
+        if isinstance(f, torch.nn.Module):
+            return JitFreezeFunction(f, module=f, cache_dir=cache_dir, optimize=optimize,
+                                     max_signatures=max_signatures)
+        if not callable(f):
+            raise TypeError(f"jitfreeze expects a function or a torch.nn.Module, not {type(f).__name__}")
+        return JitFreezeFunction(f, cache_dir=cache_dir, optimize=optimize, max_signatures=max_signatures)
+
+    if fn is None:
+        return wrap
+    return wrap(fn)

@@ -1,0 +1,81 @@
+"""One cross-process lock per cache key (filelock; flock on Unix).
+
+The kernel releases an flock when its holder dies, even on SIGKILL, so a
+killed compiler never blocks the others for longer than it lived. Lock files
+are never deleted (deleting them lets two processes hold "the lock" at once).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+from pathlib import Path
+
+import filelock
+
+__all__ = ["LockTimeout", "KeyLock", "MemoryLock"]
+
+_PARAMS = set(inspect.signature(filelock.FileLock.__init__).parameters)
+_EXTRA = {}
+if "preserve_lock_file" in _PARAMS:
+    _EXTRA["preserve_lock_file"] = True      # keep the file: never unlink a lock path
+if "fallback_to_soft" in _PARAMS:
+    _EXTRA["fallback_to_soft"] = False       # a soft marker outlives a killed holder
+
+
+class LockTimeout(Exception):
+    def __init__(self, path: str, timeout: float):
+        super().__init__(f"timed out after {timeout:g}s waiting for the lock {path}")
+        self.path = path
+        self.timeout = timeout
+
+    def __reduce__(self):
+        return (LockTimeout, (self.path, self.timeout))
+
+
+class KeyLock:
+    """``with KeyLock(dir, key, timeout):`` holds the lock on ``key`` across processes and threads."""
+
+    def __init__(self, directory: Path, key: str, timeout: float):
+        lock_dir = Path(directory) / "locks"
+        if not lock_dir.is_dir():
+            os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+        self.path = str(lock_dir / f"{key}.lock")
+        self.timeout = timeout
+        # A new FileLock (own file descriptor) per use: flock then excludes threads too.
+        self._lock = filelock.FileLock(self.path, timeout=timeout, mode=0o600, thread_local=False,
+                                       is_singleton=False, **_EXTRA)
+
+    def __enter__(self):
+        try:
+            self._lock.acquire()
+        except filelock.Timeout:
+            raise LockTimeout(self.path, self.timeout) from None
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+        return False
+
+
+class MemoryLock:
+    """In-process lock per key, for stores that live in one process."""
+
+    _locks: dict = {}
+    _guard = threading.Lock()
+
+    def __init__(self, key: str, timeout: float):
+        with self._guard:
+            self._lock = self._locks.setdefault(key, threading.Lock())
+        self.timeout = timeout
+        self.path = f"<memory:{key}>"
+
+    def __enter__(self):
+        if not self._lock.acquire(timeout=self.timeout if self.timeout >= 0 else -1):
+            raise LockTimeout(self.path, self.timeout)
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+        return False

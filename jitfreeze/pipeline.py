@@ -1,0 +1,230 @@
+"""The compile-and-freeze pipeline: trace -> clean -> script -> freeze -> bytes.
+
+Knows nothing of caching. The tracing machinery (``make_fx``, functorch) pulls
+in ``torch._dynamo`` (about a second of imports), so it is imported lazily, on
+the first trace; loading a stored artifact needs none of it.
+
+The backend seam: :class:`TorchScriptBackend` turns a traced graph into bytes
+and bytes into a callable. Another backend would implement the same three
+methods (``name``, ``compile``, ``load``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .errors import FallbackReason
+from .signature import CallSpec
+
+__all__ = ["Traced", "trace", "graph_text", "TorchScriptBackend", "outputs_match"]
+
+log = logging.getLogger("jitfreeze")
+
+# Plain constants allowed among a function's outputs (returned as they were traced).
+_OUT_CONST_TYPES = (type(None), bool, int, float, str, bytes, complex)
+
+
+@contextlib.contextmanager
+def _quiet_torchscript():
+    """TorchScript is deprecated upstream; we call it knowingly."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*TorchScript.*")
+        yield
+
+
+@dataclasses.dataclass
+class Traced:
+    """A function traced for one signature."""
+
+    graph_module: Any                      # torch.fx.GraphModule, cleaned and ready to script
+    constants: list                        # [(name, tensor)] the weights baked into the graph
+    out_spec: Any                          # pytree spec of the output
+    out_tensor_idx: tuple                  # positions of tensor leaves in the output
+    out_consts: tuple                      # (position, value) of constant leaves in the output
+    real_outputs: list                     # the eager output's tensor leaves, computed by the trace
+    real_result: Any                       # the eager result itself (returned for the first call)
+
+
+def _is_mutating(target) -> bool:
+    schema = getattr(target, "_schema", None)
+    return schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+
+
+def _is_view(node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return (node.op == "call_function" and schema is not None and len(schema.returns) == 1
+            and schema.returns[0].alias_info is not None)
+
+
+def _root(node):
+    while _is_view(node) and node.args:
+        node = node.args[0]
+    return node
+
+
+def _clean(gm) -> None:
+    """Make a pre-dispatch FX graph scriptable and check it is a pure inference graph."""
+    from torch._functorch.compilers import strip_overloads
+
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is torch._C._set_grad_enabled:
+            # Grad-mode toggles (a `with torch.no_grad():` in the function): the frozen
+            # function runs inference only, so they have no meaning there.
+            graph.erase_node(node)
+            continue
+        if _is_mutating(node.target):
+            for arg in node.args[:1]:
+                if isinstance(arg, torch.fx.Node) and _root(arg).op == "get_attr":
+                    raise FallbackReason(
+                        f"the function mutates module state in place ({node.target}); "
+                        "a frozen graph cannot keep state between calls")
+    strip_overloads(gm)
+    for node in graph.nodes:
+        if any(isinstance(v, torch.device) for v in node.kwargs.values()):
+            node.kwargs = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in node.kwargs.items()}
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+
+
+def _split_output(out, hint: Callable[[Any], str | None] | None):
+    leaves, spec = pytree.tree_flatten(out)
+    tensor_idx, consts = [], []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            tensor_idx.append(i)
+        elif isinstance(leaf, _OUT_CONST_TYPES):
+            consts.append((i, leaf))
+        else:
+            extra = hint(leaf) if hint is not None else None
+            raise FallbackReason(
+                f"the output contains a {type(leaf).__module__}.{type(leaf).__qualname__}, which a frozen "
+                f"graph can't return (only tensors, plain constants and pytree containers)"
+                + (f"; {extra}" if extra else ""))
+    return leaves, spec, tuple(tensor_idx), tuple(consts)
+
+
+def trace(fn: Callable, call: CallSpec, tensors: list, tracing_context=None, output_hint=None) -> Traced:
+    """Trace ``fn`` at the pre-dispatch level for one signature; non-tensor leaves are baked in."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    captured: list = []
+
+    def flat_fn(*flat_tensors):
+        args, kwargs = call.rebuild(flat_tensors)
+        out = fn(*args, **kwargs)
+        leaves, spec, tensor_idx, consts = _split_output(out, output_hint)
+        captured.append((out, spec, tensor_idx, consts, [leaves[i] for i in tensor_idx]))
+        return [leaves[i] for i in tensor_idx]
+
+    ctx = tracing_context() if tracing_context is not None else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), ctx:
+            gm = make_fx(flat_fn, pre_dispatch=True)(*tensors)
+    except FallbackReason:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any trace failure is a fallback with its reason
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "data-dependent" in msg.lower() or "tracing tensor" in msg.lower() or "GuardOnDataDependent" in type(exc).__name__:
+            msg = f"data-dependent control flow or value ({msg}); tracing would bake one branch"
+        raise FallbackReason(f"tracing failed: {type(exc).__name__}: {msg}") from exc
+    out, out_spec, out_tensor_idx, out_consts, real = captured[-1]
+    _clean(gm)
+    constants = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = getattr(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                constants.append((node.target, value))
+    return Traced(gm, constants, out_spec, out_tensor_idx, out_consts, real, out)
+
+
+def graph_text(traced: Traced) -> str:
+    """Canonical text of the graph: generated code, no source ranges, no addresses."""
+    return traced.graph_module.code
+
+
+def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    if dtype in (torch.float16, torch.bfloat16):
+        return 2e-2, 2e-2
+    return 1e-3, 1e-4
+
+
+def outputs_match(outputs, reference) -> str | None:
+    """None when the compiled outputs agree with eager's, else why not."""
+    if len(outputs) != len(reference):
+        return f"{len(outputs)} outputs instead of {len(reference)}"
+    for i, (a, b) in enumerate(zip(outputs, reference)):
+        if not isinstance(a, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+            got = (tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else type(a).__name__
+            return f"output {i} is {got} instead of {(tuple(b.shape), b.dtype, b.device)}"
+        if a.is_floating_point() or a.is_complex():
+            rtol, atol = _tolerance(a.dtype)
+            scale = float(b.detach().abs().max()) if b.numel() else 0.0
+            if not torch.allclose(a, b, rtol=rtol, atol=atol * max(1.0, scale), equal_nan=True):
+                diff = float((a.double() - b.double()).abs().max())
+                return f"output {i} differs from eager by up to {diff:.3g}"
+        elif not torch.equal(a, b):
+            return f"output {i} differs from eager"
+    return None
+
+
+class TorchScriptBackend:
+    """strip overloads (done in trace) -> torch.jit.script -> torch.jit.freeze -> torch.jit.save."""
+
+    name = "torchscript-freeze-1"
+
+    def compile(self, traced: Traced) -> bytes:
+        with _quiet_torchscript(), _no_jit_autocast():
+            try:
+                scripted = torch.jit.script(traced.graph_module)
+            except Exception as exc:  # noqa: BLE001
+                raise FallbackReason(f"torch.jit.script failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+            try:
+                frozen = torch.jit.freeze(scripted.eval())
+            except Exception as exc:  # noqa: BLE001
+                raise FallbackReason(f"torch.jit.freeze failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+            buf = io.BytesIO()
+            torch.jit.save(frozen, buf)
+        return buf.getvalue()
+
+    def load(self, data: bytes, device: torch.device | None, optimize: bool):
+        """bytes -> callable taking the tensor leaves, returning a list of tensors."""
+        with _quiet_torchscript():
+            module = torch.jit.load(io.BytesIO(data), map_location=device)
+            if optimize and (device is None or device.type == "cpu"):
+                # optimize_for_inference output does not survive save/load (MKLDNN-prepacked
+                # constants), so it runs after loading, never before storing.
+                try:
+                    module = torch.jit.optimize_for_inference(module)
+                except Exception as exc:  # noqa: BLE001 - the unoptimized module is still correct
+                    log.debug("optimize_for_inference failed, using the frozen module: %s", exc)
+                    module = torch.jit.load(io.BytesIO(data), map_location=device)
+        return module
+
+
+@contextlib.contextmanager
+def _no_jit_autocast():
+    old = torch._C._jit_set_autocast_mode(False)
+    try:
+        yield
+    finally:
+        torch._C._jit_set_autocast_mode(old)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

@@ -1,0 +1,167 @@
+"""Input signatures: what about a call changes the trace.
+
+Two forms of one thing:
+
+* :func:`fast_key` — the hot path's key for the common call (positional tensors
+  and plain scalars, no containers): a tuple built without a pytree walk, or
+  ``None`` when the call needs the full description.
+* :func:`describe` — the full description of any call (pytree walk), with the
+  tensor leaves' positions, the baked-in constants, a hashable in-process key
+  and a stable text form for the persistent key.
+
+Both include grad mode, autocast and the module's training flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .errors import FallbackReason
+
+__all__ = ["CallSpec", "describe", "fast_key", "tensor_text"]
+
+_Tensor = torch.Tensor
+_Parameter = torch.nn.Parameter
+_TENSOR_TYPES = (_Tensor, _Parameter)
+_grad_enabled = torch.is_grad_enabled
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: False)
+
+# Plain constants that a trace bakes in; their repr is stable across processes.
+_CONST_TYPES = (type(None), bool, int, str, bytes, complex, torch.dtype, torch.device,
+                torch.layout, torch.memory_format)
+
+
+def _float_key(x: float):
+    # repr tells -0.0 from 0.0 and makes nan equal to itself.
+    return repr(x)
+
+
+def fast_key(args: tuple, mode: tuple):
+    """The hot path's key, or None when the call needs :func:`describe`."""
+    parts = [mode]
+    for a in args:
+        t = type(a)
+        if t is _Tensor or t is _Parameter:
+            parts.append((a.shape, a.dtype, a.device, a.stride(), a.requires_grad, a.layout))
+        elif t is int or t is bool or t is str or a is None:
+            parts.append((t, a))
+        elif t is float:
+            parts.append((t, repr(a)))
+        else:
+            return None
+    return tuple(parts)
+
+
+def call_mode(module) -> tuple:
+    """Global state that changes the trace: grad mode, autocast, training flag."""
+    return (_grad_enabled(), _any_autocast(), module.training if module is not None else None)
+
+
+def tensor_text(t: torch.Tensor) -> str:
+    return (f"Tensor(shape={tuple(t.shape)}, dtype={t.dtype}, device={t.device}, "
+            f"stride={tuple(t.stride())}, layout={t.layout})")
+
+
+def _const_text(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__module__}.{type(value).__qualname__}.{value.name}"
+    if isinstance(value, float):
+        return f"float:{_float_key(value)}"
+    return f"{type(value).__name__}:{value!r}"
+
+
+def _path_text(path, names: list[str] | None) -> str:
+    """``args[1]['k']`` -> ``argument 'cfg' ['k']`` when the parameter name is known."""
+    if not path:
+        return "argument"
+    first, rest = path[0], path[1:]
+    idx = getattr(first, "idx", None)
+    label = "args" if idx == 0 else "kwargs"
+    if len(rest) and label == "args":
+        pos = getattr(rest[0], "idx", None)
+        if names is not None and pos is not None and pos < len(names):
+            return f"argument {names[pos]!r}{pytree.keystr(rest[1:])}"
+        return f"positional argument {pos}{pytree.keystr(rest[1:])}"
+    if len(rest):
+        key = getattr(rest[0], "key", None)
+        return f"argument {key!r}{pytree.keystr(rest[1:])}"
+    return label
+
+
+@dataclasses.dataclass(frozen=True)
+class CallSpec:
+    """Everything about one call that decides its trace."""
+
+    in_spec: Any                 # pytree spec of (args, kwargs)
+    n_leaves: int
+    tensor_idx: tuple            # positions of the tensor leaves
+    consts: tuple                # (position, value) of the non-tensor leaves
+    mode: tuple                  # call_mode()
+    key: tuple                   # hashable, for the in-process table
+    texts: tuple                 # one stable line per leaf, for the persistent key
+    devices: tuple               # distinct devices of the tensor leaves, in order
+    requires_grad: bool          # any tensor leaf requires grad
+
+    def spec_text(self) -> str:
+        return " ".join(str(self.in_spec).split())
+
+    def rebuild(self, tensors) -> tuple[tuple, dict]:
+        leaves = [None] * self.n_leaves
+        for i, v in self.consts:
+            leaves[i] = v
+        for i, t in zip(self.tensor_idx, tensors):
+            leaves[i] = t
+        args, kwargs = pytree.tree_unflatten(leaves, self.in_spec)
+        return args, kwargs
+
+
+def describe(args: tuple, kwargs: dict, mode: tuple, names: list[str] | None = None) -> CallSpec:
+    """Full signature of a call; raises FallbackReason for arguments that can't be baked in."""
+    leaves_with_path, in_spec = pytree.tree_flatten_with_path((args, kwargs))
+    tensor_idx, consts, key, texts, devices = [], [], [in_spec, mode], [], []
+    any_grad = False
+    for i, (path, leaf) in enumerate(leaves_with_path):
+        if isinstance(leaf, _Tensor):
+            if type(leaf) not in _TENSOR_TYPES:
+                raise FallbackReason(
+                    f"{_path_text(path, names)} is a tensor subclass ({type(leaf).__qualname__}); "
+                    "only plain tensors and Parameters are traced")
+            if leaf.is_sparse or leaf.layout != torch.strided:
+                raise FallbackReason(f"{_path_text(path, names)} has layout {leaf.layout}; only strided tensors are traced")
+            tensor_idx.append(i)
+            desc = (leaf.shape, leaf.dtype, leaf.device, leaf.stride(), leaf.requires_grad, leaf.layout)
+            key.append(desc)
+            texts.append(tensor_text(leaf))
+            if leaf.device not in devices:
+                devices.append(leaf.device)
+            any_grad = any_grad or leaf.requires_grad
+            continue
+        if isinstance(leaf, float):
+            key.append((float, _float_key(leaf)))
+        elif isinstance(leaf, enum.Enum) or isinstance(leaf, _CONST_TYPES):
+            try:
+                hash(leaf)
+            except TypeError:
+                raise FallbackReason(f"{_path_text(path, names)} ({type(leaf).__qualname__}) can't be hashed") from None
+            key.append((type(leaf), leaf))
+        else:
+            try:
+                hash(leaf)
+                why = "is not a tensor or a plain constant (None, bool, int, float, str, bytes, enum, dtype, device)"
+            except TypeError:
+                why = "can't be hashed"
+            raise FallbackReason(f"{_path_text(path, names)} of type {type(leaf).__qualname__} {why}; "
+                                 "jitfreeze bakes non-tensor arguments into the trace")
+        consts.append((i, leaf))
+        texts.append(_const_text(leaf))
+    if len(devices) > 1:
+        raise FallbackReason(f"tensors on several devices ({', '.join(map(str, devices))}); "
+                             "jitfreeze compiles calls whose tensors share one device")
+    return CallSpec(in_spec=in_spec, n_leaves=len(leaves_with_path), tensor_idx=tuple(tensor_idx),
+                    consts=tuple(consts), mode=mode, key=tuple(key), texts=tuple(texts),
+                    devices=tuple(devices), requires_grad=any_grad)
