@@ -2,10 +2,9 @@
 
 Three things live here:
 
-* :func:`tracing_context` - while jitfreeze traces, tell ``torch.compiler.is_compiling()`` /
-  ``torch.compiler.is_exporting()`` the truth about what is happening: an ahead-of-time,
-  ``make_fx``-based trace whose graph will be run without Python. This is exactly what
-  ``torch.export``'s non-strict mode does around its own ``make_fx`` trace.
+* :func:`tracing_context` - while jitfreeze traces, ``torch.compiler.is_compiling()`` says True,
+  as it does for every ``make_fx`` trace a ``torch.compile`` backend runs. Libraries then take
+  the paths they keep for compilers: no data-dependent ``.item()`` checks on inputs.
 * :func:`explain_unsupported_output` - a hint for output objects a frozen graph cannot return
   (e.g. a transformers key/value ``Cache``), used in the fallback warning.
 * :func:`ensure_pytree_output` - make sure output classes such as transformers' ``ModelOutput``
@@ -27,8 +26,9 @@ import torch
 
 __all__ = ["tracing_context", "in_tracing_context", "explain_unsupported_output", "ensure_pytree_output"]
 
-# torch.compiler module globals, in the order torch._export.utils._compiling_state_context sets them.
-_FLAG_NAMES = ("_is_compiling_flag", "_is_exporting_flag")
+# The torch.compiler module global behind torch.compiler.is_compiling() (torch >= 2.3). Only this
+# one: see tracing_context() for why not _is_exporting_flag.
+_FLAG_NAMES = ("_is_compiling_flag",)
 
 _lock = threading.Lock()
 _depth = 0                       # active tracing_context() entries, all threads together
@@ -43,52 +43,58 @@ def _flag_names() -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def tracing_context() -> Iterator[None]:
-    """Present a jitfreeze trace to library code as a torch.export-style compile.
+    """Present a jitfreeze trace to library code as what it is: a compile.
 
-    **What it sets.** The two module globals behind torch's public queries::
+    **What it sets.** One module global, the one behind the public query::
 
         torch.compiler._is_compiling_flag = True   # -> torch.compiler.is_compiling() is True
-        torch.compiler._is_exporting_flag = True   # -> torch.compiler.is_exporting() is True
 
-    These are the flags ``torch.export`` sets (``torch._export.utils._compiling_state_context``)
-    around its non-strict trace, which is itself a ``make_fx`` trace of real Python code, as ours
-    is; ``torch.compile`` sets the first one for a whole compile session, including ``make_fx``
-    calls made by backends (``torch._dynamo.convert_frame``, ``_compile_session_context``).
-    "Exporting" is the accurate description of our contract too: the graph is serialized and
-    later run with no Python and no Dynamo runtime, so libraries must pick paths that are valid
-    in a standalone graph (transformers, e.g., then avoids kernels "not all export targets
-    support" and the ``associative_scan`` higher-order op it only uses under non-export compile).
-    ``torch.jit.is_tracing()`` is not touched (that would claim a ``torch.jit.trace`` and some
-    code then calls ``torch.jit``-tracer-only APIs), nor is ``torch.fx`` symbolic tracing.
+    torch sets the same flag, the same way, for a whole ``torch.compile`` session
+    (``torch.compiler._compile_session_context``, entered by ``torch._dynamo.convert_frame``
+    "so torch.compiler.is_compiling() is observable in code that runs during the compile session
+    but is not directly Dynamo-traced (... make_fx invoked from a custom backend, etc.)") and
+    for ``torch.export`` (``torch._export.utils._compiling_state_context``, around its non-strict
+    ``make_fx`` trace). A jitfreeze trace is exactly such a ``make_fx`` trace of real Python code.
+    transformers' ``is_torchdynamo_compiling()`` and ``is_tracing()`` read this query.
 
-    **What it changes.** Library code that asks ``torch.compiler.is_compiling()`` (transformers'
-    ``is_torchdynamo_compiling()`` / ``is_tracing()``) takes its trace-friendly path: no
-    ``.item()``/``bool(tensor)`` checks on input values (e.g. "is the attention mask all ones,
-    then drop it" - the mask is always materialised from the input instead, so one frozen
-    function serves full and padded masks), and no "for information" warnings. Inside torch
-    itself, during the window: ``nn.Module.__call__`` skips its always-called forward hooks on
-    exceptions; ``torch.func.vmap``/``grad`` skip a ``functools.wraps`` step; the
-    ``TransformerEncoder`` sparsity fast path is skipped when ``mask_check`` is on; optimizers
-    keep step counts as tensors and skip device grouping; ``torch.fx``'s
-    ``is_fx_symbolic_tracing()`` reads False; flex-attention warnings are silenced.
-    None of these changes the numbers an inference forward computes. Inside TorchScript,
-    ``is_compiling()`` is always False (it checks ``torch.jit.is_scripting()`` first), so the
-    flags have no effect on the scripted or frozen module.
+    Deliberately *not* set: ``torch.compiler._is_exporting_flag`` (what ``torch.export`` adds).
+    In torch it changes more than library paths, process-wide: TorchScript functions
+    (``torch.jit.script``-ed free functions) run their Python original instead of the
+    TorchScript interpreter, ``torch.compile(...)`` becomes a no-op with a warning,
+    ``invoke_subgraph`` routes through Dynamo, and wrapper-subclass constructors are checked.
+    ``torch.jit.is_tracing()`` is not touched either (it would claim a ``torch.jit.trace``).
 
-    **For how long.** Only for the ``with`` block (jitfreeze wraps the ``make_fx`` call with it,
-    nothing else - not scripting, freezing, loading, or any eager call). The previous values are
-    restored on exit, also when the trace raises.
+    **What it changes.** Library code that asks ``torch.compiler.is_compiling()`` takes its
+    trace-friendly path. In transformers: no ``.item()``/``bool(tensor)`` checks on input values
+    (e.g. "is the attention mask all ones? then drop it": the mask is always built from the input
+    tensor instead, so one frozen function serves full and padded masks); deprecation and
+    "for information" warnings are skipped; ``ModelOutput`` classes *defined* during the window
+    are not registered as pytree nodes (see :func:`ensure_pytree_output`); SSM models
+    (FalconMamba, Mamba, Jamba, Zamba) may use ``associative_scan`` instead of a Python loop
+    (outside Dynamo it runs, and ``make_fx`` records it, as plain aten ops). Inside
+    torch itself: ``nn.Module.__call__`` skips its always-called forward hooks on exceptions;
+    ``torch.func.vmap``/``grad`` skip a ``functools.wraps`` step; the ``TransformerEncoder``
+    sparsity fast path is skipped when ``mask_check`` is on; optimizers keep step counts as
+    tensors and skip device grouping; ``torch.fx``'s ``is_fx_symbolic_tracing()`` reads False;
+    flex-attention warnings are silenced. None of these changes the numbers an inference forward
+    computes. TorchScript code never sees the flag (``is_compiling()`` checks
+    ``torch.jit.is_scripting()`` first and is compiled to the constant False), so the scripted,
+    frozen and loaded modules are unaffected.
 
-    **Threads.** torch keeps these flags as process-wide globals with no thread-local variant,
-    so for the duration of the window *other threads* also see ``is_compiling()`` /
-    ``is_exporting()`` as True: their eager transformers calls take the trace-friendly paths
-    (same results, possibly a little slower, fewer warnings). Entries are reference-counted under
-    a lock, so concurrent or nested jitfreeze traces (any threads) keep the flags up until the
-    last one leaves, and then restore the values seen before the first one entered. A
-    ``torch.compile``/``torch.export`` in another thread uses torch's own save/restore, which
-    is not coordinated with ours; if such a compile *ends* while a jitfreeze trace runs, it can
-    restore False under it, and that trace then fails (data-dependent check) and falls back to
-    eager - never a wrong graph, because ``make_fx`` refuses data-dependent reads.
+    **For how long.** Only for the ``with`` block; jitfreeze wraps the ``make_fx`` call with it and
+    nothing else (not scripting, freezing, loading, eager fallbacks or compiled calls). The
+    previous value is restored on exit, also when the trace raises.
+
+    **Threads.** torch keeps the flag as a process-wide global with no thread-local variant, so
+    during the window *other threads* also see ``is_compiling()`` as True: their eager
+    transformers calls take the trace-friendly paths (same results, possibly slightly slower,
+    fewer warnings). Entries are reference-counted under a lock, so concurrent or nested jitfreeze
+    traces (any threads) keep the flag up until the last one leaves, then restore the value seen
+    before the first one entered. ``torch.compile``/``torch.export`` in another thread save and
+    restore the flag on their own, uncoordinated with ours: if such a compile *ends* while a
+    jitfreeze trace runs, it can restore False under it, and that trace then fails on a
+    data-dependent check and falls back to eager - never a wrong graph, because ``make_fx``
+    refuses data-dependent reads of real traced tensors.
     """
     global _depth
     names = _flag_names()
@@ -141,7 +147,7 @@ def _explain_leaf(obj: Any) -> str | None:
         return (f"{qual} is a transformers key/value cache, which is mutable state a frozen graph "
                 "cannot return; call the model with use_cache=False (or set model.config.use_cache = False) "
                 "to compile it, and run generation loops that need the cache eagerly")
-    if cls.__module__.startswith("transformers") and any(n == "ModelOutput" for _, n in _mro_names(obj)):
+    if _is_model_output_class(cls) and not _is_pytree_node(cls):
         return (f"{qual} is not registered as a pytree node in this process; "
                 "jitfreeze.compat.ensure_pytree_output registers it")
     if isinstance(obj, torch.nn.Module):
@@ -175,6 +181,12 @@ def explain_unsupported_output(obj: Any) -> str | None:
 
 
 # ----------------------------------------------------------------------------- pytree
+
+def _is_pytree_node(cls: type) -> bool:
+    from torch.utils import _pytree as pytree
+
+    return cls in pytree.SUPPORTED_NODES
+
 
 def _is_model_output_class(cls: type) -> bool:
     return any(c.__name__ == "ModelOutput" and (c.__module__ or "").startswith("transformers")
@@ -223,8 +235,6 @@ def ensure_pytree_output(obj: Any) -> Any:
     process-wide decision). Returns ``obj`` unchanged; call it outside :func:`tracing_context`
     or inside, both work.
     """
-    from torch.utils import _pytree as pytree
-
     seen: set[int] = set()
     stack = [obj]
     while stack:
@@ -233,9 +243,9 @@ def ensure_pytree_output(obj: Any) -> Any:
             continue
         seen.add(id(item))
         cls = type(item)
-        if _is_model_output_class(cls) and cls not in pytree.SUPPORTED_NODES and dataclasses.is_dataclass(cls):
+        if _is_model_output_class(cls) and not _is_pytree_node(cls) and dataclasses.is_dataclass(cls):
             with _lock:
-                if cls not in pytree.SUPPORTED_NODES:
+                if not _is_pytree_node(cls):
                     _register_model_output(cls)
         if isinstance(item, Mapping):
             stack.extend(item.values())

@@ -30,7 +30,7 @@ from . import signature as sig_mod
 from .cache import open_cache
 from .config import Config
 from .digest import digest_tensors
-from .errors import FallbackReason, trouble
+from .errors import NO_RESULT, FallbackReason, trouble
 from .key import KeyParts, device_text, environment_parts
 from .pipeline import TorchScriptBackend, graph_text, outputs_match, trace
 
@@ -124,7 +124,7 @@ class _Entry:
         if out_spec.is_leaf() and self.out_tensor_idx == (0,):
             self.out_kind = 0                       # a single tensor
         elif (out_spec.type is tuple and not out_consts and self.out_n == len(out_tensor_idx)
-              and all(c.is_leaf() for c in out_spec.children_specs)):
+              and all(c.is_leaf() for c in out_spec.children())):
             self.out_kind = 1                       # a flat tuple of tensors
         else:
             self.out_kind = 2
@@ -306,6 +306,8 @@ class JitFreezeFunction:
                 entry, result = self._resolve(call, args, kwargs)
             except FallbackReason as reason:
                 self._fallback(key, str(reason))
+                if reason.result is not NO_RESULT:
+                    return reason.result      # the trace ran the function: don't run it twice
                 return self._eager(args, kwargs)
             if len(self._table) >= _TABLE_LIMIT:
                 self._table.clear()
@@ -345,9 +347,19 @@ class JitFreezeFunction:
         traced = trace(self.fn, call, tensors, tracing_context=compat.tracing_context,
                        output_hint=compat.explain_unsupported_output)
         t_trace = time.perf_counter() - t0
+        try:
+            return self._load_or_compile(call, traced, copies, t0, t_trace)
+        except _GradFallback:
+            raise      # the result must carry autograd history: run eagerly
+        except FallbackReason as reason:
+            reason.result = traced.real_result
+            raise
+
+    def _load_or_compile(self, call, traced, copies, t0, t_trace):
         if call.mode[0] and any(t.requires_grad for _, t in traced.constants):
-            raise FallbackReason("grad is enabled and weights the function uses require grad "
-                                 "(frozen graphs are inference-only; use torch.no_grad())")
+            # The trace ran under no_grad; this call wants a graph for autograd: eager it is.
+            raise _GradFallback("grad is enabled and weights the function uses require grad "
+                                "(frozen graphs are inference-only; use torch.no_grad())")
         key, parts = self._key(call, traced)
         cache = self._cache_for()
         found = cache.get(key)
@@ -425,6 +437,10 @@ class JitFreezeFunction:
                 "device": [str(d) for d in call.devices], "torch": torch.__version__,
                 "python": platform.python_version(), "created": time.time(), "parts": parts.summary(),
                 "part_digests": parts.digests()}
+
+
+class _GradFallback(FallbackReason):
+    pass
 
 
 def _fast_positions(args, call):

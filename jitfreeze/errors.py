@@ -53,7 +53,20 @@ class CacheError(JitFreezeError):
 
 
 class FallbackReason(JitFreezeError):
-    """The function cannot be compiled for this signature; it runs eagerly."""
+    """The function cannot be compiled for this signature; it runs eagerly.
+
+    ``result`` holds the function's result when the trace already ran it to the end
+    (calling it again would repeat its side effects); otherwise it is ``NO_RESULT``.
+    """
+
+    result = None
+
+    def __init__(self, message: str, *, key: str | None = None):
+        super().__init__(message, key=key)
+        self.result = NO_RESULT
+
+
+NO_RESULT = object()
 
 
 class ParametersDiscardedError(RuntimeError):

@@ -126,7 +126,11 @@ def trace(fn: Callable, call: CallSpec, tensors: list, tracing_context=None, out
     def flat_fn(*flat_tensors):
         args, kwargs = call.rebuild(flat_tensors)
         out = fn(*args, **kwargs)
-        leaves, spec, tensor_idx, consts = _split_output(out, output_hint)
+        try:
+            leaves, spec, tensor_idx, consts = _split_output(out, output_hint)
+        except FallbackReason as reason:
+            reason.result = out          # the function ran: its result is the answer to this call
+            raise
         captured.append((out, spec, tensor_idx, consts, [leaves[i] for i in tensor_idx]))
         return [leaves[i] for i in tensor_idx]
 
@@ -142,7 +146,11 @@ def trace(fn: Callable, call: CallSpec, tensors: list, tracing_context=None, out
             msg = f"data-dependent control flow or value ({msg}); tracing would bake one branch"
         raise FallbackReason(f"tracing failed: {type(exc).__name__}: {msg}") from exc
     out, out_spec, out_tensor_idx, out_consts, real = captured[-1]
-    _clean(gm)
+    try:
+        _clean(gm)
+    except FallbackReason as reason:
+        reason.result = out
+        raise
     constants = []
     for node in gm.graph.nodes:
         if node.op == "get_attr":

@@ -1,0 +1,199 @@
+"""The systems compared: each turns (function, inputs) into a callable whose FIRST call does
+all of the system's work (trace, compile, load...), so the worker can time that call alone.
+
+Add a system by registering a factory::
+
+    @system("name", "label in tables")
+    def make(fn, inputs, ctx):          # ctx: Context (cache directories, model name)
+        ...                             # untimed set-up (e.g. reading artifact bytes)
+        return callable
+
+and naming it in a case of ``benchmarks.run.CASES``. ``needs`` tells the runner which
+cache directories the system uses: ``"jitfreeze"`` (a jitfreeze cache, empty when cold,
+filled by an earlier process when warm) and ``"inductor"`` (TORCHINDUCTOR_CACHE_DIR).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import warnings
+from typing import Callable
+
+import torch
+
+__all__ = ["SYSTEMS", "SystemSpec", "Context", "system", "graph_summary"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemSpec:
+    name: str
+    label: str
+    make: Callable
+    needs: tuple
+
+
+@dataclasses.dataclass
+class Context:
+    model: str
+    cache_dir: str | None = None     # the jitfreeze cache directory, when the system needs one
+    info: dict = dataclasses.field(default_factory=dict)   # filled by the system, reported by the worker
+
+
+SYSTEMS: dict[str, SystemSpec] = {}
+
+
+def system(name: str, label: str, needs: tuple = ()):
+    def register(make):
+        SYSTEMS[name] = SystemSpec(name, label, make, tuple(needs))
+        return make
+    return register
+
+
+@contextlib.contextmanager
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+class _Lazy:
+    """A callable that builds the real one on its first call (inside the timed region)."""
+
+    def __init__(self, build: Callable):
+        self._build = build
+        self._fn = None
+
+    def __call__(self, *args):
+        fn = self._fn
+        if fn is None:
+            fn = self._fn = self._build(args)
+        return fn(*args)
+
+
+class _AsModule(torch.nn.Module):
+    """A plain function as a module (torch.jit.freeze takes modules only)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+# -- the systems ------------------------------------------------------------------------------
+
+@system("eager", "eager")
+def _eager(fn, inputs, ctx):
+    return fn
+
+
+@system("jitfreeze", "jitfreeze", needs=("jitfreeze",))
+def _jitfreeze(fn, inputs, ctx):
+    from jitfreeze import jitfreeze
+    return jitfreeze(fn, cache_dir=ctx.cache_dir)
+
+
+@system("bare", "bare pipeline (no cache)")
+def _bare(fn, inputs, ctx):
+    """trace + strip overloads + script + freeze + optimize_for_inference, as ts_compile does."""
+
+    def build(args):
+        from jitfreeze import signature
+        from jitfreeze.pipeline import trace
+
+        module = fn if isinstance(fn, torch.nn.Module) else None
+        call = signature.describe(args, {}, signature.call_mode(module))
+        traced = trace(fn, call, list(args))          # make_fx (pre-dispatch) + strip_overloads
+        gm = traced.graph_module
+        with _quiet():
+            scripted = torch.jit.script(gm)
+            torch._C._jit_pass_remove_mutation(scripted.graph)
+            frozen = torch.jit.freeze(scripted.eval())
+            return torch.jit.optimize_for_inference(frozen)
+
+    return _Lazy(build)
+
+
+@system("compile", "torch.compile", needs=("inductor",))
+def _compile(fn, inputs, ctx):
+    return torch.compile(fn)
+
+
+@system("trace", "jit.trace+freeze+ofi")
+def _trace(fn, inputs, ctx):
+    def build(args):
+        module = fn if isinstance(fn, torch.nn.Module) else _AsModule(fn).eval()
+        with _quiet():
+            traced = torch.jit.trace(module, args)
+            return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+
+    return _Lazy(build)
+
+
+@system("limit", "jit.load limit", needs=("jitfreeze",))
+def _limit(fn, inputs, ctx):
+    """torch.jit.load of jitfreeze's stored artifact bytes + the post-load passes + the call.
+
+    The bytes are read from the (filled) cache before the timed call: this is the floor for
+    a warm start, with no tracing, hashing, cache lookup or verification.
+    """
+    payload = read_artifact(ctx.cache_dir, ctx.info)
+
+    def build(args):
+        with _quiet():
+            module = torch.jit.load(io.BytesIO(payload))
+            return torch.jit.optimize_for_inference(module)
+
+    return _Lazy(build)
+
+
+def read_artifact(cache_dir, info: dict | None = None) -> bytes:
+    """The payload (torch.jit.save'd frozen module) of the one entry in a jitfreeze cache."""
+    from jitfreeze.cache import ARTIFACT, open_cache
+    from jitfreeze.config import Config
+
+    cache = open_cache(cache_dir, Config.from_env())
+    if cache.store is None:
+        raise RuntimeError(f"cannot open the jitfreeze cache at {cache_dir}")
+    keys = [k for k in cache.store.keys() if k.startswith(ARTIFACT)]
+    if not keys:
+        raise RuntimeError(f"no artifact in {cache_dir}: fill it first")
+    found = cache.get(keys[-1][len(ARTIFACT):])
+    if found is None:
+        raise RuntimeError(f"the artifact in {cache_dir} does not verify")
+    if info is not None:
+        info["artifacts"] = len(keys)
+        info["artifact_mb"] = round(len(found[1]) / 1e6, 2)
+    return found[1]
+
+
+# -- introspection ----------------------------------------------------------------------------
+
+def compiled_graph(fn):
+    """The TorchScript graph a system runs in the steady state, when it has one."""
+    table = getattr(fn, "_table", None)
+    if table:                                             # jitfreeze: the entry's ScriptMethod
+        return next(iter(table.values())).fwd.graph
+    inner = getattr(fn, "_fn", None)                     # _Lazy: a ScriptModule
+    if inner is not None and hasattr(inner, "graph"):
+        return inner.graph
+    return None
+
+
+def graph_summary(fn) -> dict | None:
+    """Node counts that show whether conv-BN folding and the MKLDNN passes took effect."""
+    graph = compiled_graph(fn)
+    if graph is None:
+        return None
+    kinds = [node.kind() for node in graph.nodes()]
+    text = str(graph)
+    return {
+        "nodes": len(kinds),
+        "batch_norm": sum(k == "aten::batch_norm" for k in kinds),
+        "conv": sum("conv" in k for k in kinds),
+        "mkldnn": sum("mkldnn" in k.lower() for k in kinds) + text.count("MKLDNN"),
+        "kinds": sorted(set(kinds)),
+    }

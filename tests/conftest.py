@@ -1,0 +1,72 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import jitfreeze
+from jitfreeze import cache as jf_cache
+from jitfreeze import errors as jf_errors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    """Each test: no JITFREEZE_* from the outside, a fresh cache registry, warnings given anew."""
+    for name in list(os.environ):
+        if name.startswith("JITFREEZE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    jf_cache.forget_open_caches()
+    jf_errors.reset_warnings_once()
+    yield
+    jf_cache.forget_open_caches()
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    return tmp_path / "jf"
+
+
+def run_script(code: str, *args, env=None, timeout=300, check=True):
+    """Run ``code`` in a fresh Python process; return its last stdout line parsed as JSON."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("JITFREEZE_")}
+    full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+                          capture_output=True, text=True, env=full_env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    lines = [l for l in proc.stdout.splitlines() if l.strip()]
+    result = json.loads(lines[-1]) if lines and check else None
+    return result, proc
+
+
+def assert_same(a, b, atol=1e-5, rtol=1e-4):
+    """Structure, types and values equal (tensors allclose)."""
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+        assert torch.allclose(a, b, atol=atol, rtol=rtol), (a - b).abs().max()
+    elif isinstance(a, dict):
+        assert list(a.keys()) == list(b.keys())
+        for k in a:
+            assert_same(a[k], b[k], atol, rtol)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y, atol, rtol)
+    else:
+        assert a == b
+
+
+@pytest.fixture
+def no_jf_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jitfreeze.JitFreezeWarning)
+        yield

@@ -1,0 +1,260 @@
+"""Issue 2: the decorator end to end, in one process."""
+
+import collections
+import enum
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import jitfreeze as jf
+from jitfreeze import CacheInfo, JitFreezeWarning, jitfreeze
+from jitfreeze.store import MemoryStore
+
+from .conftest import assert_same
+from .models import make
+
+
+def eager_and_fast(name, cache_dir):
+    model, inputs = make(name)
+    fast = jitfreeze(model, cache_dir=cache_dir)
+    with torch.no_grad():
+        ref = model(*inputs)
+        out1 = fast(*inputs)
+        out2 = fast(*inputs)
+    return ref, out1, out2, fast
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_models_match_eager(name, cache_dir, no_jf_warnings):
+    ref, out1, out2, fast = eager_and_fast(name, cache_dir)
+    assert_same(out1, ref)
+    assert_same(out2, ref, atol=1e-4, rtol=1e-3)
+    assert fast.cache_info() == CacheInfo(hits=1, loads=0, compiles=1, fallbacks=0, entries=1)
+
+
+def test_conv_bn_is_folded_and_optimized(cache_dir):
+    _, _, _, fast = eager_and_fast("cnn", cache_dir)
+    (entry,) = {id(e): e for e in fast._table.values()}.values()
+    graph = str(entry.fwd.graph)
+    assert "batch_norm" not in graph                  # folded into the convolution by freeze
+    assert "mkldnn" in graph                          # optimize_for_inference ran after loading
+
+
+def test_gelu_mlp_function_and_cache_info(cache_dir, no_jf_warnings):
+    @jitfreeze(cache_dir=cache_dir)
+    def gelu_mlp(x, w1, w2):
+        return torch.nn.functional.gelu(x @ w1) @ w2
+
+    x, w1, w2 = torch.randn(4, 8), torch.randn(8, 16), torch.randn(16, 4)
+    ref = torch.nn.functional.gelu(x @ w1) @ w2
+    for _ in range(3):
+        assert_same(gelu_mlp(x, w1, w2), ref, atol=1e-5)
+    assert gelu_mlp.cache_info() == CacheInfo(2, 0, 1, 0, 1)
+    assert gelu_mlp.__name__ == "gelu_mlp" and gelu_mlp.__wrapped__ is not None
+    # another shape is another signature; weights passed as inputs are not baked in
+    assert_same(gelu_mlp(x[:2], w1 * 2, w2), torch.nn.functional.gelu(x[:2] @ (w1 * 2)) @ w2, atol=1e-5)
+    assert gelu_mlp.cache_info().entries == 2
+    gelu_mlp.cache_clear()
+    assert gelu_mlp.cache_info() == CacheInfo(0, 0, 0, 0, 0)
+    gelu_mlp(x, w1, w2)
+    assert gelu_mlp.cache_info() == CacheInfo(0, 1, 0, 0, 1)   # from the persistent cache
+
+
+def test_scalars_kwargs_and_structured_outputs(cache_dir, no_jf_warnings):
+    Pair = collections.namedtuple("Pair", "a b")
+
+    class Mode(enum.Enum):
+        SUM = 1
+        MAX = 2
+
+    def f(x, y=None, *, scale: float = 1.0, mode=Mode.SUM, extra=(1, 2)):
+        z = x * scale + extra[0]
+        red = z.sum(0) if mode is Mode.SUM else z.amax(0)
+        return {"z": z, "pair": Pair(red, [x - 1, y]), "n": extra[1], "tag": "ok"}
+
+    fast = jitfreeze(f, cache_dir=cache_dir)
+    x = torch.randn(3, 4)
+    for kwargs in [dict(scale=2.0), dict(scale=0.5), dict(scale=2.0, mode=Mode.MAX), dict(extra=(3, 4))]:
+        assert_same(fast(x, **kwargs), f(x, **kwargs))
+        assert_same(fast(x, **kwargs), f(x, **kwargs))
+    assert_same(fast(x, x + 1, scale=-0.0), f(x, x + 1, scale=-0.0))
+    info = fast.cache_info()
+    assert info.compiles == 5 and info.fallbacks == 0 and info.hits == 4
+
+
+def test_tuple_and_list_outputs(cache_dir, no_jf_warnings):
+    def f(x):
+        return (x + 1, [x * 2, (x.sum(),)])
+
+    fast = jitfreeze(f, cache_dir=cache_dir)
+    x = torch.randn(5)
+    assert_same(fast(x), f(x))
+    assert_same(fast(x), f(x))
+
+
+def test_method_binds_per_instance(cache_dir, no_jf_warnings):
+    class Net(nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.fc = nn.Linear(4, 3)
+
+        @jitfreeze(cache_dir=cache_dir)
+        def forward(self, x):
+            return torch.tanh(self.fc(x))
+
+    a, b = Net(0).eval(), Net(1).eval()
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+        assert_same(ya, torch.tanh(a.fc(x)))
+        assert_same(yb, torch.tanh(b.fc(x)))
+        assert not torch.allclose(ya, yb)
+        a(x)
+    assert a.forward is a.forward
+    assert a.forward.cache_info() == CacheInfo(1, 0, 1, 0, 1)
+    assert b.forward.cache_info() == CacheInfo(0, 0, 1, 0, 1)
+
+
+def test_in_place_weight_update_is_seen(cache_dir, no_jf_warnings):
+    model, (x,) = make("mlp")
+    fast = jitfreeze(model, cache_dir=cache_dir)
+    with torch.no_grad():
+        fast(x)
+        model.fc1.weight.mul_(2)                 # in place: version counter moves
+        assert_same(fast(x), model(x))
+        model.fc2.weight = nn.Parameter(torch.randn_like(model.fc2.weight))  # replaced
+        assert_same(fast(x), model(x))
+        model.load_state_dict(make("mlp", seed=3)[0].state_dict())
+        assert_same(fast(x), model(x))
+    assert fast.cache_info().compiles == 4
+
+
+def test_key_differs_for_weights_dtype_shape(cache_dir):
+    def key_of(model, x):
+        fast = jitfreeze(model, cache_dir=MemoryStore())
+        with torch.no_grad():
+            fast(x)
+        (entry,) = {id(e): e for e in fast._table.values()}.values()
+        return entry.key
+
+    m0, (x,) = make("mlp", seed=0)
+    m1, _ = make("mlp", seed=1)
+    base = key_of(m0, x)
+    assert key_of(make("mlp", seed=0)[0], x) == base          # same weights, same key
+    assert key_of(m1, x) != base                               # other weights
+    assert key_of(m0, x[:2]) != base                           # other shape
+    assert key_of(m0.double(), x.double()) != base             # other dtype
+
+
+def test_key_parts_include_device_and_versions():
+    from jitfreeze.key import KeyParts, device_text, environment_parts
+    parts = dict(environment_parts())
+    assert parts["torch"] == torch.__version__ and parts["jitfreeze"] == jf.__version__
+    assert device_text(torch.device("cpu")) != device_text(torch.device("meta"))
+    a = KeyParts(environment_parts()).add("device", device_text(torch.device("cpu")))
+    b = KeyParts(environment_parts()).add("device", device_text(torch.device("meta")))
+    assert a.key() != b.key()
+
+
+def test_data_dependent_control_flow_falls_back_once(cache_dir):
+    calls = []
+
+    def f(x):
+        calls.append(1)
+        if x.sum() > 0:
+            return x + 1
+        return x - 1
+
+    fast = jitfreeze(f, cache_dir=cache_dir)
+    pos, neg = torch.ones(3), -torch.ones(3)
+    with pytest.warns(JitFreezeWarning, match="data-dependent"):
+        assert torch.equal(fast(pos), pos + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(fast(neg), neg - 1)            # same signature: remembered, no new warning
+        assert torch.equal(fast(pos), pos + 1)
+    assert fast.cache_info().fallbacks == 1 and fast.cache_info().compiles == 0
+
+
+def test_unhashable_argument_falls_back_naming_it(cache_dir):
+    def f(x, cfg):
+        return x * cfg["scale"]
+
+    fast = jitfreeze(f, cache_dir=cache_dir)
+    x = torch.ones(2)
+    with pytest.warns(JitFreezeWarning, match=r"argument 'cfg'\['scale'\].*can't be hashed"):
+        assert torch.equal(fast(x, {"scale": _Unhashable()}), x * 3)
+    assert fast.cache_info().compiles == 0
+
+
+def test_unsupported_argument_type_falls_back(cache_dir):
+    fast = jitfreeze(lambda x, g: x + next(g), cache_dir=cache_dir)
+    with pytest.warns(JitFreezeWarning, match="argument .g. of type generator"):
+        assert torch.equal(fast(torch.ones(2), (i for i in [5])), torch.full((2,), 6.0))
+
+
+class _Unhashable:
+    __hash__ = None
+
+    def __rmul__(self, other):
+        return other * 3
+
+
+def test_grad_mode_runs_eagerly(cache_dir, no_jf_warnings):
+    model, (x,) = make("mlp")
+    fast = jitfreeze(model, cache_dir=cache_dir)
+    out = fast(x)                                       # grad enabled, parameters require grad
+    assert out.requires_grad
+    out.sum().backward()
+    assert model.fc1.weight.grad is not None
+    assert fast.cache_info().compiles == 0 and fast.cache_info().fallbacks == 1
+    with torch.no_grad():
+        fast(x)
+    assert fast.cache_info().compiles == 1
+
+
+def test_training_mode_runs_eagerly_with_warning(cache_dir):
+    model, (x,) = make("mlp")
+    fast = jitfreeze(model.train(), cache_dir=cache_dir)
+    with torch.no_grad(), pytest.warns(JitFreezeWarning, match="training mode"):
+        assert_same(fast(x), model(x))
+    assert fast.cache_info().compiles == 0
+
+
+def test_mutating_module_state_falls_back(cache_dir):
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("n", torch.zeros(()))
+
+        def forward(self, x):
+            self.n += 1
+            return x + self.n
+
+    m = Counter().eval()
+    fast = jitfreeze(m, cache_dir=cache_dir)
+    with torch.no_grad(), pytest.warns(JitFreezeWarning, match="mutates module state"):
+        fast(torch.zeros(2))
+    with torch.no_grad():
+        assert torch.equal(fast(torch.zeros(2)), torch.full((2,), 2.0))
+
+
+def test_input_mutation_happens_once(cache_dir, no_jf_warnings):
+    def f(x):
+        x.add_(1)
+        return x * 2
+
+    fast = jitfreeze(f, cache_dir=cache_dir)
+    x = torch.zeros(3)
+    assert torch.equal(fast(x), torch.full((3,), 2.0))
+    assert torch.equal(x, torch.ones(3))
+    assert torch.equal(fast(x), torch.full((3,), 4.0))
+    assert torch.equal(x, torch.full((3,), 2.0))
+
+
+def test_module_wrapper_rejects_non_callables():
+    with pytest.raises(TypeError):
+        jitfreeze(42)
