@@ -67,10 +67,10 @@ class KeyParts:
             h.update(f"{name}={part}\n".encode())
             if debug:
                 shown = text if len(text) <= 120 else text[:117] + "..."
-                log.debug("%s part %-10s %s  %s", what, name, part[:16], shown)
+                log.debug("key part %-10s %s  %s  [%s]", name, part[:16], shown, what)
         key = h.hexdigest()
         if debug:
-            log.debug("%s = %s", what, key)
+            log.debug("key = %s  [%s]", key, what)
         return key
 
     def summary(self) -> dict:
