@@ -28,7 +28,8 @@ __all__ = ["PersistentCache", "open_cache", "clear_cache", "forget_open_caches"]
 
 log = logging.getLogger("jitfreeze")
 
-ARTIFACT = "a/"
+ARTIFACT = "a/"       # frozen artifacts, by graph key
+INDEX = "i/"          # fingerprint -> graph key (the trace-free warm path)
 
 
 class PersistentCache:

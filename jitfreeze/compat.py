@@ -9,6 +9,9 @@ Three things live here:
   (e.g. a transformers key/value ``Cache``), used in the fallback warning.
 * :func:`ensure_pytree_output` - make sure output classes such as transformers' ``ModelOutput``
   subclasses are pytree nodes, so they come back as the same class with the same fields.
+* :func:`explain_unsafe_constants` - detect a traced graph that baked in values computed inside
+  ``torch.vmap`` (which a pre-dispatch ``make_fx`` trace cannot record); such a graph must not be
+  compiled.
 
 Nothing here imports transformers: classes are recognised by name and module.
 """
@@ -24,7 +27,8 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["tracing_context", "in_tracing_context", "explain_unsupported_output", "ensure_pytree_output"]
+__all__ = ["tracing_context", "in_tracing_context", "explain_unsupported_output", "ensure_pytree_output",
+           "explain_unsafe_constants"]
 
 # The torch.compiler module global behind torch.compiler.is_compiling() (torch >= 2.3). Only this
 # one: see tracing_context() for why not _is_exporting_flag.
@@ -122,6 +126,40 @@ def tracing_context() -> Iterator[None]:
 def in_tracing_context() -> bool:
     """True when the calling thread is inside :func:`tracing_context`."""
     return getattr(_local, "depth", 0) > 0
+
+
+# ----------------------------------------------------------------------------- traced graphs
+
+def explain_unsafe_constants(gm: Any) -> str | None:
+    """Why a traced graph must not be compiled, when its constants show a value was baked in; else None.
+
+    ``make_fx(..., pre_dispatch=True)`` cannot record ``torch.vmap``/``torch.func`` transforms (torch
+    records them only under torch.export's own pre-dispatch torch-function mode, as calls that
+    TorchScript cannot run). What runs inside such a transform escapes the trace: its results are
+    stored in the graph as ``_tensor_constant`` attributes holding functorch-wrapped (batched)
+    tensors, computed from *this* call's inputs. The frozen graph then reproduces this call and
+    silently returns wrong results for any other input. Seen with transformers' FalconMamba (and
+    Mamba-family models with ``use_associative_scan=True``): under ``is_compiling()`` they run
+    ``associative_scan``, which vmaps its combine function. Call on the ``GraphModule`` right after
+    ``make_fx``; a non-None answer means: fall back to eager.
+    """
+    functorch = getattr(torch._C, "_functorch", None)
+    is_wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
+    if is_wrapped is None:
+        return None
+    names = []
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = getattr(gm, node.target, None)
+        if isinstance(value, torch.Tensor) and is_wrapped(value):
+            names.append(node.target)
+    if not names:
+        return None
+    return (f"{len(names)} value(s) computed inside torch.vmap/torch.func transforms escaped the trace and would "
+            f"be baked into the graph as constants (e.g. {names[0]}); transforms can't be traced at the "
+            "pre-dispatch level. For transformers Mamba-family models, build them with use_associative_scan=False "
+            "in the config (or set module.use_associative_scan = False on each mixer) to compile them")
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -27,10 +27,11 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import signature as sig_mod
-from .cache import open_cache
+from . import treespec
+from .cache import INDEX, open_cache
 from .config import Config
 from .digest import digest_tensors
-from .errors import NO_RESULT, FallbackReason, trouble
+from .errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
 from .key import KeyParts, device_text, environment_parts
 from .pipeline import TorchScriptBackend, graph_text, outputs_match, trace
 
@@ -151,18 +152,26 @@ class _Entry:
     def call_leaves(self, leaves):
         return self.rebuild(self.fwd(*[leaves[i] for i in self.tensor_idx]))
 
+    def call_leaves_tensors(self, tensors):
+        return self.rebuild(self.fwd(*tensors))
+
 
 class JitFreezeFunction:
     """What ``@jitfreeze`` returns: call it like the function (or module) it wraps."""
 
     def __init__(self, fn: Callable, *, module: torch.nn.Module | None = None, cache_dir=None,
-                 optimize: bool = True, max_signatures: int | None = None, name: str | None = None,
+                 optimize: bool = True, max_signatures: int | None = None, index: bool = True,
+                 verify: bool | None = None, discard_parameters: bool = False, name: str | None = None,
                  _parent: "JitFreezeFunction | None" = None):
         self.fn = fn
         self.module = module
         self.cache_dir = cache_dir
         self.optimize = optimize
         self.max_signatures = max_signatures
+        self.index = index
+        self.verify = verify
+        self.discard_parameters = discard_parameters
+        self.traces = 0          # how many times this function was traced (tests assert warm paths trace nothing)
         self.name = name or _qualname(fn, module)
         self._parent = _parent
         self._bound = weakref.WeakKeyDictionary()
@@ -194,6 +203,7 @@ class JitFreezeFunction:
             self.fn.__get__(instance, owner),
             module=instance if isinstance(instance, torch.nn.Module) else None,
             cache_dir=self.cache_dir, optimize=self.optimize, max_signatures=self.max_signatures,
+            index=self.index, verify=self.verify, discard_parameters=self.discard_parameters,
             name=self.name, _parent=self)
         try:
             self._bound[instance] = bound
@@ -242,10 +252,17 @@ class JitFreezeFunction:
         self._disabled = config.disable
         if self.max_signatures is None:
             self.max_signatures = config.max_signatures
+        if self.verify is None:
+            self.verify = config.verify
         self._config = config
         _install_hooks()
 
     def _eager(self, args, kwargs):
+        if self.module is not None and getattr(self.module, "_jitfreeze_discarded", False):
+            raise ParametersDiscardedError(
+                f"{self.name}: this call needs the eager module (a new signature, a fallback or grad mode), "
+                "but its parameters were discarded (discard_parameters=True); keep the parameters or call "
+                "it only with signatures compiled before they were discarded")
         return self.fn(*args, **kwargs)
 
     def _names(self):
@@ -313,6 +330,8 @@ class JitFreezeFunction:
                 self._table.clear()
             self._signatures += 1
             self._table[key] = entry
+            if self.discard_parameters and self.module is not None:
+                self._discard_parameters()
             fast = _fast_key(args, mode) if not kwargs else None
             if fast is not None:
                 entry.fast_idx = _fast_positions(args, call)
@@ -336,24 +355,126 @@ class JitFreezeFunction:
         return None
 
     def _resolve(self, call, args, kwargs):
-        """Trace, key, load or compile. Returns (entry, result of this call)."""
+        """Index, or trace + key, then load or compile. Returns (entry, result of this call)."""
         leaves = pytree.tree_leaves((args, kwargs))
         tensors = [leaves[i] for i in call.tensor_idx]
+        fp = self._fingerprint(call) if self.index else None
+        indexed = None
+        if fp is not None:
+            indexed = self._from_index(call, fp, tensors)
+            if indexed is not None and not self.verify:
+                return indexed[0], indexed[1]
+        if self.module is not None and getattr(self.module, "_jitfreeze_discarded", False):
+            raise ParametersDiscardedError(
+                f"{self.name}: a new signature needs a trace of the module, but its parameters were "
+                "discarded (discard_parameters=True)")
         # The trace runs the function for real (it may mutate its inputs); verification runs the
         # compiled function on copies taken before.
         copies = [t.detach().clone() for t in tensors]
         t0 = time.perf_counter()
         from . import compat
+        self.traces += 1
         traced = trace(self.fn, call, tensors, tracing_context=compat.tracing_context,
                        output_hint=compat.explain_unsupported_output)
         t_trace = time.perf_counter() - t0
         try:
-            return self._load_or_compile(call, traced, copies, t0, t_trace)
+            if indexed is not None:
+                key, _ = self._key(call, traced)
+                if key == indexed[0].key:
+                    log.info("%s: verify=True: the index entry matches the traced graph", self.name)
+                    return indexed[0], traced.real_result
+                trouble(f"jitfreeze: {self.name}: stale fingerprint index entry (the traced graph differs from "
+                        "the indexed one: something the fingerprint cannot see changed, e.g. a helper in "
+                        "another module); replacing it", None, strict=self._config.strict,
+                        once=(id(self), "stale", fp[0]))
+            entry, result = self._load_or_compile(call, traced, copies, t0, t_trace)
         except _GradFallback:
             raise      # the result must carry autograd history: run eagerly
         except FallbackReason as reason:
             reason.result = traced.real_result
             raise
+        if fp is not None:
+            self._write_index(fp, entry, traced)
+        return entry, result
+
+    # -- the trace-free index -------------------------------------------------------------------
+
+    def _fingerprint(self, call):
+        """(index key, tensors, modules) for this call without tracing, or None."""
+        from .fingerprint import Unfingerprintable, function_fingerprint
+        try:
+            digest, tensors, modules = function_fingerprint(self.fn)
+        except Unfingerprintable as exc:
+            log.debug("%s: no fingerprint (%s); the traced path serves it", self.name, exc)
+            return None
+        devices = list(call.devices)
+        for t in tensors:
+            if t.device not in devices:
+                devices.append(t.device)
+        parts = KeyParts(environment_parts())
+        parts.add("backend", self._backend.name)
+        parts.add("index", "1")
+        parts.add("device", ",".join(device_text(d) for d in devices) or "none")
+        parts.add("signature", call.spec_text() + "\n" + "\n".join(call.texts))
+        parts.add("code+weights", digest)
+        return parts.key(self.name + " (index)"), tensors, modules
+
+    def _from_index(self, call, fp, tensors):
+        index_key, fp_tensors, _ = fp
+        if call.mode[0] and any(t.requires_grad for t in fp_tensors):
+            raise _GradFallback("grad is enabled and weights the function uses require grad "
+                                "(frozen graphs are inference-only; use torch.no_grad())")
+        cache = self._cache_for()
+        found = cache.get(index_key, ns=INDEX)
+        if found is None:
+            return None
+        meta, _ = found
+        try:
+            out_spec = treespec.loads(meta["out"])
+            out_tensor_idx = tuple(meta["out_tensor_idx"])
+            out_consts = tuple((i, v) for i, v in meta["out_consts"])
+            key = meta["graph_key"]
+        except Exception as exc:  # noqa: BLE001 - e.g. an output class that no longer imports
+            cache.evict(index_key, "unusable index entry", exc, ns=INDEX)
+            return None
+        artifact = cache.get(key)
+        if artifact is None:
+            return None
+        module = self._load(cache, key, artifact[1], call)
+        if module is None:
+            return None
+        watch = _Watch(fp_tensors, self.module, check_grad=call.mode[0]) if fp_tensors else None
+        entry = _Entry(module, key, call, out_spec, out_tensor_idx, out_consts, watch, "index")
+        result = entry.call_leaves_tensors(tensors)
+        self._loads += 1
+        log.info("%s: loaded %s for %s from %s (index hit, no trace)", self.name, key[:16], _short_sig(call),
+                 cache.location)
+        return entry, result
+
+    def _write_index(self, fp, entry, traced):
+        if entry.source == "unstored":
+            return      # the artifact was not written (lock timeout, write failure): neither is its index
+        out = treespec.dumps(traced.out_spec)
+        consts = [[i, v] for i, v in traced.out_consts]
+        if out is None or not all(isinstance(v, (type(None), bool, int, float, str)) for _, v in consts):
+            log.debug("%s: output structure can't be stored; no index entry", self.name)
+            return
+        meta = {"graph_key": entry.key, "out": out, "out_tensor_idx": list(entry.out_tensor_idx),
+                "out_consts": consts, "qualname": self.name, "created": time.time()}
+        self._cache_for().put(fp[0], meta, b"", ns=INDEX)
+
+    def _discard_parameters(self):
+        """Release the module's parameter and buffer storage: the frozen graphs hold the weights."""
+        module = self.module
+        if getattr(module, "_jitfreeze_discarded", False):
+            return
+        with torch.no_grad():
+            for t in list(module.parameters()) + list(module.buffers()):
+                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+        object.__setattr__(module, "_jitfreeze_discarded", True)
+        for entry in self._table.values():
+            entry.watch = None          # the weights can no longer change under the frozen copies
+        log.info("%s: discarded the module's parameters (discard_parameters=True)", self.name)
 
     def _load_or_compile(self, call, traced, copies, t0, t_trace):
         if call.mode[0] and any(t.requires_grad for _, t in traced.constants):
@@ -395,7 +516,7 @@ class JitFreezeFunction:
             log.info("%s: compiled %s in %.2fs (trace %.2fs, script+freeze %.2fs)%s", self.name,
                      _short_sig(call), time.perf_counter() - t0, t_trace, time.perf_counter() - t1,
                      f"; stored {len(payload) / 1e6:.1f} MB as {key[:16]}" if stored else "; not stored")
-            return self._entry(module, key, call, traced, "compiled"), traced.real_result
+            return self._entry(module, key, call, traced, "compiled" if stored else "unstored"), traced.real_result
 
     def _load(self, cache, key, payload, call):
         device = call.devices[0] if call.devices else None
@@ -489,20 +610,30 @@ def _configure_logging(level: str) -> None:
 
 
 def jitfreeze(fn: Callable | torch.nn.Module | None = None, /, *, cache_dir=None, optimize: bool = True,
-              max_signatures: int | None = None):
+              max_signatures: int | None = None, index: bool = True, verify: bool | None = None,
+              discard_parameters: bool = False):
     """Compile-and-freeze ``fn`` on its first call per input signature, with a persistent cache.
 
     ``@jitfreeze`` on a function or a method, ``jitfreeze(module)`` on a module instance, or
     ``@jitfreeze(cache_dir=..., optimize=...)``. ``cache_dir`` may also be a Store instance
     (e.g. :class:`jitfreeze.store.MemoryStore`).
+
+    optimize: apply ``torch.jit.optimize_for_inference`` after loading (CPU).
+    max_signatures: most signatures compiled per function (default ``JITFREEZE_MAX_SIGNATURES`` or 8).
+    index: use the trace-free fingerprint index on warm starts.
+    verify: on index hits, trace anyway and compare graph keys (default ``JITFREEZE_VERIFY``).
+    discard_parameters: once a frozen function exists for a module, release the module's
+        parameter storage (eager calls then raise ``ParametersDiscardedError``).
     """
+    options = dict(cache_dir=cache_dir, optimize=optimize, max_signatures=max_signatures, index=index,
+                   verify=verify, discard_parameters=discard_parameters)
+
     def wrap(f):
         if isinstance(f, torch.nn.Module):
-            return JitFreezeFunction(f, module=f, cache_dir=cache_dir, optimize=optimize,
-                                     max_signatures=max_signatures)
+            return JitFreezeFunction(f, module=f, **options)
         if not callable(f):
             raise TypeError(f"jitfreeze expects a function or a torch.nn.Module, not {type(f).__name__}")
-        return JitFreezeFunction(f, cache_dir=cache_dir, optimize=optimize, max_signatures=max_signatures)
+        return JitFreezeFunction(f, **options)
 
     if fn is None:
         return wrap
