@@ -372,10 +372,8 @@ class JitFreezeFunction:
         # compiled function on copies taken before.
         copies = [t.detach().clone() for t in tensors]
         t0 = time.perf_counter()
-        from . import compat
         self.traces += 1
-        traced = trace(self.fn, call, tensors, tracing_context=compat.tracing_context,
-                       output_hint=compat.explain_unsupported_output)
+        traced = trace(self.fn, call, tensors)
         t_trace = time.perf_counter() - t0
         try:
             if indexed is not None:

@@ -117,15 +117,24 @@ def _split_output(out, hint: Callable[[Any], str | None] | None):
     return leaves, spec, tuple(tensor_idx), tuple(consts)
 
 
-def trace(fn: Callable, call: CallSpec, tensors: list, tracing_context=None, output_hint=None) -> Traced:
-    """Trace ``fn`` at the pre-dispatch level for one signature; non-tensor leaves are baked in."""
+def trace(fn: Callable, call: CallSpec, tensors: list) -> Traced:
+    """Trace ``fn`` at the pre-dispatch level for one signature; non-tensor leaves are baked in.
+
+    The trace runs in :func:`jitfreeze.compat.tracing_context` (libraries such as transformers then
+    take their trace-friendly paths), and its graph is refused when values computed inside
+    ``torch.vmap``-style transforms escaped into it as constants.
+    """
     from torch.fx.experimental.proxy_tensor import make_fx
+
+    from . import compat
+
+    output_hint = compat.explain_unsupported_output
 
     captured: list = []
 
     def flat_fn(*flat_tensors):
         args, kwargs = call.rebuild(flat_tensors)
-        out = fn(*args, **kwargs)
+        out = compat.ensure_pytree_output(fn(*args, **kwargs))
         try:
             leaves, spec, tensor_idx, consts = _split_output(out, output_hint)
         except FallbackReason as reason:
@@ -134,9 +143,8 @@ def trace(fn: Callable, call: CallSpec, tensors: list, tracing_context=None, out
         captured.append((out, spec, tensor_idx, consts, [leaves[i] for i in tensor_idx]))
         return [leaves[i] for i in tensor_idx]
 
-    ctx = tracing_context() if tracing_context is not None else contextlib.nullcontext()
     try:
-        with torch.no_grad(), ctx:
+        with torch.no_grad(), compat.tracing_context():
             gm = make_fx(flat_fn, pre_dispatch=True)(*tensors)
     except FallbackReason:
         raise
@@ -147,6 +155,9 @@ def trace(fn: Callable, call: CallSpec, tensors: list, tracing_context=None, out
         raise FallbackReason(f"tracing failed: {type(exc).__name__}: {msg}") from exc
     out, out_spec, out_tensor_idx, out_consts, real = captured[-1]
     try:
+        unsafe = compat.explain_unsafe_constants(gm)
+        if unsafe is not None:
+            raise FallbackReason(unsafe)
         _clean(gm)
     except FallbackReason as reason:
         reason.result = out

@@ -1,7 +1,8 @@
 """Issue 8: Hugging Face transformers compatibility suite.
 
 Tiny seeded models built from configs (no downloads, ``HF_HUB_OFFLINE=1``): encoders, decoders
-(``use_cache=False``), a vision model and the encoders of two seq2seq models. Each must compile
+(``use_cache=False``, including a state-space one), a vision model and the encoders of two seq2seq
+models. Each must compile
 once without falling back, return the same ``ModelOutput`` class with the same fields as eager,
 give eager's answer for a padded attention mask on the same compiled function, and load from the
 persistent cache in a second process. The ``tracing_context`` unit tests at the end need no
@@ -52,6 +53,13 @@ def _configs(T):
         "gpt_neo": (lambda: T.GPTNeoForCausalLM(T.GPTNeoConfig(
             vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, attention_types=[[["global", "local"], 1]],
             window_size=4, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)), "decoder"),
+        # state-space decoder (associative_scan vmaps; see test_vmapped_scan_is_never_baked_in)
+        "falcon_mamba": (lambda: T.FalconMambaForCausalLM(T.FalconMambaConfig(
+            vocab_size=VOCAB, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4,
+            time_step_rank=4, use_associative_scan=False)), "decoder"),
+        "falcon_mamba_scan": (lambda: T.FalconMambaForCausalLM(T.FalconMambaConfig(
+            vocab_size=VOCAB, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4,
+            time_step_rank=4, use_associative_scan=True)), "decoder"),
         # seq2seq encoders
         "t5_encoder": (lambda: T.T5EncoderModel(T.T5Config(
             vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)), "text"),
@@ -67,7 +75,7 @@ def _configs(T):
 
 
 ARCHS = ["bert", "roberta", "distilbert", "albert", "electra", "gpt2", "llama", "opt", "gpt_neo",
-         "t5_encoder", "bart_encoder", "vit"]
+         "falcon_mamba", "t5_encoder", "bart_encoder", "vit"]
 
 
 def build(name):
@@ -217,6 +225,43 @@ def test_use_cache_true_falls_back_with_a_hint(transformers, tmp_path):
 
 
 @pytest.mark.hf
+def test_vmapped_scan_is_never_baked_in(transformers, tmp_path):
+    """FalconMamba with use_associative_scan=True vmaps under is_compiling(); a pre-dispatch trace
+    can't record vmap, so the scan's values would be baked in. Falling back is fine, wrong results are not."""
+    model = build("falcon_mamba_scan")
+    fast = jitfreeze(model, cache_dir=tmp_path / "jf")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", JitFreezeWarning)
+        for padded in (False, True):  # other ids and another mask on the second call
+            kw = make_inputs("falcon_mamba_scan", padded=padded)
+            assert_same(fast(**kw), model(**kw))
+    info = fast.cache_info()
+    assert info.compiles + info.fallbacks == 1, info
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("name, unsafe", [("falcon_mamba_scan", True), ("falcon_mamba", False), ("bert", False)])
+def test_explain_unsafe_constants(name, unsafe, transformers):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model = build(name)
+    kw = make_inputs(name)
+    names = list(kw)
+    tensors = [kw[n] for n in names if isinstance(kw[n], torch.Tensor)]
+    consts = {n: v for n, v in kw.items() if not isinstance(v, torch.Tensor)}
+
+    def f(*ts):
+        return model(**dict(zip([n for n in names if n not in consts], ts)), **consts)[0]
+
+    with torch.no_grad(), compat.tracing_context():
+        gm = make_fx(f, pre_dispatch=True)(*tensors)
+    reason = compat.explain_unsafe_constants(gm)
+    assert (reason is not None) == unsafe, reason
+    if unsafe:
+        assert "use_associative_scan=False" in reason
+
+
+@pytest.mark.hf
 def test_cache_classes_get_the_use_cache_hint(transformers):
     from transformers.cache_utils import DynamicCache
 
@@ -305,12 +350,14 @@ def test_tracing_context_is_reference_counted_across_threads():
     assert _flags() == (False, False)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_flags_are_not_visible_to_torchscript():
-    @torch.jit.script
     def f(x):
         if torch.compiler.is_compiling():
             return x + 1
         return x
+
+    f = torch.jit.script(f)
 
     with compat.tracing_context():
         assert torch.equal(f(torch.zeros(1)), torch.zeros(1))
