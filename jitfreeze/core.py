@@ -28,9 +28,10 @@ from torch.utils import _pytree as pytree
 
 from . import signature as sig_mod
 from . import treespec
-from .cache import INDEX, open_cache
+from .cache import DECISION, INDEX, open_cache
 from .config import Config
 from .digest import digest_tensors
+from .dynamic import Guards, dynamic_texts
 from .errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
 from .key import KeyParts, device_text, environment_parts
 from .pipeline import TorchScriptBackend, graph_text, outputs_match, trace
@@ -161,8 +162,8 @@ class JitFreezeFunction:
 
     def __init__(self, fn: Callable, *, module: torch.nn.Module | None = None, cache_dir=None,
                  optimize: bool = True, max_signatures: int | None = None, index: bool = True,
-                 verify: bool | None = None, discard_parameters: bool = False, name: str | None = None,
-                 _parent: "JitFreezeFunction | None" = None):
+                 verify: bool | None = None, discard_parameters: bool = False, dynamic=None,
+                 name: str | None = None, _parent: "JitFreezeFunction | None" = None):
         self.fn = fn
         self.module = module
         self.cache_dir = cache_dir
@@ -171,6 +172,11 @@ class JitFreezeFunction:
         self.index = index
         self.verify = verify
         self.discard_parameters = discard_parameters
+        if not (dynamic is None or isinstance(dynamic, (bool, dict))):
+            raise TypeError("dynamic must be None (automatic), True, False or a dict {argument: dims}")
+        self.dynamic = dynamic
+        self._dyn: dict = {}         # (structure, mode, dynamic texts) -> [(Guards, entry)]
+        self._auto: dict = {}        # automatic dynamic: shape class -> {"shapes", "dims"}
         self.traces = 0          # how many times this function was traced (tests assert warm paths trace nothing)
         self.name = name or _qualname(fn, module)
         self._parent = _parent
@@ -204,7 +210,7 @@ class JitFreezeFunction:
             module=instance if isinstance(instance, torch.nn.Module) else None,
             cache_dir=self.cache_dir, optimize=self.optimize, max_signatures=self.max_signatures,
             index=self.index, verify=self.verify, discard_parameters=self.discard_parameters,
-            name=self.name, _parent=self)
+            dynamic=self.dynamic, name=self.name, _parent=self)
         try:
             self._bound[instance] = bound
         except TypeError:
@@ -235,6 +241,8 @@ class JitFreezeFunction:
         with self._lock:
             self._table.clear()
             self._fallbacks.clear()
+            self._dyn.clear()
+            self._auto.clear()
             self._signatures = 0
             self._hits = self._loads = self._compiles = 0
         for bound in list(self._bound.values()):
@@ -315,12 +323,8 @@ class JitFreezeFunction:
             if entry is not None and (entry.watch is None or entry.watch.fresh()):
                 self._hits += 1
                 return entry.call_leaves(pytree.tree_leaves((args, kwargs)))
-            if entry is None and self._signatures >= self.max_signatures:
-                self._fallback(key, f"{self.name} already has {self._signatures} signatures "
-                                    f"(max_signatures={self.max_signatures}, JITFREEZE_MAX_SIGNATURES)")
-                return self._eager(args, kwargs)
             try:
-                entry, result = self._resolve(call, args, kwargs)
+                entry, result, new = self._resolve(call, args, kwargs)
             except FallbackReason as reason:
                 self._fallback(key, str(reason))
                 if reason.result is not NO_RESULT:
@@ -328,7 +332,10 @@ class JitFreezeFunction:
                 return self._eager(args, kwargs)
             if len(self._table) >= _TABLE_LIMIT:
                 self._table.clear()
-            self._signatures += 1
+            if new:
+                self._signatures += 1
+            else:
+                self._hits += 1          # an artifact already in this process serves a new shape
             self._table[key] = entry
             if self.discard_parameters and self.module is not None:
                 self._discard_parameters()
@@ -354,16 +361,36 @@ class JitFreezeFunction:
                         "inference-only; call it under torch.no_grad() or torch.inference_mode())", False)
         return None
 
+    def _check_cap(self):
+        if self._signatures >= self.max_signatures:
+            raise FallbackReason(f"{self.name} already has {self._signatures} signatures "
+                                 f"(max_signatures={self.max_signatures}, JITFREEZE_MAX_SIGNATURES); "
+                                 "new signatures run eagerly")
+
     def _resolve(self, call, args, kwargs):
-        """Index, or trace + key, then load or compile. Returns (entry, result of this call)."""
+        """Dynamic candidates, index, or trace + key, then load or compile.
+
+        Returns (entry, result of this call, whether the entry is a new artifact in this process).
+        """
         leaves = pytree.tree_leaves((args, kwargs))
         tensors = [leaves[i] for i in call.tensor_idx]
-        fp = self._fingerprint(call) if self.index else None
+        dims = self._dynamic_dims(call, tensors) if tensors else {}
+        texts = call.texts
+        if dims:
+            texts = dynamic_texts(call, tensors, dims)
+            for guards, entry in self._dyn.get((call.in_spec, call.mode, texts), ()):
+                failed = guards.failing(tensors)
+                if failed is None:
+                    return entry, entry.call_leaves_tensors(tensors), False
+                log.info("%s: recompiling: guard %s fails for %s", self.name, failed, _short_sig(call))
+        self._check_cap()
+        fp = self._fingerprint(call, texts) if self.index else None
         indexed = None
         if fp is not None:
             indexed = self._from_index(call, fp, tensors)
             if indexed is not None and not self.verify:
-                return indexed[0], indexed[1]
+                self._remember_dynamic(call, texts, indexed[2], indexed[0])
+                return indexed[0], indexed[1], True
         if self.module is not None and getattr(self.module, "_jitfreeze_discarded", False):
             raise ParametersDiscardedError(
                 f"{self.name}: a new signature needs a trace of the module, but its parameters were "
@@ -373,31 +400,112 @@ class JitFreezeFunction:
         copies = [t.detach().clone() for t in tensors]
         t0 = time.perf_counter()
         self.traces += 1
-        traced = trace(self.fn, call, tensors)
+        traced = trace(self.fn, call, tensors, dims)
         t_trace = time.perf_counter() - t0
         try:
+            if dims:
+                # A symbolic trace computed nothing real: run eagerly once for this call's answer
+                # (and as the reference the compiled function must match).
+                with torch.no_grad():
+                    traced.real_result = self.fn(*args, **kwargs)
+                real_leaves = pytree.tree_leaves(traced.real_result)
+                traced.real_outputs = [real_leaves[i] for i in traced.out_tensor_idx] \
+                    if len(real_leaves) == traced.out_spec.num_leaves else []
             if indexed is not None:
-                key, _ = self._key(call, traced)
+                key, _ = self._key(call, traced, texts)
                 if key == indexed[0].key:
                     log.info("%s: verify=True: the index entry matches the traced graph", self.name)
-                    return indexed[0], traced.real_result
+                    return indexed[0], traced.real_result, True
                 trouble(f"jitfreeze: {self.name}: stale fingerprint index entry (the traced graph differs from "
                         "the indexed one: something the fingerprint cannot see changed, e.g. a helper in "
                         "another module); replacing it", None, strict=self._config.strict,
                         once=(id(self), "stale", fp[0]))
-            entry, result = self._load_or_compile(call, traced, copies, t0, t_trace)
+            entry, result = self._load_or_compile(call, traced, copies, t0, t_trace, texts)
         except _GradFallback:
             raise      # the result must carry autograd history: run eagerly
         except FallbackReason as reason:
             reason.result = traced.real_result
             raise
+        guards = None
+        if traced.guards:
+            guards = Guards(traced.guards)
+            failed = guards.failing(tensors)
+            if failed is not None:       # cannot happen for a sound trace; never serve past a guard
+                raise FallbackReason(f"the dynamic trace's own guard fails for this call: {failed}")
+        self._remember_dynamic(call, texts, guards, entry)
         if fp is not None:
             self._write_index(fp, entry, traced)
-        return entry, result
+        return entry, result, True
+
+    def _remember_dynamic(self, call, texts, guards, entry):
+        if guards is not None:
+            self._dyn.setdefault((call.in_spec, call.mode, texts), []).append((guards, entry))
+
+    # -- dynamic shapes -------------------------------------------------------------------------
+
+    def _dynamic_dims(self, call, tensors) -> dict:
+        """{tensor leaf number: frozenset(dims)} to trace symbolically for this call ({}: static)."""
+        dynamic = self.dynamic
+        if dynamic is False:
+            return {}
+        if dynamic is True:
+            return {j: frozenset(range(t.dim())) for j, t in enumerate(tensors) if t.dim()}
+        if isinstance(dynamic, dict):
+            dims = {}
+            for j, (pos, name) in enumerate(call.tensor_args):
+                spec = dynamic.get(name, dynamic.get(pos)) if (name is not None or pos is not None) else None
+                if spec:
+                    dims[j] = frozenset(d % tensors[j].dim() for d in spec) if tensors[j].dim() else frozenset()
+            return {j: d for j, d in dims.items() if d}
+        # automatic: static first; dims whose size changes between calls become dynamic, once.
+        shape_class = (call.in_spec, call.mode,
+                       tuple(call.texts[i] for i, _ in call.consts),
+                       tuple((t.dtype, t.device, t.dim()) for t in tensors))
+        shapes = tuple(tuple(t.shape) for t in tensors)
+        state = self._auto.get(shape_class)
+        if state is None:
+            decided = self._load_decision(call, tensors)
+            self._auto[shape_class] = {"shapes": shapes, "dims": decided}
+            if decided:
+                log.info("%s: using the stored dynamic-shape decision %s", self.name, _dims_text(decided))
+            return decided
+        changed = {j: frozenset(d for d, (a, b) in enumerate(zip(shape, state["shapes"][j])) if a != b)
+                   for j, shape in enumerate(shapes)}
+        merged = {j: state["dims"].get(j, frozenset()) | changed.get(j, frozenset()) for j in range(len(shapes))}
+        merged = {j: d for j, d in merged.items() if d}
+        if merged != state["dims"]:
+            log.info("%s: recompiling: %s changed size (%s vs %s); marking them dynamic", self.name,
+                     _dims_text({j: d - state["dims"].get(j, frozenset()) for j, d in merged.items()}),
+                     _shapes_text(shapes), _shapes_text(state["shapes"]))
+            state["dims"] = merged
+            self._store_decision(call, tensors, merged)
+        return state["dims"]
+
+    def _decision_key(self, call, tensors) -> str:
+        parts = KeyParts(environment_parts())
+        parts.add("function", self.name)
+        parts.add("structure", call.spec_text() + "\n" + "\n".join(
+            f"{t.dtype} {t.device} ndim={t.dim()}" for t in tensors) + "\n" + "\n".join(
+            call.texts[i] for i, _ in call.consts))
+        return parts.key(self.name + " (dynamic decision)")
+
+    def _load_decision(self, call, tensors) -> dict:
+        found = self._cache_for().get(self._decision_key(call, tensors), ns=DECISION)
+        if found is None:
+            return {}
+        try:
+            dims = {int(j): frozenset(int(d) for d in ds) for j, ds in found[0]["dims"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return {}
+        return {j: d for j, d in dims.items() if j < len(tensors) and all(x < tensors[j].dim() for x in d)}
+
+    def _store_decision(self, call, tensors, dims) -> None:
+        meta = {"dims": {str(j): sorted(d) for j, d in dims.items()}, "qualname": self.name}
+        self._cache_for().put(self._decision_key(call, tensors), meta, b"", ns=DECISION)
 
     # -- the trace-free index -------------------------------------------------------------------
 
-    def _fingerprint(self, call):
+    def _fingerprint(self, call, texts):
         """(index key, tensors, modules) for this call without tracing, or None."""
         from .fingerprint import Unfingerprintable, function_fingerprint
         try:
@@ -411,13 +519,14 @@ class JitFreezeFunction:
                 devices.append(t.device)
         parts = KeyParts(environment_parts())
         parts.add("backend", self._backend.name)
-        parts.add("index", "1")
+        parts.add("index", "2")
         parts.add("device", ",".join(device_text(d) for d in devices) or "none")
-        parts.add("signature", call.spec_text() + "\n" + "\n".join(call.texts))
+        parts.add("signature", call.spec_text() + "\n" + "\n".join(texts))
         parts.add("code+weights", digest)
         return parts.key(self.name + " (index)"), tensors, modules
 
     def _from_index(self, call, fp, tensors):
+        """(entry, result, guards) from the fingerprint index, or None. No trace."""
         index_key, fp_tensors, _ = fp
         if call.mode[0] and any(t.requires_grad for t in fp_tensors):
             raise _GradFallback("grad is enabled and weights the function uses require grad "
@@ -426,28 +535,32 @@ class JitFreezeFunction:
         found = cache.get(index_key, ns=INDEX)
         if found is None:
             return None
-        meta, _ = found
-        try:
-            out_spec = treespec.loads(meta["out"])
-            out_tensor_idx = tuple(meta["out_tensor_idx"])
-            out_consts = tuple((i, v) for i, v in meta["out_consts"])
-            key = meta["graph_key"]
-        except Exception as exc:  # noqa: BLE001 - e.g. an output class that no longer imports
-            cache.evict(index_key, "unusable index entry", exc, ns=INDEX)
-            return None
-        artifact = cache.get(key)
-        if artifact is None:
-            return None
-        module = self._load(cache, key, artifact[1], call)
-        if module is None:
-            return None
-        watch = _Watch(fp_tensors, self.module, check_grad=call.mode[0]) if fp_tensors else None
-        entry = _Entry(module, key, call, out_spec, out_tensor_idx, out_consts, watch, "index")
-        result = entry.call_leaves_tensors(tensors)
-        self._loads += 1
-        log.info("%s: loaded %s for %s from %s (index hit, no trace)", self.name, key[:16], _short_sig(call),
-                 cache.location)
-        return entry, result
+        for candidate in found[0].get("candidates", []):
+            try:
+                guards = Guards(candidate["guards"]) if candidate["guards"] else None
+                if guards is not None and guards.failing(tensors) is not None:
+                    continue
+                out_spec = treespec.loads(candidate["out"])
+                out_tensor_idx = tuple(candidate["out_tensor_idx"])
+                out_consts = tuple((i, v) for i, v in candidate["out_consts"])
+                key = candidate["graph_key"]
+            except Exception as exc:  # noqa: BLE001 - e.g. an output class that no longer imports
+                cache.evict(index_key, "unusable index entry", exc, ns=INDEX)
+                return None
+            artifact = cache.get(key)
+            if artifact is None:
+                continue
+            module = self._load(cache, key, artifact[1], call)
+            if module is None:
+                continue
+            watch = _Watch(fp_tensors, self.module, check_grad=call.mode[0]) if fp_tensors else None
+            entry = _Entry(module, key, call, out_spec, out_tensor_idx, out_consts, watch, "index")
+            result = entry.call_leaves_tensors(tensors)
+            self._loads += 1
+            log.info("%s: loaded %s for %s from %s (index hit, no trace)", self.name, key[:16], _short_sig(call),
+                     cache.location)
+            return entry, result, guards
+        return None
 
     def _write_index(self, fp, entry, traced):
         if entry.source == "unstored":
@@ -457,9 +570,19 @@ class JitFreezeFunction:
         if out is None or not all(isinstance(v, (type(None), bool, int, float, str)) for _, v in consts):
             log.debug("%s: output structure can't be stored; no index entry", self.name)
             return
-        meta = {"graph_key": entry.key, "out": out, "out_tensor_idx": list(entry.out_tensor_idx),
-                "out_consts": consts, "qualname": self.name, "created": time.time()}
-        self._cache_for().put(fp[0], meta, b"", ns=INDEX)
+        candidate = {"graph_key": entry.key, "out": out, "out_tensor_idx": list(entry.out_tensor_idx),
+                     "out_consts": consts, "guards": list(traced.guards)}
+        cache = self._cache_for()
+        with cache.lock("index-" + fp[0]) as held:
+            found = cache.get(fp[0], ns=INDEX)
+            candidates = [c for c in (found[0].get("candidates", []) if found else [])
+                          if isinstance(c, dict) and c.get("graph_key") != entry.key]
+            if not traced.guards:
+                candidates = []          # a static signature has one graph: replace (e.g. stale entries)
+            candidates.append(candidate)
+            if held:
+                cache.put(fp[0], {"candidates": candidates[-8:], "qualname": self.name, "created": time.time()},
+                          b"", ns=INDEX)
 
     def _discard_parameters(self):
         """Release the module's parameter and buffer storage: the frozen graphs hold the weights."""
@@ -474,12 +597,12 @@ class JitFreezeFunction:
             entry.watch = None          # the weights can no longer change under the frozen copies
         log.info("%s: discarded the module's parameters (discard_parameters=True)", self.name)
 
-    def _load_or_compile(self, call, traced, copies, t0, t_trace):
+    def _load_or_compile(self, call, traced, copies, t0, t_trace, texts):
         if call.mode[0] and any(t.requires_grad for _, t in traced.constants):
             # The trace ran under no_grad; this call wants a graph for autograd: eager it is.
             raise _GradFallback("grad is enabled and weights the function uses require grad "
                                 "(frozen graphs are inference-only; use torch.no_grad())")
-        key, parts = self._key(call, traced)
+        key, parts = self._key(call, traced, texts)
         cache = self._cache_for()
         found = cache.get(key)
         if found is not None:
@@ -537,7 +660,7 @@ class JitFreezeFunction:
             self._cache = open_cache(self.cache_dir, self._config)
         return self._cache
 
-    def _key(self, call, traced):
+    def _key(self, call, traced, texts):
         devices = list(call.devices)
         for _, t in traced.constants:
             if t.device not in devices:
@@ -545,7 +668,9 @@ class JitFreezeFunction:
         parts = KeyParts(environment_parts())
         parts.add("backend", self._backend.name)
         parts.add("device", ",".join(device_text(d) for d in devices) or "none")
-        parts.add("signature", call.spec_text() + "\n" + "\n".join(call.texts))
+        parts.add("signature", call.spec_text() + "\n" + "\n".join(texts))
+        if traced.guards:
+            parts.add("guards", "\n".join(traced.guards))
         parts.add("graph", graph_text(traced))
         parts.add("weights", digest_tensors([t for _, t in traced.constants]))
         return parts.key(self.name), parts
@@ -560,6 +685,15 @@ class JitFreezeFunction:
 
 class _GradFallback(FallbackReason):
     pass
+
+
+def _dims_text(dims) -> str:
+    return ", ".join(f"input {j} dim{'s' if len(d) > 1 else ''} {','.join(map(str, sorted(d)))}"
+                     for j, d in sorted(dims.items())) or "no dims"
+
+
+def _shapes_text(shapes) -> str:
+    return ", ".join(str(tuple(s)) for s in shapes)
 
 
 def _fast_positions(args, call):
@@ -609,7 +743,7 @@ def _configure_logging(level: str) -> None:
 
 def jitfreeze(fn: Callable | torch.nn.Module | None = None, /, *, cache_dir=None, optimize: bool = True,
               max_signatures: int | None = None, index: bool = True, verify: bool | None = None,
-              discard_parameters: bool = False):
+              discard_parameters: bool = False, dynamic=None):
     """Compile-and-freeze ``fn`` on its first call per input signature, with a persistent cache.
 
     ``@jitfreeze`` on a function or a method, ``jitfreeze(module)`` on a module instance, or
@@ -622,9 +756,12 @@ def jitfreeze(fn: Callable | torch.nn.Module | None = None, /, *, cache_dir=None
     verify: on index hits, trace anyway and compare graph keys (default ``JITFREEZE_VERIFY``).
     discard_parameters: once a frozen function exists for a module, release the module's
         parameter storage (eager calls then raise ``ParametersDiscardedError``).
+    dynamic: ``None`` (automatic: static first, then the dims whose sizes change become symbolic,
+        a decision remembered in the persistent cache), ``False`` (exact shapes), ``True`` (every
+        dim symbolic) or ``{argument name or position: [dims]}``.
     """
     options = dict(cache_dir=cache_dir, optimize=optimize, max_signatures=max_signatures, index=index,
-                   verify=verify, discard_parameters=discard_parameters)
+                   verify=verify, discard_parameters=discard_parameters, dynamic=dynamic)
 
     def wrap(f):
         if isinstance(f, torch.nn.Module):

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-from .errors import FallbackReason
+from .errors import NO_RESULT, FallbackReason
 from .signature import CallSpec
 
 __all__ = ["Traced", "trace", "graph_text", "TorchScriptBackend", "outputs_match"]
@@ -51,8 +51,9 @@ class Traced:
     out_spec: Any                          # pytree spec of the output
     out_tensor_idx: tuple                  # positions of tensor leaves in the output
     out_consts: tuple                      # (position, value) of constant leaves in the output
-    real_outputs: list                     # the eager output's tensor leaves, computed by the trace
-    real_result: Any                       # the eager result itself (returned for the first call)
+    real_outputs: list | None              # the eager output's tensor leaves (None: a symbolic trace)
+    real_result: Any                       # the eager result itself (NO_RESULT: a symbolic trace)
+    guards: list = dataclasses.field(default_factory=list)   # shape guards of a symbolic trace
 
 
 def _is_mutating(target) -> bool:
@@ -117,8 +118,11 @@ def _split_output(out, hint: Callable[[Any], str | None] | None):
     return leaves, spec, tuple(tensor_idx), tuple(consts)
 
 
-def trace(fn: Callable, call: CallSpec, tensors: list) -> Traced:
+def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None) -> Traced:
     """Trace ``fn`` at the pre-dispatch level for one signature; non-tensor leaves are baked in.
+
+    ``dims`` ({tensor leaf number: dims}) makes those dims symbolic: the trace then runs on fake
+    inputs (weights stay real), computes no real output, and records shape guards.
 
     The trace runs in :func:`jitfreeze.compat.tracing_context` (libraries such as transformers then
     take their trace-friendly paths), and its graph is refused when values computed inside
@@ -145,8 +149,16 @@ def trace(fn: Callable, call: CallSpec, tensors: list) -> Traced:
 
     try:
         with torch.no_grad(), compat.tracing_context():
-            gm = make_fx(flat_fn, pre_dispatch=True)(*tensors)
-    except FallbackReason:
+            if dims:
+                from .dynamic import symbolic_inputs
+                fakes, shape_env = symbolic_inputs(tensors, dims)
+                gm = make_fx(flat_fn, tracing_mode="symbolic", _allow_non_fake_inputs=True,
+                             pre_dispatch=True)(*fakes)
+            else:
+                gm = make_fx(flat_fn, pre_dispatch=True)(*tensors)
+    except FallbackReason as reason:
+        if dims:
+            reason.result = NO_RESULT      # a symbolic trace ran on fake inputs: no real result
         raise
     except Exception as exc:  # noqa: BLE001 - any trace failure is a fallback with its reason
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -154,21 +166,32 @@ def trace(fn: Callable, call: CallSpec, tensors: list) -> Traced:
             msg = f"data-dependent control flow or value ({msg}); tracing would bake one branch"
         raise FallbackReason(f"tracing failed: {type(exc).__name__}: {msg}") from exc
     out, out_spec, out_tensor_idx, out_consts, real = captured[-1]
+    guards = []
     try:
         unsafe = compat.explain_unsafe_constants(gm)
         if unsafe is not None:
             raise FallbackReason(unsafe)
+        if dims:
+            from .dynamic import GuardError, produce_guards
+            placeholders = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+            try:
+                guards = produce_guards(shape_env, placeholders)
+            except GuardError as exc:
+                raise FallbackReason(f"shape guards outside what jitfreeze evaluates: {exc}") from exc
         _clean(gm)
     except FallbackReason as reason:
-        reason.result = out
+        if not dims:
+            reason.result = out
         raise
+    if dims:
+        out, real = NO_RESULT, None
     constants = []
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             value = getattr(gm, node.target)
             if isinstance(value, torch.Tensor):
                 constants.append((node.target, value))
-    return Traced(gm, constants, out_spec, out_tensor_idx, out_consts, real, out)
+    return Traced(gm, constants, out_spec, out_tensor_idx, out_consts, real, out, guards)
 
 
 def graph_text(traced: Traced) -> str:

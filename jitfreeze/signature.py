@@ -106,6 +106,7 @@ class CallSpec:
     texts: tuple                 # one stable line per leaf, for the persistent key
     devices: tuple               # distinct devices of the tensor leaves, in order
     requires_grad: bool          # any tensor leaf requires grad
+    tensor_args: tuple = ()      # per tensor leaf: (position or None, argument name or None)
 
     def spec_text(self) -> str:
         return " ".join(str(self.in_spec).split())
@@ -123,7 +124,7 @@ class CallSpec:
 def describe(args: tuple, kwargs: dict, mode: tuple, names: list[str] | None = None) -> CallSpec:
     """Full signature of a call; raises FallbackReason for arguments that can't be baked in."""
     leaves_with_path, in_spec = pytree.tree_flatten_with_path((args, kwargs))
-    tensor_idx, consts, key, texts, devices = [], [], [in_spec, mode], [], []
+    tensor_idx, consts, key, texts, devices, tensor_args = [], [], [in_spec, mode], [], [], []
     any_grad = False
     for i, (path, leaf) in enumerate(leaves_with_path):
         if isinstance(leaf, _Tensor):
@@ -134,6 +135,7 @@ def describe(args: tuple, kwargs: dict, mode: tuple, names: list[str] | None = N
             if leaf.is_sparse or leaf.layout != torch.strided:
                 raise FallbackReason(f"{_path_text(path, names)} has layout {leaf.layout}; only strided tensors are traced")
             tensor_idx.append(i)
+            tensor_args.append(_top_level(path, names))
             desc = (leaf.shape, leaf.dtype, leaf.device, leaf.stride(), leaf.requires_grad, leaf.layout)
             key.append(desc)
             texts.append(tensor_text(leaf))
@@ -164,4 +166,15 @@ def describe(args: tuple, kwargs: dict, mode: tuple, names: list[str] | None = N
                              "jitfreeze compiles calls whose tensors share one device")
     return CallSpec(in_spec=in_spec, n_leaves=len(leaves_with_path), tensor_idx=tuple(tensor_idx),
                     consts=tuple(consts), mode=mode, key=tuple(key), texts=tuple(texts),
-                    devices=tuple(devices), requires_grad=any_grad)
+                    devices=tuple(devices), requires_grad=any_grad, tensor_args=tuple(tensor_args))
+
+
+def _top_level(path, names):
+    """(position, name) of the top-level argument a leaf belongs to."""
+    if len(path) < 2:
+        return (None, None)
+    top = path[1]
+    pos = getattr(top, "idx", None)
+    if getattr(path[0], "idx", None) == 0 and pos is not None:
+        return (pos, names[pos] if names is not None and pos < len(names) else None)
+    return (None, getattr(top, "key", None))
