@@ -6,7 +6,8 @@ Add a model by writing a builder and registering it::
     def build():
         return module_or_function, (example, inputs)
 
-``small`` models are the ones ``--quick`` runs. Builders must be deterministic
+``small`` models are the ones ``--quick`` runs (kept to two: on a 2-core machine each
+model costs about 1.5 minutes per repetition, most of it process start-up and torch.compile). Builders must be deterministic
 (seeded): the cache filled by one process is hit by the next only when the
 weights are bit-identical.
 """
@@ -139,7 +140,7 @@ def _cnn():
 
 # -- small nn.TransformerEncoder --------------------------------------------------------------
 
-@model("transformer", "nn.TransformerEncoder 2 layers, d=256, 4 heads, 4x64 tokens", small=True)
+@model("transformer", "nn.TransformerEncoder 2 layers, d=256, 4 heads, 4x64 tokens")
 def _transformer():
     layer = nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.0, batch_first=True)
     return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), (torch.randn(4, 64, 256),)

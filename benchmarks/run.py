@@ -1,9 +1,10 @@
 """Run every benchmark case, each figure in a fresh subprocess; write results.json, table.md, chart.png.
 
     python -m benchmarks.run                  # everything, 5 repetitions
-    python -m benchmarks.run --quick          # the small models, fewer repetitions
+    python -m benchmarks.run --quick          # the small models (tiny, mlp), one run: a few minutes
     python -m benchmarks.run --smoke          # harness check: tiny model, 1 run, no torch.compile
     python -m benchmarks.run --models cnn bert --cases steady --repeat 7
+    python -m benchmarks.run --update-readme  # also copy the table into benchmarks/README.md
 
 Each repetition runs, per model, the cold case, then the warm case, then the steady case;
 within a case the systems take turns (round robin, the order rotated every repetition).
@@ -67,10 +68,19 @@ TARGETS = {
 
 # -- running workers --------------------------------------------------------------------------
 
-def _env(inductor_dir: Path) -> dict:
+THREADS: int | None = None     # --threads: OMP/MKL threads for every worker alike (default: torch's)
+
+
+def _env(case: str, inductor_dir: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JITFREEZE_", "TORCHINDUCTOR_"))}
+    if THREADS:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(THREADS)
     env["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_dir)
     env["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
+    if case == "steady":
+        # No compile-worker pool: with a warm cache it compiles nothing, and on a small machine
+        # its start-up (workers importing torch) competes with the timed calls.
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONWARNINGS", "ignore")
     return env
@@ -82,7 +92,7 @@ def run_worker(case: str, system: str, model: str, cache_dir: Path, inductor_dir
            "--model", model, "--cache-dir", str(cache_dir), "--budget", str(budget)]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(inductor_dir), capture_output=True, text=True,
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(case, inductor_dir), capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"case": case, "system": system, "model": model, "ok": False,
@@ -313,7 +323,15 @@ def write_table(path: Path, summary, targets, notes, machine, meta, models) -> s
              f"{machine['memory_gib']} GiB, {machine['os']}; Python {machine['python']}, torch {machine['torch']}, "
              f"jitfreeze {machine['jitfreeze']}. {meta['repeat']} run(s) per figure, each start-up figure in a "
              f"fresh process; median (min–max). Ratios are jitfreeze / the other system (medians). "
-             f"Whole run: {meta['wall_s'] / 60:.1f} min; load average at start {meta['loadavg_start']}.")
+             f"Whole run: {meta['wall_s'] / 60:.1f} min; load average (1, 5, 15 min) at start {meta['loadavg_start']}, "
+             f"at end {meta['loadavg_end']}.")
+    busy = [x for x in (meta.get("loadavg_start") or [])[:1] + (meta.get("loadavg_end") or [])[:1]
+            if x > (machine.get("logical_cpus") or 1)]
+    if busy:
+        L.append("")
+        L.append(f"**The machine was busy** (load average above its {machine['logical_cpus']} CPUs): other work "
+                 "competed for the cores, so absolute times and small ratios are noisy; multi-threaded ops "
+                 "suffer most from it (eager more than TorchScript), whatever the system.")
     L.append("")
 
     def header(cols):
@@ -476,18 +494,21 @@ def update_readme(readme: Path, table: str, chart_rel: str | None) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the small models, 2 runs, short timing budgets")
+    p.add_argument("--quick", action="store_true", help="the small models (tiny, mlp), 1 run, short timing budgets")
     p.add_argument("--smoke", action="store_true",
                    help="check the harness: tiny model, 1 run, no torch.compile, minimal timing")
     p.add_argument("--models", nargs="+", choices=list(models_mod.MODELS), help="default: all (small ones with --quick)")
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     p.add_argument("--systems", nargs="+", choices=list(SYSTEMS), help="default: every system of each case")
-    p.add_argument("--repeat", type=int, help="runs per figure (default 5; 2 with --quick; 1 with --smoke)")
+    p.add_argument("--repeat", type=int, help="runs per figure (default 5; 1 with --quick or --smoke)")
     p.add_argument("--budget", type=float, help="seconds of timed calls per steady figure (default 2)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per worker process")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS / MKL_NUM_THREADS for every worker "
+                   "(default: torch's own default; the table records what the workers ran with)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--update-readme", nargs="?", const=str(ROOT / "README.md"), metavar="README",
-                   help="replace the table between the benchmark markers of README.md (or README)")
+    p.add_argument("--update-readme", nargs="?", const=str(ROOT / "benchmarks" / "README.md"), metavar="README",
+                   help="copy the table and chart between the <!-- benchmarks:start/end --> markers of "
+                        "benchmarks/README.md (or of the file given)")
     args = p.parse_args(argv)
 
     if args.smoke:
@@ -497,11 +518,11 @@ def main(argv=None) -> int:
         systems = set(args.systems) if args.systems else {s for s in SYSTEMS if s != "compile"}
     else:
         models = args.models or models_mod.names(small_only=args.quick)
-        repeat = args.repeat or (1 if args.quick else 5)
+        repeat = args.repeat or (1 if args.quick else 5)   # --quick: one run, to fit ~3 minutes
         budget = args.budget or (0.3 if args.quick else 2.0)
         systems = set(args.systems) if args.systems else None
-    if args.quick and not args.models:
-        models = ["tiny", "mlp"]
+    global THREADS
+    THREADS = args.threads
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     tmp_root = out / "tmp"
@@ -526,6 +547,7 @@ def main(argv=None) -> int:
     machine = machine_info(records)
     meta = {"date": started.strftime("%Y-%m-%d %H:%M %Z"), "repeat": repeat, "budget_s": budget,
             "models": models, "cases": args.cases, "wall_s": wall, "loadavg_start": load_start,
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
             "argv": sys.argv[1:] if argv is None else list(argv)}
     (out / "results.json").write_text(json.dumps(
         {"meta": meta, "machine": machine, "summary": summary, "targets": targets, "notes": notes,

@@ -21,15 +21,18 @@ from . import artifact
 from .config import Config
 from .errors import trouble
 from .lock import KeyLock, LockTimeout, MemoryLock
-from .store import DiskStore, MemoryStore, UnsafeEntry
+from .store import DiskStore, MemoryStore, UnsafeEntry, set_aside_index
 from .trust import UnsafeDirectory, prepare_directory
 
-__all__ = ["PersistentCache", "open_cache", "clear_cache", "forget_open_caches"]
+__all__ = ["PersistentCache", "open_cache", "clear_cache", "forget_open_caches", "maintain"]
 
 log = logging.getLogger("jitfreeze")
 
 ARTIFACT = "a/"       # frozen artifacts, by graph key
 INDEX = "i/"          # fingerprint -> graph key (the trace-free warm path)
+DECISION = "d/"       # function + input structure -> which dims are dynamic
+
+REMOTE_RETRY_AFTER = 30.0     # seconds without the remote tier after it failed
 
 
 class PersistentCache:
@@ -41,55 +44,187 @@ class PersistentCache:
         self.lock_dir = lock_dir
         self.location = getattr(store, "location", "<none>")
         self._writes_failed = False
+        self.layers: list = []              # read-only layers (JITFREEZE_CACHE_PATH), never written
+        self.remote = None                  # RemoteTier (JITFREEZE_REMOTE_CACHE) or None
+        self.journal = None                 # counters and miss records (jitfreeze.journal), slow path only
+        self._masked: set = set()           # full keys evicted here: not read again from layers or remote
+        self._remote_down_until = 0.0
+        self._source = threading.local()
 
     # -- reading ---------------------------------------------------------------------------
 
     def get(self, key: str, ns: str = ARTIFACT):
-        """(meta, payload) of a verified entry, or None."""
-        if self.store is None:
+        """(meta, payload) of a verified entry, or None.
+
+        Looks in the writable layer, then the read-only layers in order, then the remote tier
+        (a remote hit is verified and stored locally). :meth:`where` names the source.
+        """
+        full = ns + key
+        found, source, kind = None, None, None
+        if self.store is not None:
+            found, source, kind = self._get_from(self.store, key, ns), self.location, "local"
+        if found is None and self.layers and full not in self._masked:
+            for layer in self.layers:
+                found, source, kind = self._get_from(layer, key, ns), layer.location, "layer"
+                if found is not None:
+                    break
+        if found is None and self.remote is not None and full not in self._masked:
+            found, source, kind = self._get_remote(key, ns), self.remote.location, "remote"
+        if found is None:
             return None
+        self._source.value = source
+        if self.journal is not None:
+            if ns == ARTIFACT:
+                self.journal.bump(("loads", "loads_" + kind), full)
+            elif ns == INDEX:
+                self.journal.bump(("index_hits",))
+        return found
+
+    def where(self, key: str | None = None) -> str:
+        """Where this thread's last entry came from (a directory, a layer, or the Redis URL)."""
+        return getattr(self._source, "value", None) or self.location
+
+    def _get_from(self, store, key: str, ns: str):
+        location = getattr(store, "location", self.location)
         try:
-            data = self.store.get(ns + key)
+            data = store.get(ns + key)
         except UnsafeEntry as exc:
-            self._refuse(ns + key, f"refused an unsafe cache entry in {self.location}", exc)
+            self._refuse(ns + key, f"refused an unsafe cache entry in {location}", exc, store)
             return None
         except Exception as exc:  # noqa: BLE001
-            trouble(f"cannot read the jitfreeze cache at {self.location}; treating as a miss", exc,
-                    strict=self.config.strict, once=("read", self.location), key=key)
+            trouble(f"cannot read the jitfreeze cache at {location}; treating as a miss", exc,
+                    strict=self.config.strict, once=("read", location), key=key)
             return None
         if data is None:
             return None
         try:
             return artifact.unpack(data, ns + key, self.config.hmac_key)
         except artifact.BadEntry as exc:
-            self._refuse(ns + key, f"dropped a bad jitfreeze cache entry {key[:16]} in {self.location}", exc)
+            self._refuse(ns + key, f"dropped a bad jitfreeze cache entry {key[:16]} in {location}", exc, store)
             return None
 
     def evict(self, key: str, why: str, exc: BaseException | None = None, ns: str = ARTIFACT) -> None:
         """Drop an entry that verified but could not be used (e.g. torch.jit.load failed)."""
+        self._masked.add(ns + key)          # a read-only layer keeps it; don't read it again here
+        if self.journal is not None:
+            self.journal.bump(("evictions",))
         self._refuse(ns + key, f"dropped jitfreeze cache entry {key[:16]} ({why})", exc)
 
-    def _refuse(self, full_key: str, message: str, exc: BaseException | None) -> None:
-        if self.store is not None and not getattr(self.store, "readonly", False):
+    def _refuse(self, full_key: str, message: str, exc: BaseException | None, store=None) -> None:
+        store = self.store if store is None else store
+        if store is not None and not getattr(store, "readonly", False):
             with contextlib.suppress(Exception):
-                self.store.delete(full_key)
-        trouble(message, exc, strict=self.config.strict, once=("bad", self.location, full_key))
+                store.delete(full_key)
+        location = getattr(store, "location", self.location)
+        trouble(message, exc, strict=self.config.strict, once=("bad", location, full_key))
+
+    # -- the remote tier ---------------------------------------------------------------------
+
+    def _remote_ok(self) -> bool:
+        return self.remote is not None and time.monotonic() >= self._remote_down_until
+
+    def _remote_trouble(self, exc: BaseException, what: str) -> None:
+        """Redis is down, slow or refusing: one warning, then local only for a while."""
+        self._remote_down_until = time.monotonic() + REMOTE_RETRY_AFTER
+        if self.journal is not None:
+            self.journal.bump(("remote_errors",))
+        trouble(f"the jitfreeze remote cache {self.remote.location} failed ({what}); carrying on with the "
+                f"local cache (retrying the remote in {REMOTE_RETRY_AFTER:g}s)", exc,
+                strict=self.config.strict, once=("remote", self.remote.location))
+
+    def _get_remote(self, key: str, ns: str):
+        if not self._remote_ok():
+            return None
+        full = ns + key
+        try:
+            data = self.remote.get(full)
+        except Exception as exc:  # noqa: BLE001 - down, slow, refused
+            self._remote_trouble(exc, "get")
+            return None
+        if data is None:
+            return None
+        try:
+            found = artifact.unpack(data, full, self.config.hmac_key)
+        except artifact.BadEntry as exc:
+            self._masked.add(full)
+            trouble(f"refused a bad jitfreeze entry {key[:16]} from {self.remote.location}", exc,
+                    strict=self.config.strict, once=("bad", self.remote.location, full))
+            return None
+        log.debug("jitfreeze: fetched %s (%d bytes) from %s", full[:18], len(data), self.remote.location)
+        if self.store is not None and not self._writes_failed:
+            try:
+                self.store.put(full, data)      # the same verified envelope, stored as it came
+            except Exception as exc:  # noqa: BLE001
+                self._writes_failed = True
+                trouble(f"cannot write to the jitfreeze cache at {self.location}; "
+                        "continuing without writing to it in this process", exc,
+                        strict=self.config.strict, once=("write", self.location), key=key)
+        return found
+
+    def _publish(self, key: str, ns: str, data: bytes) -> bool:
+        if not self._remote_ok():
+            return False
+        try:
+            return self.remote.put(ns + key, data)
+        except Exception as exc:  # noqa: BLE001
+            self._remote_trouble(exc, "publish")
+            return False
+
+    @contextlib.contextmanager
+    def _remote_lock(self, key: str):
+        """The fleet-wide compile lock; on Redis trouble, one warning and no lock (compile here)."""
+        if not self._remote_ok():
+            yield
+            return
+        handle = self.remote.lock(key)
+        try:
+            state = handle.acquire(self.config.lock_timeout, ARTIFACT + key)
+        except Exception as exc:  # noqa: BLE001
+            handle.release()
+            self._remote_trouble(exc, "lock")
+            yield
+            return
+        if state == "timeout":
+            log.info("jitfreeze: waited %.0fs for another machine compiling %s; compiling here",
+                     self.config.lock_timeout, key[:16])
+        try:
+            yield
+        finally:
+            handle.release()
 
     # -- writing ---------------------------------------------------------------------------
 
     def put(self, key: str, meta: dict, payload: bytes, ns: str = ARTIFACT) -> bool:
-        if self.store is None or self._writes_failed:
+        """Store in the writable layer (never a read-only one) and publish to the remote tier."""
+        if (self.store is None or self._writes_failed) and self.remote is None:
             return False
         data = artifact.pack(ns + key, meta, payload, self.config.hmac_key)
-        try:
-            self.store.put(ns + key, data)
-            return True
-        except Exception as exc:  # noqa: BLE001 - full disk, read-only, locked database...
-            self._writes_failed = True
-            trouble(f"cannot write to the jitfreeze cache at {self.location}; "
-                    "continuing without writing to it in this process", exc,
-                    strict=self.config.strict, once=("write", self.location), key=key)
-            return False
+        stored = False
+        if self.store is not None and not self._writes_failed:
+            try:
+                self.store.put(ns + key, data)
+                stored = True
+            except Exception as exc:  # noqa: BLE001 - full disk, read-only, locked database...
+                self._writes_failed = True
+                trouble(f"cannot write to the jitfreeze cache at {self.location}; "
+                        "continuing without writing to it in this process", exc,
+                        strict=self.config.strict, once=("write", self.location), key=key)
+        if ns == ARTIFACT and self.journal is not None:
+            self._record_compile(key, meta)
+        if self.remote is not None and self._publish(key, ns, data):
+            stored = True
+            log.debug("jitfreeze: published %s to %s", (ns + key)[:18], self.remote.location)
+        return stored
+
+    def _record_compile(self, key: str, meta: dict) -> None:
+        """Count the compile and keep its key parts for ``jitfreeze explain`` (slow path only)."""
+        self.journal.bump(("compiles",))
+        if isinstance(meta.get("part_digests"), dict):
+            self.journal.record_miss({
+                "time": time.time(), "key": ARTIFACT + key, "qualname": meta.get("qualname"),
+                "parts": meta.get("parts"), "part_digests": meta.get("part_digests"),
+                "signature": meta.get("signature"), "spec": meta.get("spec"), "device": meta.get("device"),
+                "torch": meta.get("torch")})
 
     @contextlib.contextmanager
     def lock(self, key: str):
@@ -115,14 +250,19 @@ class PersistentCache:
             yield False
             return
         try:
-            yield True
+            with self._remote_lock(key):
+                yield True
         finally:
             lock.__exit__(None, None, None)
 
     def clear(self) -> int:
+        """Empty the writable layer (read-only layers and the remote tier are left as they are)."""
         if self.store is None:
             return 0
-        return self.store.clear()
+        n = self.store.clear()
+        if self.journal is not None:
+            self.journal.clear()
+        return n
 
 
 # -- opening caches, once per directory per process ---------------------------------------------
@@ -146,9 +286,9 @@ if hasattr(os, "register_at_fork"):
 
 
 def _set_aside(db: Path) -> None:
-    aside = db.with_name(f"{db.name}.corrupt-{int(time.time())}-{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        os.replace(db, aside)
+    # With its -wal/-shm files (a stale WAL must not be replayed into the new index), under the lock.
+    aside = set_aside_index(db.parent)
+    if aside:
         log.info("set aside a corrupt cache index: %s", aside)
 
 
@@ -168,9 +308,13 @@ def _open_store(path: Path, config: Config):
 def open_cache(cache_dir, config: Config) -> PersistentCache:
     """The cache for ``cache_dir`` (a path, or a Store instance), opened once per process."""
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
-        return PersistentCache(cache_dir, config, None)   # a Store given directly
+        cache = PersistentCache(cache_dir, config, None)   # a Store given directly
+        _attach_tiers(cache, config, layers=())
+        return cache
     path = Path(cache_dir if cache_dir is not None else config.cache_dir).expanduser()
-    reg_key = (str(path), config.strict, config.hmac_key, config.size_limit, config.lock_timeout)
+    reg_key = (str(path), config.strict, config.hmac_key, config.size_limit, config.lock_timeout,
+               config.cache_layers, config.remote_url, config.remote_timeout, config.remote_lock_ttl,
+               config.allow_unsafe_dir)
     with _open_lock:
         cache = _open.get(reg_key)
         if cache is not None:
@@ -188,6 +332,7 @@ def open_cache(cache_dir, config: Config) -> PersistentCache:
             store = None
         cache = PersistentCache(store, config, path if store is not None else None)
         cache.location = str(path)
+        _attach_tiers(cache, config, layers=[p for p in config.cache_layers if Path(p).expanduser() != path])
         if store is not None and config.clear_cache and str(path) not in _cleared:
             _cleared.add(str(path))
             try:
@@ -198,6 +343,44 @@ def open_cache(cache_dir, config: Config) -> PersistentCache:
                         once=("clear", str(path)))
         _open[reg_key] = cache
         return cache
+
+
+def _attach_tiers(cache: PersistentCache, config: Config, layers) -> None:
+    """The journal, the read-only layers and the remote tier of a newly opened cache."""
+    from .journal import open_journal
+    from .layers import UnsafeLayer, open_layer
+
+    if cache.store is not None:
+        cache.journal = open_journal(cache.store)
+    trusted = bool(config.hmac_key) or config.allow_unsafe_dir
+    for path in layers:
+        try:
+            cache.layers.append(open_layer(path, trusted=trusted))
+        except UnsafeLayer as exc:
+            trouble(f"refusing the read-only jitfreeze cache layer: {exc}. Skipping it; set JITFREEZE_CACHE_KEY "
+                    "(entries are then authenticated) or JITFREEZE_ALLOW_UNSAFE_CACHE_DIR=1", None,
+                    strict=config.strict, once=("layer", str(path)))
+        except Exception as exc:  # noqa: BLE001 - missing, unreadable, not a cache
+            trouble(f"cannot read the read-only jitfreeze cache layer {path}; skipping it", exc,
+                    strict=config.strict, once=("layer", str(path)))
+    if config.remote_url:
+        from .remote import RemoteTier, redact
+
+        url = redact(config.remote_url)
+        if not trusted:
+            trouble(f"not using the jitfreeze remote cache {url}: entries from a shared Redis run code when "
+                    "loaded, and it has no signature to check. Set JITFREEZE_CACHE_KEY (the same key on every "
+                    "machine), or JITFREEZE_ALLOW_UNSAFE_CACHE_DIR=1 if you trust everyone who can write to it",
+                    None, strict=config.strict, once=("remote-unsafe", url))
+            return
+        try:
+            cache.remote = RemoteTier(config.remote_url, config.remote_timeout, config.remote_lock_ttl)
+        except ImportError as exc:
+            trouble(f"JITFREEZE_REMOTE_CACHE={url} needs the redis package (pip install redis); "
+                    "using the local cache only", exc, strict=config.strict, once=("remote-import", url))
+        except Exception as exc:  # noqa: BLE001 - e.g. a malformed URL
+            trouble(f"cannot use the jitfreeze remote cache {url}; using the local cache only", exc,
+                    strict=config.strict, once=("remote", url))
 
 
 def clear_cache(cache_dir=None) -> int:
@@ -214,3 +397,55 @@ def clear_cache(cache_dir=None) -> int:
 
 # Re-exported for tests that want a store without a directory.
 MemoryStore = MemoryStore
+
+
+def maintain(cache_dir=None, *, verify: bool = False, min_age: float = 600.0) -> dict:
+    """Repair a cache directory after crashes or tampering; returns counts of what was done.
+
+    Removes rows that are not raw bytes (planted pickle rows, pickled keys, rows naming files
+    outside the cache), rows whose value file is missing or has the wrong size, and value files
+    no row refers to (left by a process killed mid-write; only those older than ``min_age``
+    seconds, younger ones may belong to a write in progress). A corrupt index is set aside and
+    an empty one started. ``verify=True`` also reads every entry and checks its checksum (and
+    its signature when ``JITFREEZE_CACHE_KEY`` is set), removing the bad ones. Lock files are
+    never touched.
+
+    Returns a dict with the keys ``entries``, ``bytes`` (after), ``unsafe_rows``,
+    ``missing_files``, ``wrong_size``, ``bad_entries``, ``orphan_files``, ``index_set_aside``
+    (counts removed or done) and ``problems`` (inconsistencies diskcache's check still reports;
+    0 when clean). Raises :class:`~jitfreeze.trust.UnsafeDirectory` for a directory the trust
+    checks refuse, and FileNotFoundError when ``cache_dir`` holds no cache.
+    """
+    from .store import CorruptStore, is_corrupt
+    from .trust import check_directory
+
+    config = Config.from_env()
+    path = Path(cache_dir if cache_dir is not None else config.cache_dir).expanduser()
+    if not (path / DiskStore.DB_NAME).exists():
+        raise FileNotFoundError(f"no jitfreeze cache in {path}")
+    if not config.allow_unsafe_dir:
+        check_directory(path)
+    set_aside = 0
+    try:
+        store = DiskStore(path, config.size_limit)
+    except sqlite3.DatabaseError as exc:
+        if not is_corrupt(exc):
+            raise
+        set_aside_index(path)
+        set_aside = 1
+        store = DiskStore(path, config.size_limit)
+
+    def validate(key: str, data: bytes) -> None:
+        artifact.unpack(data, key, config.hmac_key)
+
+    try:
+        try:
+            counts = store.maintain(min_age=min_age, validate=validate if verify else None)
+        except CorruptStore:
+            set_aside += 1
+            counts = store.maintain(min_age=min_age, validate=validate if verify else None)
+        counts["problems"] = len(store.check())
+    finally:
+        store.close()
+    counts["index_set_aside"] = set_aside
+    return counts

@@ -26,6 +26,10 @@ ENV_VARS = {
     "JITFREEZE_ALLOW_UNSAFE_CACHE_DIR": "`1`: use a cache directory not owned by you or writable by others (you trust everyone who can write it).",
     "JITFREEZE_MAX_SIGNATURES": "Most signatures compiled or loaded per function (default `8`); past it, calls with new signatures run eagerly, with one warning.",
     "JITFREEZE_VERIFY": "`1`: re-trace on fingerprint-index hits and compare graph keys (catches changes the fingerprint cannot see).",
+    "JITFREEZE_CACHE_PATH": "Layered cache: `ro1:ro2:...:writable`. Read-only layers (cache directories or bundle files) first, the writable directory last; overrides `JITFREEZE_CACHE_DIR`. Read-only layers are never modified.",
+    "JITFREEZE_REMOTE_CACHE": "`redis://host:port/db`: a shared Redis behind the local cache (needs `redis`); entries are verified, and published after each compile. Needs `JITFREEZE_CACHE_KEY` (or `JITFREEZE_ALLOW_UNSAFE_CACHE_DIR=1`).",
+    "JITFREEZE_REMOTE_TIMEOUT": "Seconds one Redis operation may take (default `1`); past it, one warning and the process carries on locally.",
+    "JITFREEZE_REMOTE_LOCK_TTL": "Expiry in seconds of the fleet-wide compile lock in Redis (default `60`; renewed while the compile runs).",
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -83,6 +87,10 @@ class Config:
     allow_unsafe_dir: bool = False
     verify: bool = False
     max_signatures: int = 8
+    cache_layers: tuple = ()            # read-only layers (JITFREEZE_CACHE_PATH, all but the last)
+    remote_url: str | None = None
+    remote_timeout: float = 1.0
+    remote_lock_ttl: float = 60.0
 
     @classmethod
     def from_env(cls, env=None) -> "Config":
@@ -93,6 +101,12 @@ class Config:
         timeout = env.get("JITFREEZE_LOCK_TIMEOUT", "").strip()
         key = env.get("JITFREEZE_CACHE_KEY")
         cache_dir = env.get("JITFREEZE_CACHE_DIR")
+        layers, writable = _cache_path(env.get("JITFREEZE_CACHE_PATH", ""))
+        if writable is not None:
+            cache_dir = writable
+        remote = env.get("JITFREEZE_REMOTE_CACHE", "").strip() or None
+        if remote is not None and not remote.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"JITFREEZE_REMOTE_CACHE={remote!r}: expected redis://host:port/db")
         return cls(
             disable=_flag(env, "JITFREEZE_DISABLE"),
             cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(env),
@@ -105,4 +119,30 @@ class Config:
             allow_unsafe_dir=_flag(env, "JITFREEZE_ALLOW_UNSAFE_CACHE_DIR"),
             verify=_flag(env, "JITFREEZE_VERIFY"),
             max_signatures=int(env.get("JITFREEZE_MAX_SIGNATURES") or 8),
+            cache_layers=layers,
+            remote_url=remote,
+            remote_timeout=_seconds(env, "JITFREEZE_REMOTE_TIMEOUT", 1.0),
+            remote_lock_ttl=_seconds(env, "JITFREEZE_REMOTE_LOCK_TTL", 60.0),
         )
+
+
+def _cache_path(text: str) -> tuple[tuple, str | None]:
+    """``ro1:ro2:writable`` -> ((Path(ro1), Path(ro2)), "writable"); empty -> ((), None)."""
+    text = text.strip()
+    if not text:
+        return (), None
+    parts = text.split(os.pathsep)
+    if not parts[-1].strip():
+        raise ValueError(f"JITFREEZE_CACHE_PATH={text!r}: the last entry must be the writable cache directory")
+    layers = tuple(Path(p.strip()).expanduser() for p in parts[:-1] if p.strip())
+    return layers, parts[-1].strip()
+
+
+def _seconds(env, name: str, default: float) -> float:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"{name}={text!r}: expected a positive number of seconds")
+    return value

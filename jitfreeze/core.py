@@ -378,11 +378,14 @@ class JitFreezeFunction:
         texts = call.texts
         if dims:
             texts = dynamic_texts(call, tensors, dims)
+            failures = []
             for guards, entry in self._dyn.get((call.in_spec, call.mode, texts), ()):
                 failed = guards.failing(tensors)
                 if failed is None:
                     return entry, entry.call_leaves_tensors(tensors), False
-                log.info("%s: recompiling: guard %s fails for %s", self.name, failed, _short_sig(call))
+                failures.append(failed)
+            if failures:
+                log.info("%s: recompiling: %s fails for %s", self.name, " / ".join(failures), _short_sig(call))
         self._check_cap()
         fp = self._fingerprint(call, texts) if self.index else None
         indexed = None

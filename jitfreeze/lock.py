@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import inspect
 import os
+import stat
 import threading
 from pathlib import Path
 
 import filelock
 
-__all__ = ["LockTimeout", "KeyLock", "MemoryLock"]
+__all__ = ["LockTimeout", "UnsafeLock", "KeyLock", "MemoryLock"]
 
 _PARAMS = set(inspect.signature(filelock.FileLock.__init__).parameters)
 _EXTRA = {}
@@ -48,6 +49,7 @@ class KeyLock:
                                        is_singleton=False, **_EXTRA)
 
     def __enter__(self):
+        _refuse_symlink(self.path)
         try:
             self._lock.acquire()
         except filelock.Timeout:
@@ -57,6 +59,22 @@ class KeyLock:
     def __exit__(self, *exc):
         self._lock.release()
         return False
+
+
+class UnsafeLock(OSError):
+    """The lock path is a symlink (or not a regular file): refused, its target never opened."""
+
+
+def _refuse_symlink(path: str) -> None:
+    """filelock opens with O_NOFOLLOW too; this says why, and holds for any filelock version."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeLock(f"refusing the lock file {path}: it is a symlink (to {os.readlink(path)!r})")
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeLock(f"refusing the lock file {path}: it is not a regular file")
 
 
 class MemoryLock:

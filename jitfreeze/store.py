@@ -3,27 +3,78 @@
 :class:`MemoryStore` (tests, ``cache_dir=False``-style use) and :class:`DiskStore`
 (diskcache). Stores raise on trouble; deciding what trouble means (a miss plus
 one warning) is the caller's job (:mod:`jitfreeze.cache`).
+
+What :class:`DiskStore` adds to diskcache (each one a trap found in its source):
+
+* raw bytes only (:class:`RawOnlyDisk`): a row in pickle or text mode, a pickled
+  key, or a value file outside the cache's own ``xx/yy/<hex>.val`` layout is
+  refused, never deserialized, opened or deleted;
+* reads take no write lock: diskcache's LRU ``get`` reads the value file inside a
+  ``BEGIN IMMEDIATE`` transaction (every reader serialized, and no read at all on
+  a full disk); here the row is selected, the file read, and the access time
+  touched afterwards, best effort;
+* bounded waits: diskcache's ``retry=True`` loops forever on *any* error at
+  ``BEGIN`` (a read-only or full database included); here a busy database is
+  retried a few times, then the error goes to the caller;
+* a corrupt index (``database disk image is malformed``) found while running is
+  set aside under the directory's lock and replaced by an empty one, and the
+  error raised once (:class:`CorruptStore`);
+* :meth:`DiskStore.check` and :meth:`DiskStore.maintain` know what else lives
+  in the directory on purpose (``locks/``, set-aside indexes) and never delete a
+  lock file (diskcache's ``check(fix=True)`` would).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
+import re
 import sqlite3
 import threading
 import time
+import warnings
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import diskcache
 from diskcache.core import MODE_BINARY, MODE_RAW, UNKNOWN
 
-__all__ = ["Store", "MemoryStore", "DiskStore", "RawOnlyDisk", "UnsafeEntry"]
+__all__ = ["Store", "MemoryStore", "DiskStore", "RawOnlyDisk", "UnsafeEntry", "CorruptStore",
+           "set_aside_index"]
+
+# diskcache's own value files: two levels of two hex digits, then a random hex name.
+_VALUE_FILE = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{8,64}\.val$")
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 
 
 class UnsafeEntry(Exception):
     """A row that is not raw bytes (e.g. pickle mode): refused, never deserialized."""
+
+
+class CorruptStore(Exception):
+    """The store's index is corrupt; it was set aside and an empty one started."""
+
+    def __init__(self, location: str, detail: str, aside: str | None = None):
+        super().__init__(f"the cache index in {location} is corrupt ({detail})"
+                         + (f"; set it aside as {aside} and started an empty one" if aside else ""))
+        self.location, self.detail, self.aside = location, detail, aside
+
+    def __reduce__(self):
+        return (CorruptStore, (self.location, self.detail, self.aside))
+
+
+def is_corrupt(exc: BaseException) -> bool:
+    """A SQLite error that means the database file itself is damaged (not busy, full or read-only)."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    text = str(exc)
+    return "malformed" in text or "not a database" in text
 
 
 class Store(Protocol):
@@ -96,8 +147,10 @@ class RawOnlyDisk(diskcache.Disk):
 
     diskcache unpickles any row whose mode column says pickle, whatever the
     application stored: a planted row would be code execution. This Disk never
-    pickles or unpickles, keys included, and removes a partly written file when
-    a write fails (a full disk).
+    pickles or unpickles, keys included; reads and deletes only value files in
+    diskcache's own layout (never a path a row names outside the directory, never
+    through a symlink); and removes a partly written file when a write fails (a
+    full disk).
     """
 
     def put(self, key):
@@ -127,16 +180,40 @@ class RawOnlyDisk(diskcache.Disk):
     def fetch(self, mode, filename, value, read):
         if mode not in (MODE_RAW, MODE_BINARY) or read:
             raise UnsafeEntry(f"cache row in mode {mode} (only raw bytes are accepted)")
-        data = super().fetch(mode, filename, value, read)
+        if mode == MODE_RAW:
+            data = bytes(value) if type(value) in (sqlite3.Binary, memoryview, bytearray) else value
+        else:
+            data = _read_value_file(self._directory, filename)
         if type(data) is not bytes:
             raise UnsafeEntry(f"cache row holds {type(data).__name__}, not bytes")
         return data
+
+    def remove(self, file_path):
+        if file_path is None or not _VALUE_FILE.match(str(file_path)):
+            return      # a row naming a path outside the cache's layout: never delete it
+        super().remove(file_path)
+
+
+def _read_value_file(directory: str, filename) -> bytes:
+    if type(filename) is not str or not _VALUE_FILE.match(filename):
+        raise UnsafeEntry(f"cache row names the value file {filename!r}, outside the cache's layout")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(os.path.join(directory, filename), flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeEntry(f"cache value file {filename} is a symlink") from None
+        raise
+    with open(fd, "rb") as reader:
+        return reader.read()
 
 
 class DiskStore:
     """diskcache.Cache at ``directory`` with raw bytes only and LRU eviction."""
 
     DB_NAME = diskcache.core.DBNAME
+    _BUSY_TRIES = 3             # BEGIN attempts (each waits up to `timeout` in SQLite's busy handler)
+    _TOUCH_BUSY_MS = 100        # the access-time touch after a read waits at most this long
 
     def __init__(self, directory: str | os.PathLike, size_limit: int, *, timeout: float = 30.0,
                  readonly: bool = False):
@@ -144,29 +221,53 @@ class DiskStore:
         self.location = str(self.directory)
         self.size_limit = size_limit
         self.readonly = readonly
+        self.timeout = timeout
         settings = dict(size_limit=size_limit, eviction_policy="least-recently-used",
                         disk_min_file_size=32 * 1024)
         if readonly:
             settings["eviction_policy"] = "none"
+        self._settings = settings
+        self._swap = threading.Lock()
         self._cache = _open_with_retry(self.directory, timeout, settings)
+        self._ino = _inode(self.directory / self.DB_NAME)
+
+    # -- the Store interface --------------------------------------------------------------------
 
     def get(self, key):
-        return self._cache.get(key, default=None, retry=True)
+        if type(key) is not str:
+            raise TypeError(f"keys are str, not {type(key).__name__}")
+        cache = self._cache
+        try:
+            rows = cache._sql("SELECT rowid, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+                              " AND (expire_time IS NULL OR expire_time > ?)", (key, time.time())).fetchall()
+        except sqlite3.DatabaseError as exc:
+            self._raise_corrupt(exc, cache)
+            raise
+        if not rows:
+            return None
+        ((rowid, mode, filename, value),) = rows
+        try:
+            data = cache.disk.fetch(mode, filename, value, False)
+        except FileNotFoundError:
+            return None          # evicted or replaced since the SELECT: a miss
+        if not self.readonly:
+            self._touch(cache, rowid)
+        return data
 
     def put(self, key, value):
         if self.readonly:
             raise PermissionError(f"{self.location} is a read-only layer")
-        self._cache.set(key, value, retry=True)
+        self._write(lambda c: c.set(key, value, retry=False))
 
     def delete(self, key):
         if self.readonly:
             raise PermissionError(f"{self.location} is a read-only layer")
-        return self._cache.delete(key, retry=True)
+        return self._write(lambda c: c.delete(key, retry=False))
 
     def clear(self):
         if self.readonly:
             raise PermissionError(f"{self.location} is a read-only layer")
-        return self._cache.clear(retry=True)
+        return self._write(lambda c: c.clear(retry=False))
 
     def keys(self):
         sql = self._cache._sql
@@ -184,42 +285,250 @@ class DiskStore:
         return {"store_time": store_time, "access_time": access_time, "access_count": access_count,
                 "size": size, "mode": mode}
 
+    def stats(self):
+        return {"entries": len(self._cache), "bytes": self._cache.volume(), "size_limit": self.size_limit}
+
+    def close(self):
+        self._cache.close()
+
+    # -- bounded, corruption-aware writes -------------------------------------------------------
+
+    def _write(self, op: Callable):
+        for attempt in range(self._BUSY_TRIES):
+            cache = self._cache
+            try:
+                return op(cache)
+            except diskcache.Timeout:
+                # BEGIN IMMEDIATE failed (busy past SQLite's own wait, or not writable at all).
+                if attempt + 1 == self._BUSY_TRIES:
+                    raise sqlite3.OperationalError(
+                        f"the cache index in {self.location} stayed locked or unwritable "
+                        f"({self._BUSY_TRIES} tries of {self.timeout:g}s)") from None
+                time.sleep(0.05 * (attempt + 1))
+            except sqlite3.DatabaseError as exc:
+                self._raise_corrupt(exc, cache)
+                raise
+
+    def _touch(self, cache, rowid) -> None:
+        """LRU bookkeeping after a read: best effort, never waits long, never fails the read."""
+        try:
+            con = cache._con
+            con.execute(f"PRAGMA busy_timeout = {self._TOUCH_BUSY_MS}")
+            try:
+                con.execute("UPDATE Cache SET access_time = ?, access_count = access_count + 1 WHERE rowid = ?",
+                            (time.time(), rowid))
+            finally:
+                con.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        except sqlite3.Error:
+            pass
+
+    def _raise_corrupt(self, exc: BaseException, cache) -> None:
+        """Set a corrupt index aside (once, across processes) and raise CorruptStore; else return."""
+        if not is_corrupt(exc):
+            return
+        if self.readonly:
+            raise CorruptStore(self.location, str(exc)) from exc
+        with self._swap:
+            if cache is not self._cache:        # another thread already swapped it
+                raise CorruptStore(self.location, str(exc)) from exc
+            aside = set_aside_index(self.directory, expect_ino=self._ino)
+            with contextlib.suppress(Exception):
+                cache.close()
+            self._cache = _open_with_retry(self.directory, self.timeout, self._settings)
+            self._ino = _inode(self.directory / self.DB_NAME)
+        raise CorruptStore(self.location, str(exc), aside) from exc
+
+    # -- maintenance ----------------------------------------------------------------------------
+
     def unsafe_rows(self) -> list[int]:
-        """rowids of rows that are not raw bytes under a str key (planted or foreign)."""
-        rows = self._cache._sql(
-            "SELECT rowid FROM Cache WHERE raw != 1 OR mode NOT IN (?, ?)", (MODE_RAW, MODE_BINARY)).fetchall()
-        return [r[0] for r in rows]
+        """rowids of rows that are not raw bytes under a str key, or name a file outside the layout."""
+        rows = self._cache._sql("SELECT rowid, raw, key, mode, filename FROM Cache").fetchall()
+        bad = []
+        for rowid, raw, key, mode, filename in rows:
+            if raw != 1 or type(key) is not str or mode not in (MODE_RAW, MODE_BINARY):
+                bad.append(rowid)
+            elif mode == MODE_BINARY and (type(filename) is not str or not _VALUE_FILE.match(filename)):
+                bad.append(rowid)
+            elif mode == MODE_RAW and filename is not None:
+                bad.append(rowid)
+        return bad
 
     def delete_rows(self, rowids: list[int]) -> None:
-        with self._cache.transact(retry=True):
+        """Delete rows by rowid (and their value files, when in the cache's own layout)."""
+        with self._cache.transact(retry=False):
             for rowid in rowids:
                 row = self._cache._sql("SELECT filename FROM Cache WHERE rowid = ?", (rowid,)).fetchall()
                 self._cache._sql("DELETE FROM Cache WHERE rowid = ?", (rowid,))
                 if row and row[0][0]:
                     self._cache.disk.remove(row[0][0])
 
-    def stats(self):
-        return {"entries": len(self._cache), "bytes": self._cache.volume(), "size_limit": self.size_limit}
-
-    def check(self, fix: bool = False):
-        return self._cache.check(fix=fix, retry=True)
+    def _value_files(self) -> Iterator[Path]:
+        return self.directory.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*.val")
 
     def sweep_orphans(self, min_age: float = 600.0) -> int:
-        """Remove value files no row refers to (left by a process killed mid-write)."""
+        """Remove value files no row refers to (left by a process killed mid-write).
+
+        Only files older than ``min_age`` seconds: a file younger than that may belong to a
+        write whose row is about to be committed.
+        """
         known = {r[0] for r in self._cache._sql("SELECT filename FROM Cache WHERE filename IS NOT NULL")}
         now, removed = time.time(), 0
-        for path in self.directory.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*.val"):
-            rel = os.path.relpath(path, self.directory)
+        for path in self._value_files():
+            rel = os.path.relpath(path, self.directory).replace(os.sep, "/")
             try:
-                if rel not in known and now - path.stat().st_mtime >= min_age:
+                if rel not in known and now - path.lstat().st_mtime >= min_age:
                     path.unlink()
                     removed += 1
+                    with contextlib.suppress(OSError):
+                        os.removedirs(path.parent)      # stops at the first non-empty directory
             except OSError:
                 pass
         return removed
 
-    def close(self):
-        self._cache.close()
+    def missing_files(self) -> list[int]:
+        """rowids whose value file is gone (or not a regular file): unreadable entries."""
+        out = []
+        for rowid, filename in self._cache._sql(
+                "SELECT rowid, filename FROM Cache WHERE filename IS NOT NULL").fetchall():
+            if type(filename) is not str or not _VALUE_FILE.match(filename):
+                continue        # unsafe_rows handles these
+            try:
+                ok = os.path.isfile(self.directory / filename) and not os.path.islink(self.directory / filename)
+            except OSError:
+                ok = False
+            if not ok:
+                out.append(rowid)
+        return out
+
+    def wrong_sizes(self) -> list[int]:
+        """rowids whose value file's size differs from the row's (truncated or grown files)."""
+        out = []
+        for rowid, size, filename in self._cache._sql(
+                "SELECT rowid, size, filename FROM Cache WHERE filename IS NOT NULL").fetchall():
+            if type(filename) is not str or not _VALUE_FILE.match(filename):
+                continue
+            with contextlib.suppress(OSError):
+                if os.lstat(self.directory / filename).st_size != size:
+                    out.append(rowid)
+        return out
+
+    def check(self, fix: bool = False) -> list[str]:
+        """diskcache's consistency check, as a list of messages (empty: consistent).
+
+        What jitfreeze keeps in the directory on purpose (``locks/``, set-aside indexes) is
+        not reported. ``fix=True`` never runs diskcache's own fixes (they delete lock files):
+        use :meth:`maintain`.
+        """
+        if fix:
+            self.maintain(min_age=0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = self._cache.check(fix=False, retry=False)
+        out = []
+        for w in found:
+            text = str(w.message)
+            path = text.split(": ", 1)[1] if ": " in text else ""
+            rel = os.path.relpath(path, self.directory) if path.startswith(str(self.directory)) else ""
+            if rel and (rel == "locks" or rel.startswith("locks" + os.sep) or
+                        os.path.basename(rel).startswith(self.DB_NAME)):
+                continue
+            out.append(text)
+        return out
+
+    def maintain(self, *, min_age: float = 600.0, validate: Callable[[str, bytes], object] | None = None) -> dict:
+        """Repair what crashes and tampering leave behind; returns counts of what was done.
+
+        Removes rows that are not raw bytes (planted pickle rows, pickled keys, rows naming files
+        outside the layout), rows whose value file is missing or has the wrong size, value files
+        no row refers to (older than ``min_age``), and (with ``validate``, which raises for a bad
+        entry) entries that fail it; then resets diskcache's count and size bookkeeping.
+        """
+        counts = {"unsafe_rows": 0, "missing_files": 0, "wrong_size": 0, "bad_entries": 0,
+                  "orphan_files": 0}
+        cache = self._cache
+        try:
+            result = [r[0] for r in cache._sql("PRAGMA quick_check").fetchall()]
+        except sqlite3.DatabaseError as exc:
+            self._raise_corrupt(exc, cache)
+            raise
+        if result != ["ok"]:
+            self._raise_corrupt(sqlite3.DatabaseError(
+                "database disk image is malformed (quick_check: " + "; ".join(map(str, result[:3])) + ")"), cache)
+        unsafe = self.unsafe_rows()
+        if unsafe:
+            self.delete_rows(unsafe)
+        counts["unsafe_rows"] = len(unsafe)
+        missing = self.missing_files()
+        if missing:
+            self.delete_rows(missing)
+        counts["missing_files"] = len(missing)
+        wrong = self.wrong_sizes()
+        if wrong:
+            self.delete_rows(wrong)
+        counts["wrong_size"] = len(wrong)
+        if validate is not None:
+            for key in list(self.keys()):
+                try:
+                    data = self.get(key)
+                    if data is not None:
+                        validate(key, data)
+                except UnsafeEntry:
+                    pass        # unsafe_rows already removed what it could see
+                except Exception:  # noqa: BLE001 - any failure of the validator: a bad entry
+                    if self.delete(key):
+                        counts["bad_entries"] += 1
+        counts["orphan_files"] = self.sweep_orphans(min_age)
+        with self._cache.transact(retry=False):
+            sql = self._cache._sql
+            ((n,),) = sql("SELECT COUNT(key) FROM Cache").fetchall()
+            ((size,),) = sql("SELECT COALESCE(SUM(size), 0) FROM Cache").fetchall()
+            sql("UPDATE Settings SET value = ? WHERE key = 'count'", (n,))
+            sql("UPDATE Settings SET value = ? WHERE key = 'size'", (size,))
+        self._cache.reset("count")
+        self._cache.reset("size")
+        stats = self.stats()
+        counts["entries"], counts["bytes"] = stats["entries"], stats["bytes"]
+        return counts
+
+
+def _inode(path: Path):
+    try:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return None
+
+
+def set_aside_index(directory: str | os.PathLike, expect_ino=None) -> str | None:
+    """Rename ``cache.db`` (and its -wal/-shm/-journal files) to ``cache.db.corrupt-<time>-<pid>``.
+
+    Under the directory's ``locks/index.lock``. With ``expect_ino`` (the (dev, inode) this
+    process opened), nothing is renamed when ``cache.db`` is already another file: another
+    process set the corrupt one aside first. Returns the new name, or None.
+    """
+    from .lock import KeyLock
+
+    directory = Path(directory)
+    db = directory / DiskStore.DB_NAME
+    suffix = f".corrupt-{int(time.time())}-{os.getpid()}"
+    try:
+        lock = KeyLock(directory, "index", 30.0)
+        lock.__enter__()
+    except Exception:  # noqa: BLE001 - no lock directory (read-only?): rename anyway
+        lock = None
+    try:
+        if expect_ino is not None and _inode(db) != expect_ino:
+            return None
+        aside = None
+        for side in ("",) + _SIDE_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{db}{side}", f"{db}{suffix}{side}")
+                if not side:
+                    aside = f"{db}{suffix}"
+        return aside
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
 
 
 def _open_with_retry(directory: Path, timeout: float, settings: dict) -> diskcache.Cache:
@@ -229,8 +538,10 @@ def _open_with_retry(directory: Path, timeout: float, settings: dict) -> diskcac
     while True:
         try:
             return diskcache.Cache(str(directory), timeout=timeout, disk=RawOnlyDisk, **settings)
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+        except (sqlite3.OperationalError, diskcache.Timeout) as exc:
+            text = str(exc)
+            if (isinstance(exc, sqlite3.OperationalError) and "locked" not in text and "busy" not in text) \
+                    or time.monotonic() > deadline:
                 raise
         time.sleep(delay)
         delay = min(delay * 2, 0.25)
