@@ -146,9 +146,10 @@ class _Entry:
 
     def call_fast(self, args):
         idx = self.fast_idx
-        if idx is None:
-            return self.rebuild(self.fwd(*args))
-        return self.rebuild(self.fwd(*[args[i] for i in idx]))
+        outs = self.fwd(*args) if idx is None else self.fwd(*[args[i] for i in idx])
+        if self.out_kind == 0:
+            return outs[0]
+        return self.rebuild(outs)
 
     def call_leaves(self, leaves):
         return self.rebuild(self.fwd(*[leaves[i] for i in self.tensor_idx]))

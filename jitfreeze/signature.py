@@ -44,16 +44,21 @@ def _float_key(x: float):
 def fast_key(args: tuple, mode: tuple):
     """The hot path's key, or None when the call needs :func:`describe`."""
     parts = [mode]
-    for a in args:
-        t = type(a)
-        if t is _Tensor or t is _Parameter:
-            parts.append((a.shape, a.dtype, a.device, a.stride(), a.requires_grad, a.layout))
-        elif t is int or t is bool or t is str or a is None:
-            parts.append((t, a))
-        elif t is float:
-            parts.append((t, repr(a)))
-        else:
-            return None
+    append = parts.append
+    try:
+        for a in args:
+            t = type(a)
+            if t is _Tensor or t is _Parameter:
+                # stride() raises for sparse/MKLDNN layouts: those take the full path
+                append((a.shape, a.dtype, a.device, a.stride(), a.requires_grad))
+            elif t is int or t is bool or t is str or a is None:
+                append((t, a))
+            elif t is float:
+                append((t, repr(a)))
+            else:
+                return None
+    except RuntimeError:
+        return None
     return tuple(parts)
 
 
