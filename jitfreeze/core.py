@@ -222,13 +222,16 @@ class JitFreezeFunction:
 
     def __call__(self, *args, **kwargs):
         if not kwargs:
-            module = self.module
-            key = _fast_key(args, _call_mode(module))
+            key = _fast_key(args, self.module)
             if key is not None:
                 entry = self._table.get(key)
-                if entry is not None and (entry.watch is None or entry.watch.fresh()):
-                    self._hits += 1
-                    return entry.call_fast(args)
+                if entry is not None:
+                    watch = entry.watch
+                    if watch is None or watch.fresh():
+                        self._hits += 1
+                        idx = entry.fast_idx
+                        outs = entry.fwd(*args) if idx is None else entry.fwd(*[args[i] for i in idx])
+                        return outs[0] if entry.out_kind == 0 else entry.rebuild(outs)
         return self._call_slow(args, kwargs)
 
     # -- introspection --------------------------------------------------------------------------
@@ -340,7 +343,7 @@ class JitFreezeFunction:
             self._table[key] = entry
             if self.discard_parameters and self.module is not None:
                 self._discard_parameters()
-            fast = _fast_key(args, mode) if not kwargs else None
+            fast = _fast_key(args, self.module) if not kwargs else None
             if fast is not None:
                 entry.fast_idx = _fast_positions(args, call)
                 self._table[fast] = entry
@@ -554,6 +557,10 @@ class JitFreezeFunction:
             artifact = cache.get(key)
             if artifact is None:
                 continue
+            if self.discard_parameters and self.module is not None:
+                # Release the weights before the frozen copy materializes: peak memory stays near
+                # one copy. From here on the module cannot run eagerly or be traced.
+                self._discard_parameters()
             module = self._load(cache, key, artifact[1], call)
             if module is None:
                 continue

@@ -243,10 +243,15 @@ class TorchScriptBackend:
             torch.jit.save(frozen, buf)
         return buf.getvalue()
 
-    def load(self, data: bytes, device: torch.device | None, optimize: bool):
-        """bytes -> callable taking the tensor leaves, returning a list of tensors."""
+    def load(self, data, device: torch.device | None, optimize: bool):
+        """bytes (or a verified file: anything with ``.path``) -> callable taking the tensor leaves,
+        returning a list of tensors. A file is loaded in place: no copy of the artifact in memory."""
+        def source():
+            path = getattr(data, "path", None)
+            return path if path is not None else io.BytesIO(data)
+
         with _quiet_torchscript():
-            module = torch.jit.load(io.BytesIO(data), map_location=device)
+            module = torch.jit.load(source(), map_location=device)
             if optimize and (device is None or device.type == "cpu"):
                 # optimize_for_inference output does not survive save/load (MKLDNN-prepacked
                 # constants), so it runs after loading, never before storing.
@@ -254,7 +259,7 @@ class TorchScriptBackend:
                     module = torch.jit.optimize_for_inference(module)
                 except Exception as exc:  # noqa: BLE001 - the unoptimized module is still correct
                     log.debug("optimize_for_inference failed, using the frozen module: %s", exc)
-                    module = torch.jit.load(io.BytesIO(data), map_location=device)
+                    module = torch.jit.load(source(), map_location=device)
         return module
 
 
