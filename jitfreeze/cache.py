@@ -35,6 +35,20 @@ DECISION = "d/"       # function + input structure -> which dims are dynamic
 REMOTE_RETRY_AFTER = 30.0     # seconds without the remote tier after it failed
 
 
+class FilePayload:
+    """A verified artifact that stays in its file: loaded in place (``torch.jit.load(path)``)."""
+
+    __slots__ = ("path", "size")
+
+    def __init__(self, path: str, size: int):
+        self.path = path
+        self.size = size
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read(self.size)
+
+
 class PersistentCache:
     """Verified get/put of entries; every failure is handled here."""
 
@@ -86,6 +100,10 @@ class PersistentCache:
 
     def _get_from(self, store, key: str, ns: str):
         location = getattr(store, "location", self.location)
+        if ns == ARTIFACT and hasattr(store, "get_file"):
+            found = self._get_file_from(store, key, ns, location)
+            if found is not None:
+                return found
         try:
             data = store.get(ns + key)
         except UnsafeEntry as exc:
@@ -102,6 +120,20 @@ class PersistentCache:
         except artifact.BadEntry as exc:
             self._refuse(ns + key, f"dropped a bad jitfreeze cache entry {key[:16]} in {location}", exc, store)
             return None
+
+    def _get_file_from(self, store, key: str, ns: str, location: str):
+        """(meta, FilePayload) for a file-backed entry, verified in a streaming pass; else None."""
+        try:
+            path = store.get_file(ns + key)
+            if path is None:
+                return None
+            meta, size = artifact.unpack_file(path, ns + key, self.config.hmac_key)
+        except artifact.BadEntry as exc:
+            self._refuse(ns + key, f"dropped a bad jitfreeze cache entry {key[:16]} in {location}", exc, store)
+            return None
+        except Exception:  # noqa: BLE001 - let the bytes path decide (and report) what is wrong
+            return None
+        return meta, FilePayload(path, size)
 
     def evict(self, key: str, why: str, exc: BaseException | None = None, ns: str = ARTIFACT) -> None:
         """Drop an entry that verified but could not be used (e.g. torch.jit.load failed)."""
@@ -172,9 +204,9 @@ class PersistentCache:
 
     @contextlib.contextmanager
     def _remote_lock(self, key: str):
-        """The fleet-wide compile lock; on Redis trouble, one warning and no lock (compile here)."""
-        if not self._remote_ok():
-            yield
+        """The fleet-wide compile lock (graph keys only); on Redis trouble, one warning and no lock."""
+        if not self._remote_ok() or len(key) != 64 or key.strip("0123456789abcdef"):
+            yield           # e.g. "index-<key>": a local read-modify-write, nothing to compile
             return
         handle = self.remote.lock(key)
         try:

@@ -569,7 +569,7 @@ class JitFreezeFunction:
             result = entry.call_leaves_tensors(tensors)
             self._loads += 1
             log.info("%s: loaded %s for %s from %s (index hit, no trace)", self.name, key[:16], _short_sig(call),
-                     cache.location)
+                     cache.where())
             return entry, result, guards
         return None
 
@@ -623,7 +623,7 @@ class JitFreezeFunction:
                 why = outputs_match(_as_list(module.forward(*copies)), traced.real_outputs)
                 if why is None:
                     self._loads += 1
-                    log.info("%s: loaded %s for %s from %s", self.name, key[:16], _short_sig(call), cache.location)
+                    log.info("%s: loaded %s for %s from %s", self.name, key[:16], _short_sig(call), cache.where())
                     return self._entry(module, key, call, traced, "cache"), traced.real_result
                 cache.evict(key, f"its outputs differ from eager: {why}")
         with cache.lock(key) as held:
@@ -633,7 +633,7 @@ class JitFreezeFunction:
                     module = self._load(cache, key, found[1], call)
                     if module is not None:
                         self._loads += 1
-                        log.info("%s: loaded %s (compiled by another process)", self.name, key[:16])
+                        log.info("%s: loaded %s (compiled by another process) from %s", self.name, key[:16], cache.where())
                         return self._entry(module, key, call, traced, "cache"), traced.real_result
             t1 = time.perf_counter()
             payload = self._backend.compile(traced)

@@ -97,3 +97,13 @@ class MemoryLock:
     def __exit__(self, *exc):
         self._lock.release()
         return False
+
+
+def _reset_memory_locks_in_child() -> None:
+    # A lock held by a parent's thread at fork() would be held forever in the child.
+    MemoryLock._locks = {}
+    MemoryLock._guard = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_memory_locks_in_child)

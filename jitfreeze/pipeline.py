@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import threading
 import warnings
 from typing import Any, Callable
 
@@ -27,6 +28,8 @@ from .signature import CallSpec
 __all__ = ["Traced", "trace", "graph_text", "TorchScriptBackend", "outputs_match"]
 
 log = logging.getLogger("jitfreeze")
+
+_TRACE_LOCK = threading.RLock()
 
 # Plain constants allowed among a function's outputs (returned as they were traced).
 _OUT_CONST_TYPES = (type(None), bool, int, float, str, bytes, complex)
@@ -148,7 +151,9 @@ def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None)
         return [leaves[i] for i in tensor_idx]
 
     try:
-        with torch.no_grad(), compat.tracing_context():
+        # make_fx's mode stacks and the "being compiled" flags are not safe to share between
+        # threads tracing at once: one trace at a time per process (tracing holds the GIL anyway).
+        with _TRACE_LOCK, torch.no_grad(), compat.tracing_context():
             if dims:
                 from .dynamic import symbolic_inputs
                 fakes, shape_env = symbolic_inputs(tensors, dims)

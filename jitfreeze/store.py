@@ -175,7 +175,23 @@ class RawOnlyDisk(diskcache.Disk):
             with contextlib.suppress(OSError):
                 os.remove(full_path)
             raise
+        self.written = filename
         return len(value), MODE_BINARY, filename, None
+
+    @property
+    def written(self):
+        """The value file this thread's last ``store`` wrote (DiskStore removes it if the row fails)."""
+        return getattr(self._local(), "written", None)
+
+    @written.setter
+    def written(self, filename):
+        self._local().written = filename
+
+    def _local(self):
+        local = self.__dict__.get("_thread_local")
+        if local is None:
+            local = self.__dict__.setdefault("_thread_local", threading.local())
+        return local
 
     def fetch(self, mode, filename, value, read):
         if mode not in (MODE_RAW, MODE_BINARY) or read:
@@ -222,8 +238,10 @@ class DiskStore:
         self.size_limit = size_limit
         self.readonly = readonly
         self.timeout = timeout
+        # cull_limit=0: diskcache's own culling removes 10 rows per write once over the limit,
+        # the row just written included (a small cache then empties itself); see _cull.
         settings = dict(size_limit=size_limit, eviction_policy="least-recently-used",
-                        disk_min_file_size=32 * 1024)
+                        disk_min_file_size=32 * 1024, cull_limit=0)
         if readonly:
             settings["eviction_policy"] = "none"
         self._settings = settings
@@ -254,10 +272,85 @@ class DiskStore:
             self._touch(cache, rowid)
         return data
 
+    def get_file(self, key):
+        """Path of the value file of a file-backed entry (large values), or None.
+
+        Lets the caller verify and load a large artifact in place instead of reading it into
+        memory. diskcache never rewrites a value file in place (a new value gets a new file), so
+        the path stays valid until the entry is evicted or replaced.
+        """
+        if type(key) is not str:
+            raise TypeError(f"keys are str, not {type(key).__name__}")
+        cache = self._cache
+        try:
+            rows = cache._sql("SELECT rowid, mode, filename FROM Cache WHERE key = ? AND raw = 1"
+                              " AND (expire_time IS NULL OR expire_time > ?)", (key, time.time())).fetchall()
+        except sqlite3.DatabaseError as exc:
+            self._raise_corrupt(exc, cache)
+            raise
+        if not rows:
+            return None
+        ((rowid, mode, filename),) = rows
+        if mode != MODE_BINARY or not filename:
+            return None
+        path = os.path.join(cache.directory, filename)
+        if not os.path.isfile(path):
+            return None
+        if not self.readonly:
+            self._touch(cache, rowid)
+        return path
+
     def put(self, key, value):
         if self.readonly:
             raise PermissionError(f"{self.location} is a read-only layer")
-        self._write(lambda c: c.set(key, value, retry=False))
+        self._write(lambda c: self._set(c, key, value))
+        with contextlib.suppress(diskcache.Timeout, sqlite3.OperationalError):
+            self._cull(self._cache, keep=key)   # best effort: the entry is stored either way
+
+    def _set(self, cache, key, value):
+        """diskcache's set, but a failed write never leaves its value file behind.
+
+        diskcache removes the file only when BEGIN fails; an INSERT or COMMIT that fails (a
+        full disk) rolls back and leaves an orphan, and a failed COMMIT may leave the
+        connection inside the transaction.
+        """
+        disk = cache.disk
+        disk.written = None
+        try:
+            return cache.set(key, value, retry=False)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                con = cache._con
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                    cache._txn_id = None
+            written = disk.written
+            if written is not None:
+                disk.remove(written)
+            raise
+        finally:
+            disk.written = None
+
+    def _cull(self, cache, keep: str) -> int:
+        """Evict least recently used rows until the volume is under the limit (never ``keep``)."""
+        if cache.volume() <= self.size_limit:
+            return 0
+        removed = []
+        with cache.transact(retry=False):
+            sql = cache._sql
+            excess = cache.volume() - self.size_limit
+            rows = sql("SELECT rowid, filename, size + COALESCE(length(value), 0) FROM Cache"
+                       " WHERE NOT (key = ? AND raw = 1) ORDER BY access_time LIMIT 1000", (keep,)).fetchall()
+            for rowid, filename, size in rows:
+                if excess <= 0:
+                    break
+                sql("DELETE FROM Cache WHERE rowid = ?", (rowid,))
+                removed.append(filename)
+                excess -= max(int(size or 0), 1)
+        for filename in removed:
+            if filename:
+                cache.disk.remove(filename)
+        return len(removed)
 
     def delete(self, key):
         if self.readonly:
