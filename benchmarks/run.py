@@ -8,6 +8,9 @@
 
 Each repetition runs, per model, the cold case, then the warm case, then the steady case;
 within a case the systems take turns (round robin, the order rotated every repetition).
+Start-up figures (cold, warm) get a fresh process each; the steady figures of a model come
+from one process in which the systems' blocks of calls take turns, so that they share
+whatever load the machine has.
 The cold runs of a repetition fill its caches (a fresh jitfreeze cache directory and a
 fresh TORCHINDUCTOR_CACHE_DIR); that repetition's warm and steady runs use them, so every
 warm figure is a fresh process reading a cache that an earlier process filled.
@@ -45,13 +48,15 @@ class Case:
     systems: tuple
     metric: str                  # the worker's result field the case reports
     fills: bool = False          # its runs fill the repetition's caches (the cold case)
+    one_process: bool = False    # all systems in one worker process, taking turns (steady figures)
 
 
 CASES = {
     "cold": Case("cold", "Cold first call, empty caches", ("jitfreeze", "bare", "compile"), "first_s", fills=True),
     "warm": Case("warm", "Warm first call in a fresh process (caches filled by an earlier process)",
                  ("jitfreeze", "compile", "limit", "eager"), "first_s"),
-    "steady": Case("steady", "Steady per-call latency", ("eager", "trace", "compile", "jitfreeze"), "per_call_s"),
+    "steady": Case("steady", "Steady per-call latency", ("eager", "trace", "compile", "jitfreeze"), "per_call_s",
+                   one_process=True),
 }
 
 # Which system fills which cache, when the cold case did not run it this repetition.
@@ -144,6 +149,15 @@ def run_all(models: list[str], cases: list[str], systems: set | None, repeat: in
                                     records.append(r)
                                     progress(_line(rep, repeat, r))
                                     filled.update(SYSTEMS[filler].needs)
+                    if case.one_process and chosen:
+                        # All systems in one process, taking turns (see worker.measure_steady).
+                        r = run_worker(case_name, ",".join(_rotate(chosen, rep)), model, dirs["jitfreeze"],
+                                       dirs["inductor"], budget, timeout, log)
+                        for sub in r.get("results") or [r]:
+                            sub = dict(sub, rep=rep, wall_s=r["wall_s"], ok=r.get("ok", False))
+                            records.append(sub)
+                            progress(_line(rep, repeat, sub))
+                        continue
                     for s in _rotate(chosen, rep):
                         r = run_worker(case_name, s, model, dirs["jitfreeze"], dirs["inductor"], budget,
                                        timeout, log)
@@ -166,7 +180,7 @@ def _line(rep, repeat, r) -> str:
             what += f", wrapper overhead {fmt_time(r['overhead_s'])}"
     else:
         what = f"first call {fmt_time(r['first_s'])}, peak RSS {r['rss_mb']:.0f} MB"
-    return f"[{rep + 1}/{repeat}] {r['model']:<12} {r['case']:<6} {r['system']:<10} {what}  (process {r['wall_s']:.1f}s)"
+    return f"[{rep + 1}/{repeat}] {r['model']:<12} {r['case']:<6} {r['system']:<10} {what}  (process {r.get('wall_s', 0):.1f}s)"
 
 
 # -- aggregating ------------------------------------------------------------------------------

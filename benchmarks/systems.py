@@ -163,23 +163,35 @@ def _limit(fn, inputs, ctx):
 
 
 def read_artifact(cache_dir, info: dict | None = None) -> bytes:
-    """The payload (torch.jit.save'd frozen module) of the one entry in a jitfreeze cache."""
-    from jitfreeze.cache import ARTIFACT, open_cache
-    from jitfreeze.config import Config
+    """The payload (torch.jit.save'd frozen module) of the one artifact in a jitfreeze cache.
 
-    cache = open_cache(cache_dir, Config.from_env())
-    if cache.store is None:
-        raise RuntimeError(f"cannot open the jitfreeze cache at {cache_dir}")
-    keys = [k for k in cache.store.keys() if k.startswith(ARTIFACT)]
-    if not keys:
-        raise RuntimeError(f"no artifact in {cache_dir}: fill it first")
-    found = cache.get(keys[-1][len(ARTIFACT):])
-    if found is None:
-        raise RuntimeError(f"the artifact in {cache_dir} does not verify")
+    Read through jitfreeze's own verified path, with the store opened read-only and strict
+    mode on: a bad entry raises here instead of being dropped from the cache.
+    """
+    import dataclasses as dc
+
+    from jitfreeze.cache import ARTIFACT, PersistentCache
+    from jitfreeze.config import Config
+    from jitfreeze.store import DiskStore
+
+    config = dc.replace(Config.from_env(), strict=True)
+    store = DiskStore(cache_dir, config.size_limit, readonly=True)
+    try:
+        keys = [k for k in store.keys() if k.startswith(ARTIFACT)]
+        if not keys:
+            raise RuntimeError(f"no artifact in {cache_dir}: fill it first")
+        found = PersistentCache(store, config, None).get(keys[-1][len(ARTIFACT):])
+        if found is None:
+            raise RuntimeError(f"the artifact in {cache_dir} does not verify")
+        payload = found[1]
+        if not isinstance(payload, bytes):       # a verified file left in place (cache.FilePayload)
+            payload = payload.read() if hasattr(payload, "read") else bytes(payload)
+    finally:
+        store.close()
     if info is not None:
         info["artifacts"] = len(keys)
-        info["artifact_mb"] = round(len(found[1]) / 1e6, 2)
-    return found[1]
+        info["artifact_mb"] = round(len(payload) / 1e6, 2)
+    return payload
 
 
 def unwrap(fn):

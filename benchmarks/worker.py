@@ -1,6 +1,7 @@
 """One measurement in this (fresh) process; prints one JSON line prefixed with ``@@result ``.
 
     python -m benchmarks.worker --case warm --system jitfreeze --model cnn --cache-dir D
+    python -m benchmarks.worker --case steady --system eager,trace,jitfreeze --model cnn --cache-dir D
 
 Cases:
 
@@ -8,10 +9,13 @@ Cases:
   (``time.perf_counter`` around it), then run a few more calls and report ``ru_maxrss``.
   They differ only in the caches the runner hands over (empty or filled by an earlier
   process); ``fill`` is the untimed run that fills them.
-* ``steady``: first call and warm-up untimed, then the median per-call time over blocks
-  of calls. For jitfreeze also the wrapper overhead (when calls are short enough to
-  resolve it): blocks of calls through the wrapper alternating with blocks calling its
-  compiled function directly.
+* ``steady`` (``--system eager,trace,compile,jitfreeze``): every system built in this one
+  process, first call and warm-up untimed, then blocks of calls taking turns round robin;
+  the median per-call time of each. Steady figures are not start-up figures: one process
+  for all systems lets them share whatever load the machine has, so the ratios are
+  robust. For jitfreeze also the wrapper overhead: its compiled function (``_Entry.fwd``)
+  called directly takes a turn too, and the overhead is the median difference between
+  adjacent blocks.
 
 Everything runs under ``torch.no_grad()``. Threads: torch's defaults (recorded).
 """
@@ -80,33 +84,55 @@ def measure_first(fn, inputs, extra_calls: int = 3) -> dict:
     return {"first_s": first, "rss_mb": _rss_mb()}
 
 
-def measure_steady(fn, inputs, budget_s: float, min_blocks: int = 5, direct=None) -> dict:
-    """``fn`` has had its first call (compile / load); it is the system's own callable."""
+def measure_steady(named: dict, inputs, budget_s: float, min_rounds: int = 5, pairs=None) -> dict:
+    """Median per-call time of each callable in ``named`` (each has had its first call).
+
+    The callables take turns, one block of calls each per round (the order rotated every
+    round), so that whatever else the machine is doing hits them alike: the ratios hold
+    up on a shared machine even when the absolute times do not. ``pairs`` maps a name to
+    (wrapped, direct): the median over rounds of wrapped minus direct (adjacent blocks) is
+    reported as that entry's ``overhead_s``.
+    """
     block_s = min(0.05, budget_s / 20)
-    n = _calibrate(fn, inputs, warmup_s=max(0.2, min(1.0, budget_s / 2)), block_s=block_s)
-    res = {"calls_per_block": n}
-    if n < 10:
-        direct = None       # over a few ms per call, a few us of overhead drown in the noise
-    if direct is None:
-        deadline = time.perf_counter() + budget_s
-        times = []
-        while len(times) < min_blocks or (time.perf_counter() < deadline and len(times) < 10000):
-            times += _time_blocks(fn, inputs, n, 1)
-        res.update(per_call_s=statistics.median(times), per_call_min_s=min(times), blocks=len(times))
-    else:
-        # Wrapper overhead: alternate blocks through the wrapper and straight to the compiled
-        # function, so that drift on a shared machine hits both alike; median of the pairs.
-        _calibrate(direct, inputs, warmup_s=0.1, block_s=block_s)
-        deadline = time.perf_counter() + budget_s
-        wrapped, straight = [], []
-        while len(wrapped) < min_blocks or (time.perf_counter() < deadline and len(wrapped) < 10000):
-            wrapped += _time_blocks(fn, inputs, n, 1)
-            straight += _time_blocks(direct, inputs, n, 1)
-        diffs = [a - b for a, b in zip(wrapped, straight)]
-        res.update(per_call_s=statistics.median(wrapped), per_call_min_s=min(wrapped), blocks=len(wrapped),
-                   direct_s=statistics.median(straight), overhead_s=statistics.median(diffs))
-    res["rss_mb"] = _rss_mb()
-    return res
+    names = list(named)
+    calls = {}
+    for name in names:
+        calls[name] = _calibrate(named[name], inputs, warmup_s=max(0.2, min(1.0, budget_s / 4)), block_s=block_s)
+    for wrapped, direct in list((pairs or {}).values()):
+        if calls[wrapped] < 10:       # over ~5 ms per call, a few us of overhead drown in the noise
+            names.remove(direct)
+            pairs = {k: v for k, v in pairs.items() if v != (wrapped, direct)}
+    times: dict = {name: [] for name in names}
+    deadline = time.perf_counter() + budget_s * len(names)
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() < deadline and rounds < 10000):
+        k = rounds % len(names)
+        for name in names[k:] + names[:k]:
+            times[name] += _time_blocks(named[name], inputs, calls[name], 1)
+        rounds += 1
+    out = {}
+    for name in names:
+        t = times[name]
+        out[name] = {"per_call_s": statistics.median(t), "per_call_min_s": min(t), "blocks": len(t),
+                     "calls_per_block": calls[name]}
+    for name, (wrapped, direct) in (pairs or {}).items():
+        diffs = [a - b for a, b in zip(times[wrapped], times[direct])]
+        out[name]["direct_s"] = out[direct]["per_call_s"]
+        out[name]["overhead_s"] = statistics.median(diffs)
+    return out
+
+
+def _system_info(name, target, ctx) -> dict:
+    from . import systems
+
+    info = dict(ctx.info)
+    real = systems.unwrap(target)
+    if name == "jitfreeze" and hasattr(real, "cache_info"):
+        info["cache_info"] = real.cache_info()._asdict()
+    if name == "compile":
+        from torch._dynamo.utils import counters
+        info["inductor"] = {k: v for k, v in counters["inductor"].items() if "cache" in k}
+    return info
 
 
 def run(args) -> dict:
@@ -118,44 +144,51 @@ def run(args) -> dict:
     t_import = time.perf_counter() - t_start
     torch.set_grad_enabled(False)                    # everything under no_grad
     fn, inputs = models.build(args.model)
-    spec = systems.SYSTEMS[args.system]
-    ctx = systems.Context(model=args.model, cache_dir=args.cache_dir)
-    target = spec.make(fn, inputs, ctx)
-    res = {"case": args.case, "system": args.system, "model": args.model, "pid": os.getpid(),
-           "threads": torch.get_num_threads(), "import_s": t_import}
+    names = args.system.split(",")
+    base = {"case": args.case, "model": args.model, "pid": os.getpid(), "threads": torch.get_num_threads(),
+            "import_s": t_import}
     if args.case in ("cold", "warm", "fill"):
-        res.update(measure_first(target, inputs))
-    elif args.case == "steady":
-        target(*inputs)                              # the first call (compile / load), untimed
-        target = systems.unwrap(target)
-        direct = None
-        if args.system == "jitfreeze":
-            table = getattr(target, "_table", {})
-            if table:                                # the entry's compiled function (ScriptMethod)
-                direct = next(iter(table.values())).fwd
-        res.update(measure_steady(target, inputs, args.budget, direct=direct))
-        graph = systems.graph_summary(target)
-        if graph is not None:
-            res["graph"] = graph
-    else:
+        if len(names) != 1:
+            raise SystemExit("start-up cases take one system per process")
+        ctx = systems.Context(model=args.model, cache_dir=args.cache_dir)
+        target = systems.SYSTEMS[names[0]].make(fn, inputs, ctx)
+        res = dict(base, system=names[0], **measure_first(target, inputs))
+        res.update(_system_info(names[0], target, ctx))
+        return res
+    if args.case != "steady":
         raise SystemExit(f"unknown case {args.case!r}")
-    real = systems.unwrap(target)
-    if args.system == "jitfreeze" and hasattr(real, "cache_info"):
-        res["cache_info"] = real.cache_info()._asdict()
-    if args.system == "compile":
-        from torch._dynamo.utils import counters
-        res["inductor"] = {k: v for k, v in counters["inductor"].items() if "cache" in k}
-    res.update(ctx.info)
-    return res
+    named, infos, graphs, pairs = {}, {}, {}, {}
+    for name in names:
+        ctx = systems.Context(model=args.model, cache_dir=args.cache_dir)
+        target = systems.SYSTEMS[name].make(fn, inputs, ctx)
+        target(*inputs)                              # the first call (compile / load), untimed
+        infos[name] = _system_info(name, target, ctx)
+        target = systems.unwrap(target)
+        named[name] = target
+        graphs[name] = systems.graph_summary(target)
+        table = getattr(target, "_table", None) if name == "jitfreeze" else None
+        if table and args.overhead:                  # the entry's compiled function (ScriptMethod)
+            named["jitfreeze.direct"] = next(iter(table.values())).fwd
+            pairs[name] = (name, "jitfreeze.direct")
+    measured = measure_steady(named, inputs, args.budget, pairs=pairs)
+    results = []
+    for name in names:
+        r = dict(base, system=name, **measured[name], **infos[name])
+        if graphs[name] is not None:
+            r["graph"] = graphs[name]
+        results.append(r)
+    return dict(base, system=args.system, results=results, rss_mb=_rss_mb())
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", required=True, choices=["cold", "warm", "fill", "steady"])
-    p.add_argument("--system", required=True)
+    p.add_argument("--system", required=True, help="a system; for steady, a comma-separated list")
     p.add_argument("--model", required=True)
     p.add_argument("--cache-dir", help="jitfreeze cache directory (empty for cold, filled for warm)")
-    p.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls (steady)")
+    p.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per system (steady)")
+    p.add_argument("--no-overhead", dest="overhead", action="store_false",
+                   help="steady: don't time jitfreeze's compiled function directly")
     args = p.parse_args(argv)
     try:
         res = run(args)

@@ -124,7 +124,7 @@ class _Entry:
         self.watch = watch
         self.source = source
         if out_spec.is_leaf() and self.out_tensor_idx == (0,):
-            self.out_kind = 0                       # a single tensor
+            self.out_kind = 0                       # a single tensor: the graph returns it as is
         elif (out_spec.type is tuple and not out_consts and self.out_n == len(out_tensor_idx)
               and all(c.is_leaf() for c in out_spec.children())):
             self.out_kind = 1                       # a flat tuple of tensors
@@ -134,7 +134,7 @@ class _Entry:
     def rebuild(self, outs):
         kind = self.out_kind
         if kind == 0:
-            return outs[0]
+            return outs
         if kind == 1:
             return tuple(outs)
         leaves = [None] * self.out_n
@@ -148,7 +148,7 @@ class _Entry:
         idx = self.fast_idx
         outs = self.fwd(*args) if idx is None else self.fwd(*[args[i] for i in idx])
         if self.out_kind == 0:
-            return outs[0]
+            return outs
         return self.rebuild(outs)
 
     def call_leaves(self, leaves):
@@ -231,7 +231,7 @@ class JitFreezeFunction:
                         self._hits += 1
                         idx = entry.fast_idx
                         outs = entry.fwd(*args) if idx is None else entry.fwd(*[args[i] for i in idx])
-                        return outs[0] if entry.out_kind == 0 else entry.rebuild(outs)
+                        return outs if entry.out_kind == 0 else entry.rebuild(outs)
         return self._call_slow(args, kwargs)
 
     # -- introspection --------------------------------------------------------------------------
@@ -526,7 +526,7 @@ class JitFreezeFunction:
                 devices.append(t.device)
         parts = KeyParts(environment_parts())
         parts.add("backend", self._backend.name)
-        parts.add("index", "2")
+        parts.add("index", "3")
         parts.add("device", ",".join(device_text(d) for d in devices) or "none")
         parts.add("signature", call.spec_text() + "\n" + "\n".join(texts))
         parts.add("code+weights", digest)

@@ -148,6 +148,8 @@ def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None)
             reason.result = out          # the function ran: its result is the answer to this call
             raise
         captured.append((out, spec, tensor_idx, consts, [leaves[i] for i in tensor_idx]))
+        if spec.is_leaf() and tensor_idx == (0,):
+            return leaves[0]          # a lone tensor: the graph returns it as is (no list to build)
         return [leaves[i] for i in tensor_idx]
 
     try:

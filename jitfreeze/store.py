@@ -32,6 +32,7 @@ import io
 import os
 import re
 import sqlite3
+import stat
 import threading
 import time
 import warnings
@@ -142,6 +143,11 @@ class MemoryStore:
         pass
 
 
+def _chunks(value: bytes, size: int = 4 * 2**20):
+    view = memoryview(value)
+    return (view[i:i + size] for i in range(0, len(view), size))
+
+
 class RawOnlyDisk(diskcache.Disk):
     """A diskcache Disk that stores and returns raw bytes only.
 
@@ -170,7 +176,7 @@ class RawOnlyDisk(diskcache.Disk):
             return 0, MODE_RAW, None, sqlite3.Binary(value)
         filename, full_path = self.filename(key, value)
         try:
-            self._write(full_path, io.BytesIO(value), "xb")
+            self._write(full_path, _chunks(value), "xb")   # not io.BytesIO: iterating it yields lines
         except BaseException:
             with contextlib.suppress(OSError):
                 os.remove(full_path)
@@ -293,9 +299,15 @@ class DiskStore:
         ((rowid, mode, filename),) = rows
         if mode != MODE_BINARY or not filename:
             return None
+        if type(filename) is not str or not _VALUE_FILE.match(filename):
+            raise UnsafeEntry(f"cache row names the value file {filename!r}, outside the cache's layout")
         path = os.path.join(cache.directory, filename)
-        if not os.path.isfile(path):
-            return None
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None          # evicted or replaced since the SELECT: a miss
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeEntry(f"cache value file {filename} is not a regular file (a symlink?)")
         if not self.readonly:
             self._touch(cache, rowid)
         return path
