@@ -292,3 +292,66 @@ def ensure_pytree_output(obj: Any) -> Any:
             stack.extend(item)
     return obj
 
+
+
+# ----------------------------------------------------------------------------- torch's own fast paths
+
+_fastpath_installed = False
+
+
+def _fused_encoder_layer(layer, src, src_mask, src_key_padding_mask):
+    """The fused kernel eager inference runs for ``nn.TransformerEncoderLayer``, or None.
+
+    In eval mode under no_grad, eager ``TransformerEncoderLayer.forward`` calls the fused
+    ``torch._transformer_encoder_layer_fwd``; under ``make_fx`` torch deliberately avoids it
+    (``MultiheadAttention`` refuses its fast path while make_fx traces), so the frozen graph
+    would be a slower decomposition than eager. The fused op traces, scripts and freezes fine,
+    so during our (static-shape) traces we take the same path eager takes, under the same
+    conditions as torch's own check (``torch/nn/modules/transformer.py``).
+    """
+    sa = layer.self_attn
+    if not (torch.backends.mha.get_fastpath_enabled() and src.dim() == 3 and not layer.training
+            and sa.batch_first and sa.in_proj_bias is not None and sa._qkv_same_embed_dim
+            and layer.activation_relu_or_gelu and layer.norm1.eps == layer.norm2.eps
+            and not src.is_nested and sa.num_heads % 2 == 0 and not torch.is_autocast_enabled()):
+        return None
+    if any(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in layer.modules()):
+        return None
+    if any(isinstance(d, torch.SymInt) for d in src.shape):
+        return None                      # symbolic traces keep the decomposed path
+    weights = (sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias,
+               layer.norm1.weight, layer.norm1.bias, layer.norm2.weight, layer.norm2.bias,
+               layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
+    if src.device.type not in ("cpu", "cuda") or any(w.device != src.device for w in weights):
+        return None
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights + (src,)):
+        return None
+    merged_mask, mask_type = sa.merge_masks(src_mask, src_key_padding_mask, src)
+    return torch._transformer_encoder_layer_fwd(
+        src, sa.embed_dim, sa.num_heads, sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight,
+        sa.out_proj.bias, layer.activation_relu_or_gelu == 2, layer.norm_first, layer.norm1.eps,
+        layer.norm1.weight, layer.norm1.bias, layer.norm2.weight, layer.norm2.bias,
+        layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias,
+        merged_mask, mask_type)
+
+
+def install_fast_paths() -> None:
+    """Wrap ``nn.TransformerEncoderLayer.forward`` once: outside our traces it is the original."""
+    global _fastpath_installed
+    with _lock:
+        if _fastpath_installed:
+            return
+        _fastpath_installed = True
+        cls = torch.nn.TransformerEncoderLayer
+        original = cls.forward
+
+        def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+            if in_tracing_context() and type(self) is cls:
+                fused = _fused_encoder_layer(self, src, src_mask, src_key_padding_mask)
+                if fused is not None:
+                    return fused
+            return original(self, src, src_mask, src_key_padding_mask, is_causal)
+
+        forward.__wrapped__ = original
+        forward.__doc__ = original.__doc__
+        cls.forward = forward

@@ -136,6 +136,7 @@ def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None)
     from . import compat
 
     output_hint = compat.explain_unsupported_output
+    compat.install_fast_paths()
 
     captured: list = []
 
