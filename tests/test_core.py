@@ -258,3 +258,18 @@ def test_input_mutation_happens_once(cache_dir, no_jf_warnings):
 def test_module_wrapper_rejects_non_callables():
     with pytest.raises(TypeError):
         jitfreeze(42)
+
+
+def test_transformer_layer_takes_the_fused_kernel_eager_uses(cache_dir, no_jf_warnings):
+    model, (x,) = make("transformer")
+    mask = torch.zeros(x.shape[:2], dtype=torch.bool)
+    mask[1, 6:] = True
+    fast = jitfreeze(model, cache_dir=cache_dir, dynamic=False)
+    with torch.no_grad():
+        assert_same(fast(x), model(x))
+        out, ref = fast(x, src_key_padding_mask=mask), model(x, src_key_padding_mask=mask)
+        assert torch.allclose(out, ref, atol=1e-5, equal_nan=True)
+    graphs = [str(e.fwd.graph) for e in fast._table.values()]
+    assert all("_transformer_encoder_layer_fwd" in g for g in graphs)
+    # outside a jitfreeze trace the layer is torch's own forward
+    assert torch.nn.TransformerEncoderLayer.forward.__wrapped__ is not None
