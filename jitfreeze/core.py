@@ -636,17 +636,25 @@ class JitFreezeFunction:
                         log.info("%s: loaded %s (compiled by another process) from %s", self.name, key[:16], cache.where())
                         return self._entry(module, key, call, traced, "cache"), traced.real_result
             t1 = time.perf_counter()
-            payload = self._backend.compile(traced)
-            module = self._load(None, key, payload, call)
-            if module is None:
-                raise FallbackReason("the frozen artifact does not load back")
-            why = outputs_match(_as_list(module.forward(*copies)), traced.real_outputs)
-            if why is not None:
-                raise FallbackReason(f"the compiled function disagrees with eager: {why}")
-            self._compiles += 1
-            stored = held and cache.put(key, self._meta(call, parts), payload)
-            log.info("%s: compiled %s in %.2fs (trace %.2fs, script+freeze %.2fs)%s", self.name,
-                     _short_sig(call), time.perf_counter() - t0, t_trace, time.perf_counter() - t1,
+            saved = self._backend.compile(traced)
+            try:
+                t2 = time.perf_counter()
+                module = self._load(None, key, saved, call)
+                if module is None:
+                    raise FallbackReason("the frozen artifact does not load back")
+                t3 = time.perf_counter()
+                why = outputs_match(_as_list(module.forward(*copies)), traced.real_outputs)
+                if why is not None:
+                    raise FallbackReason(f"the compiled function disagrees with eager: {why}")
+                t4 = time.perf_counter()
+                self._compiles += 1
+                payload = saved.read() if held else b""
+                stored = held and cache.put(key, self._meta(call, parts), payload)
+            finally:
+                saved.remove()
+            log.info("%s: compiled %s in %.2fs (trace %.2fs, script+freeze+save %.2fs, load+optimize %.2fs, "
+                     "first call %.2fs, store %.2fs)%s", self.name, _short_sig(call), time.perf_counter() - t0,
+                     t_trace, t2 - t1, t3 - t2, t4 - t3, time.perf_counter() - t4,
                      f"; stored {len(payload) / 1e6:.1f} MB as {key[:16]}" if stored else "; not stored")
             return self._entry(module, key, call, traced, "compiled" if stored else "unstored"), traced.real_result
 

@@ -15,6 +15,8 @@ import contextlib
 import dataclasses
 import io
 import logging
+import os
+import tempfile
 import threading
 import warnings
 from typing import Any, Callable
@@ -232,8 +234,31 @@ def outputs_match(outputs, reference) -> str | None:
     return None
 
 
+class SavedArtifact:
+    """A freshly saved artifact in a temporary file: load it in place, read its bytes, remove it."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    def __len__(self) -> int:
+        return os.path.getsize(self.path)
+
+
 class TorchScriptBackend:
-    """strip overloads (done in trace) -> torch.jit.script -> torch.jit.freeze -> torch.jit.save."""
+    """strip overloads (done in trace) -> torch.jit.script -> torch.jit.freeze -> torch.jit.save.
+
+    ``compile`` returns a :class:`SavedArtifact` (a temporary file); ``load`` takes bytes or
+    anything with a ``.path`` (loaded in place)."""
 
     name = "torchscript-freeze-1"
 
@@ -247,9 +272,16 @@ class TorchScriptBackend:
                 frozen = torch.jit.freeze(scripted.eval())
             except Exception as exc:  # noqa: BLE001
                 raise FallbackReason(f"torch.jit.freeze failed: {type(exc).__name__}: {_first_line(exc)}") from exc
-            buf = io.BytesIO()
-            torch.jit.save(frozen, buf)
-        return buf.getvalue()
+            # Through a file, not a BytesIO: torch.jit.save/load through Python file objects is
+            # 4-6x slower (434 MB BERT-size artifact: save 3.6 s vs 0.8 s, load 1.7 s vs 0.3 s).
+            fd, path = tempfile.mkstemp(prefix="jitfreeze-", suffix=".pt")
+            os.close(fd)
+            try:
+                torch.jit.save(frozen, path)
+            except BaseException:
+                os.unlink(path)
+                raise
+        return SavedArtifact(path)
 
     def load(self, data, device: torch.device | None, optimize: bool):
         """bytes (or a verified file: anything with ``.path``) -> callable taking the tensor leaves,
