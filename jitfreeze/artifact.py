@@ -165,6 +165,8 @@ def unpack_file(path: str | os.PathLike, key: str, hmac_key: bytes | None = None
                     meta_parts.append(chunk[max(0, payload_len - pos):])
                 pos += len(chunk)
             meta_bytes = b"".join(meta_parts)
+    except FileNotFoundError:
+        raise          # evicted or replaced since it was looked up: a miss, not a bad entry
     except OSError as exc:
         raise BadEntry(f"unreadable entry file: {exc}") from None
     _check(h, mac, lens, digest, signature, flags, hmac_key)

@@ -41,16 +41,24 @@ def _float_key(x: float):
     return repr(x)
 
 
-def fast_key(args: tuple, mode: tuple):
-    """The hot path's key, or None when the call needs :func:`describe`."""
-    parts = [mode]
+def fast_key(args: tuple, module):
+    """The hot path's key, or None when the call needs :func:`describe`.
+
+    Grad mode, autocast and the module's training flag come first; then per argument a small
+    tuple (tensors: shape, dtype, device, strides, and requires_grad when grad is enabled).
+    """
+    grad = _grad_enabled()
+    parts = [grad, _any_autocast(), module.training if module is not None else None]
     append = parts.append
     try:
         for a in args:
             t = type(a)
             if t is _Tensor or t is _Parameter:
                 # stride() raises for sparse/MKLDNN layouts: those take the full path
-                append((a.shape, a.dtype, a.device, a.stride(), a.requires_grad))
+                if grad:
+                    append((a.shape, a.dtype, a.device, a.stride(), a.requires_grad))
+                else:
+                    append((a.shape, a.dtype, a.device, a.stride()))
             elif t is int or t is bool or t is str or a is None:
                 append((t, a))
             elif t is float:
