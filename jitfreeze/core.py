@@ -17,6 +17,7 @@ import collections
 import functools
 import inspect
 import logging
+import os
 import re
 import threading
 import time
@@ -57,6 +58,19 @@ def _bump(*_args):
 
 
 _HOOKS_INSTALLED = False
+
+# Every JitFreezeFunction, so that a forked child gets fresh locks: a fork taken while another
+# thread holds one (compiling) would otherwise leave the child blocked on it forever.
+_live: "weakref.WeakSet[JitFreezeFunction]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for f in list(_live):
+        f._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _install_hooks() -> None:
@@ -187,6 +201,7 @@ class JitFreezeFunction:
         self._signatures = 0
         self._hits = self._loads = self._compiles = 0
         self._lock = threading.RLock()
+        _live.add(self)
         self._config: Config | None = None
         self._disabled = False
         self._cache = None
@@ -663,6 +678,9 @@ class JitFreezeFunction:
         try:
             return self._backend.load(payload, device, self.optimize)
         except Exception as exc:  # noqa: BLE001
+            path = getattr(payload, "path", None)
+            if cache is not None and path is not None and not os.path.exists(path):
+                return None          # evicted between verification and loading: a plain miss
             if cache is None:
                 raise FallbackReason(f"the frozen artifact does not load back: {type(exc).__name__}: {exc}") from exc
             cache.evict(key, "torch.jit.load failed", exc)

@@ -39,8 +39,12 @@ _OUT_CONST_TYPES = (type(None), bool, int, float, str, bytes, complex)
 
 @contextlib.contextmanager
 def _quiet_torchscript():
-    """TorchScript is deprecated upstream; we call it knowingly."""
-    with warnings.catch_warnings():
+    """TorchScript is deprecated upstream; we call it knowingly.
+
+    Also one TorchScript compile/load at a time per process: ``torch.jit.script`` in two threads
+    at once fails ("AST constructor recursion depth mismatch"), and ``catch_warnings`` changes
+    process-wide filters."""
+    with _TRACE_LOCK, warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*TorchScript.*")

@@ -1,0 +1,1095 @@
+"""Issue 4: the faults a persistent cache of executable artifacts must survive.
+
+Each fault of the issue is a test here (most with real processes), or names the test that already
+covers it. The long ones (8-process stampede, soak) are marked ``stress`` and run
+``tests/stress/reliability.py``, which prints the figures quoted in the README.
+
+Root and mounts: these tests run as root on CI, where file permissions don't stop writes. Read-only
+and full file systems are therefore real tmpfs mounts (skipped, with the reason, where ``mount`` is
+not allowed); "another owner" is uid 65534.
+"""
+
+import contextlib
+import errno
+import json
+import os
+import pickle
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+
+import pytest
+import torch
+
+import jitfreeze.store as jf_store
+from jitfreeze import JitFreezeWarning, jitfreeze
+from jitfreeze.cache import maintain, open_cache
+from jitfreeze.config import Config
+from jitfreeze.store import DiskStore, MemoryStore, RawOnlyDisk
+
+from .conftest import ROOT, assert_same, run_script
+from .models import make
+
+OTHER_UID = 65534
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def run(model, x, cache_dir):
+    fast = jitfreeze(model, cache_dir=cache_dir)
+    with torch.no_grad():
+        out = fast(x)
+    return fast, out
+
+
+def eager(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+@contextlib.contextmanager
+def recorded():
+    """Record every JitFreezeWarning (the suite turns them into errors otherwise)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", JitFreezeWarning)
+        yield caught
+
+
+def messages(caught):
+    return [str(w.message) for w in caught if issubclass(w.category, JitFreezeWarning)]
+
+
+def value_files(cache_dir):
+    return sorted(p for p in cache_dir.rglob("*.val"))
+
+
+def key_of(model, x):
+    """The artifact key a call would use (learned with an in-memory store)."""
+    probe = jitfreeze(model, cache_dir=MemoryStore())
+    with torch.no_grad():
+        probe(x)
+    return next(iter(probe._table.values())).key
+
+
+def fresh_process_state():
+    from jitfreeze import cache as jf_cache
+    from jitfreeze import errors as jf_errors
+    jf_cache.forget_open_caches()
+    jf_errors.reset_warnings_once()
+
+
+def child_env(extra=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JITFREEZE_")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra or {})
+    return env
+
+
+# A child that runs one model through jitfreeze; ``setup`` (Python source) injects the fault first.
+CHILD = """
+import json, os, signal, sys, time, warnings
+import torch
+import jitfreeze
+from tests.models import make
+args = json.loads(sys.argv[1])
+model, inputs = make(args.get("model", "mlp"), seed=args.get("seed", 0))
+exec(args.get("setup", ""))
+fast = jitfreeze.jitfreeze(model, cache_dir=args["cache_dir"])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with torch.no_grad():
+        out = fast(*inputs)
+        ref = model(*inputs)
+print(json.dumps({"info": fast.cache_info()._asdict(), "ok": bool(torch.allclose(out, ref, atol=1e-4, rtol=1e-3)),
+                  "sources": sorted(e.source for e in {id(e): e for e in fast._table.values()}.values()),
+                  "warnings": [str(w.message) for w in caught if "jitfreeze" in str(w.category)]}))
+"""
+
+
+def child(cache_dir, setup="", check=True, env=None, **kw):
+    return run_script(CHILD, json.dumps(dict(kw, cache_dir=str(cache_dir), setup=textwrap.dedent(setup))),
+                      check=check, env=env)
+
+
+# Children that only need the cache (no torch): import the package's modules without its __init__.
+NO_TORCH = f"""
+import sys, types
+_pkg = types.ModuleType("jitfreeze"); _pkg.__path__ = [{os.path.join(ROOT, "jitfreeze")!r}]
+sys.modules["jitfreeze"] = _pkg
+"""
+
+
+def _can_mount():
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and sys.platform.startswith("linux")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size="1m") -> a fresh tmpfs (mode 0700) at tmp_path/mnt; remount(ro=True) flips it read-only."""
+    point = tmp_path / "mnt"
+    point.mkdir()
+    mounted = []
+
+    class Tmpfs:
+        path = point
+
+        def mount(self, size="1m"):
+            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(point)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
+            mounted.append(point)
+            return point
+
+        def remount(self, ro=True):
+            proc = subprocess.run(["mount", "-o", f"remount,{'ro' if ro else 'rw'}", str(point)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                pytest.skip(f"cannot remount the tmpfs read-only here ({proc.stderr.strip()})")
+
+    if not _can_mount():
+        pytest.skip("needs root on Linux to mount a tmpfs")
+    yield Tmpfs()
+    fresh_process_state()       # drop our SQLite connections before unmounting
+    for p in mounted:
+        subprocess.run(["umount", str(p)], capture_output=True)
+        if os.path.ismount(p):
+            subprocess.run(["umount", "-l", str(p)], capture_output=True)
+
+
+# -- 1, 2: cold stampede and soak (long: tests/stress/reliability.py) ------------------------------
+
+def _stress(*args, timeout=900):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "stress", "reliability.py"), *args, "--json"],
+                          capture_output=True, text=True, env=child_env(), timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.stress
+def test_cold_stampede_8_processes(tmp_path):
+    """Fault 1: 8 processes released at once on one key: one compile, all correct, check() clean."""
+    fig = _stress("stampede", "--processes", "8", "--dir", str(tmp_path / "jf"))
+    assert fig["processes"] == 8 and fig["errors"] == 0 and fig["wrong"] == 0 and fig["warnings"] == 0
+    assert fig["compiles"] == 1 and fig["loads"] == 7
+    assert fig["check_problems"] == 0
+
+
+@pytest.mark.stress
+def test_soak_processes_threads_keys(tmp_path):
+    """Fault 2: 8 processes x 3 threads, 20 keys, mixed calls: no error reaches a caller, <= 1 compile per key."""
+    fig = _stress("soak", "--processes", "8", "--threads", "3", "--keys", "20", "--seconds", "30",
+                  "--dir", str(tmp_path / "jf"))
+    assert fig["errors"] == 0 and fig["wrong"] == 0 and fig["warnings"] == 0
+    assert fig["max_compiles_per_key"] <= 1 and fig["keys_compiled"] >= 1   # (dynamic dims may merge keys)
+    assert fig["entries_lost"] == 0 and fig["check_problems"] == 0
+    assert fig["calls"] > 1000
+
+
+def test_concurrent_first_calls_in_threads(cache_dir):
+    """Fault 2 in one process: threads making first calls of different functions at the same time must
+    each get a correct graph (make_fx is not thread-safe: two traces at once mix their graphs)."""
+    def make_fn(i):
+        def f(x, w):
+            return torch.tanh(x @ w) * (i + 1) + i
+        f.__qualname__ = f"f{i}"
+        return f
+
+    w = torch.randn(8, 3)
+    bad, errors, fallbacks = [], [], []
+
+    def worker(i):
+        fn = make_fn(i)
+        end = time.monotonic() + 5
+        try:
+            with torch.no_grad():
+                while time.monotonic() < end:
+                    fast = jitfreeze(fn, cache_dir=MemoryStore())       # a fresh wrapper: traces again
+                    x = torch.randn(1 + i, 8)
+                    if not torch.allclose(fast(x, w), fn(x, w), atol=1e-5):
+                        bad.append(i)
+                    if fast.cache_info().fallbacks:
+                        fallbacks.append(i)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(repr(exc))
+
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # faster traces: more of them overlap
+    try:
+        with recorded():
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(300)
+    finally:
+        torch.set_num_threads(n_threads)
+    assert errors == [] and bad == [] and fallbacks == []
+
+
+# -- 3: 32 processes open an empty directory at once -----------------------------------------------
+
+OPEN_CHILD = NO_TORCH + """
+import json, time, warnings
+from jitfreeze.cache import open_cache
+from jitfreeze.config import Config
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    cache = open_cache(sys.argv[1], Config.from_env())
+    stored = cache.store is not None and cache.put("k" + sys.argv[3], {}, b"x" * 100)
+    found = cache.get("k" + sys.argv[3])
+print(json.dumps({"stored": bool(stored), "found": found is not None and found[1] == b"x" * 100,
+                  "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+def test_32_processes_open_an_empty_directory_at_once(cache_dir):
+    """Fault 3: concurrent first opens (diskcache's 'database is locked' at creation) all succeed."""
+    n = 32
+    start = time.time() + 2.0
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_CHILD, str(cache_dir), str(start), str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+             for i in range(n)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert all(r["stored"] and r["found"] and r["warnings"] == [] for r in results), results
+    store = DiskStore(cache_dir, 2**30)
+    assert store.stats()["entries"] == n and store.check() == []
+    assert oct(cache_dir.stat().st_mode & 0o777) == oct(0o700)
+
+
+# -- 4: SIGKILL while holding a key's lock -----------------------------------------------------------
+
+HANG_IN_COMPILE = """
+import jitfreeze.pipeline as _p
+def _hang(self, traced):
+    print("compiling", flush=True)
+    time.sleep(600)
+_p.TorchScriptBackend.compile = _hang
+"""
+
+
+def test_sigkill_while_holding_the_key_lock(cache_dir):
+    """Fault 4: the kernel releases the killed holder's flock: the next process proceeds at once, compiles once."""
+    import filelock
+
+    args = json.dumps({"cache_dir": str(cache_dir), "setup": HANG_IN_COMPILE})
+    holder = subprocess.Popen([sys.executable, "-c", CHILD, args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=child_env())
+    try:
+        assert holder.stdout.readline().strip() == "compiling", holder.stderr.read()
+        (lock_file,) = (cache_dir / "locks").glob("*.lock")
+        with pytest.raises(filelock.Timeout):                 # it really holds the key's lock
+            filelock.FileLock(str(lock_file), timeout=0.05, is_singleton=False).acquire()
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+    finally:
+        holder.kill()
+    assert holder.returncode == -signal.SIGKILL
+    model, (x,) = make("mlp")
+    t = time.monotonic()
+    fast, out = run(model, x, cache_dir)                      # default lock timeout (600 s): must not wait
+    assert time.monotonic() - t < 30
+    assert_same(out, eager(model, x))
+    assert fast.cache_info().compiles == 1
+    assert lock_file.exists()                                 # lock files are never deleted
+    fresh_process_state()
+    again, _ = run(model, x, cache_dir)
+    assert again.cache_info().loads == 1
+
+
+# -- 5: SIGKILL mid-write ---------------------------------------------------------------------------
+
+KILL_IN_WRITE = {
+    # half of the value file written, then killed: no row, a partial file
+    "file": """
+        from jitfreeze.store import RawOnlyDisk
+        def _half(self, full_path, reader, mode, encoding=None):
+            data = b"".join(reader)
+            os.makedirs(os.path.dirname(full_path), exist_ok=True)
+            with open(full_path, mode) as f:
+                f.write(data[: len(data) // 2]); f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        RawOnlyDisk._write = _half
+    """,
+    # the file complete, killed before the row is inserted
+    "before-row": """
+        from jitfreeze.store import RawOnlyDisk
+        _store = RawOnlyDisk.store
+        def _then_die(self, *a, **k):
+            out = _store(self, *a, **k)
+            if out[2] is not None:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+        RawOnlyDisk.store = _then_die
+    """,
+    # the row inserted inside the transaction, killed before COMMIT
+    "before-commit": """
+        import diskcache
+        _insert = diskcache.Cache._row_insert
+        def _then_die(self, *a, **k):
+            _insert(self, *a, **k)
+            os.kill(os.getpid(), signal.SIGKILL)
+        diskcache.Cache._row_insert = _then_die
+    """,
+}
+
+
+@pytest.mark.parametrize("when", list(KILL_IN_WRITE))
+def test_sigkill_mid_write(cache_dir, when):
+    """Fault 5: later reads are a clean miss; maintenance removes the orphan; check() is clean."""
+    _, proc = child(cache_dir, KILL_IN_WRITE[when], check=False, model="transformer")   # > 32 KiB: a file
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert len(value_files(cache_dir)) == 1                   # the orphan
+    model, (x,) = make("transformer")
+    after, out = run(model, x, cache_dir)                      # a clean miss: no warning (they are errors here)
+    assert_same(out, eager(model, x), atol=1e-4)
+    assert after.cache_info().compiles == 1
+    counts = maintain(cache_dir, min_age=0)
+    assert counts["orphan_files"] == 1 and counts["problems"] == 0
+    assert counts["unsafe_rows"] == counts["missing_files"] == counts["wrong_size"] == 0
+    assert len(value_files(cache_dir)) == 1                   # the good entry's file stays
+    fresh_process_state()
+    warm, _ = run(make("transformer")[0], x, cache_dir)
+    assert warm.cache_info().loads == 1
+
+
+def test_maintain_keeps_young_orphans_and_lock_files(cache_dir):
+    """A value file younger than min_age may be a write in progress: kept. Lock files: never removed."""
+    model, (x,) = make("transformer")
+    run(model, x, cache_dir)
+    (orphan_dir := cache_dir / "ab" / "cd").mkdir(parents=True)
+    (orphan_dir / ("0" * 28 + ".val")).write_bytes(b"partial")
+    locks = sorted((cache_dir / "locks").glob("*.lock"))
+    assert locks
+    assert maintain(cache_dir)["orphan_files"] == 0
+    assert maintain(cache_dir, min_age=0)["orphan_files"] == 1
+    assert sorted((cache_dir / "locks").glob("*.lock")) == locks
+    assert DiskStore(cache_dir, 2**30).check() == []
+
+
+# -- 6: truncated or bit-flipped artifacts ----------------------------------------------------------
+
+def _corrupt_entry(cache_dir, where, how):
+    con = sqlite3.connect(cache_dir / "cache.db")
+    try:
+        (rowid, filename, value), = con.execute(
+            "SELECT rowid, filename, value FROM Cache WHERE key LIKE 'a/%'").fetchall()
+        if where == "file":
+            path = cache_dir / filename
+            data = bytearray(path.read_bytes())
+        else:
+            assert filename is None
+            data = bytearray(value)
+        if how == "truncate":
+            data = data[: len(data) // 2]
+        else:
+            data[len(data) // 2] ^= 0x10
+        if where == "file":
+            path.write_bytes(bytes(data))
+        else:
+            con.execute("UPDATE Cache SET value = ? WHERE rowid = ?", (bytes(data), rowid))
+            con.commit()
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+@pytest.mark.parametrize("where", ["file", "inline"])
+def test_corrupt_artifact_never_reaches_torch_jit_load(cache_dir, monkeypatch, where, how):
+    """Fault 6 (the cross-process versions: tests/test_process.py): caught by the checksum before
+    torch.jit.load, evicted, one warning, recompiled, correct."""
+    import jitfreeze.pipeline as pipeline
+
+    name = "transformer" if where == "file" else "mlp"
+    model, (x,) = make(name)
+    run(model, x, cache_dir)
+    _corrupt_entry(cache_dir, where, how)
+    fresh_process_state()
+    compiled, loaded = [], []
+    real_compile, real_load = pipeline.TorchScriptBackend.compile, pipeline.TorchScriptBackend.load
+    monkeypatch.setattr(pipeline.TorchScriptBackend, "compile",
+                        lambda self, t: compiled.append(real_compile(self, t)) or compiled[-1])
+    monkeypatch.setattr(pipeline.TorchScriptBackend, "load",
+                        lambda self, data, *a: loaded.append(data) or real_load(self, data, *a))
+    with recorded() as caught:
+        fast, out = run(model, x, cache_dir)
+    assert_same(out, eager(model, x), atol=1e-4)
+    assert len(messages(caught)) == 1 and "bad jitfreeze cache entry" in messages(caught)[0]
+    assert fast.cache_info().compiles == 1
+    assert loaded and all(data in compiled for data in loaded)     # only bytes compiled here were loaded
+    fresh_process_state()
+    warm, _ = run(make(name)[0], x, cache_dir)
+    assert warm.cache_info().loads == 1
+
+
+# -- 7: corrupt cache.db ----------------------------------------------------------------------------
+
+def _corrupt_db(cache_dir, how):
+    db = cache_dir / "cache.db"
+    data = bytearray(db.read_bytes())
+    if how == "garbage":
+        data = bytearray(b"this is not a database " * 200)
+    elif how == "truncated":
+        data = data[:1024]
+    elif how == "index-page":
+        # zero the page of diskcache's (key, raw) index: the file opens, lookups fail as 'malformed'
+        con = sqlite3.connect(db)
+        (root,), = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'Cache_key_raw'").fetchall()
+        (page_size,), = con.execute("PRAGMA page_size").fetchall()
+        con.close()
+        data[(root - 1) * page_size: root * page_size] = bytes(page_size)
+    db.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "index-page"])
+def test_corrupt_cache_db_is_set_aside(cache_dir, how):
+    """Fault 7: one warning, the index set aside (with its -wal/-shm), the right answer, a working cache after."""
+    first, _ = child(cache_dir)
+    assert first["info"]["compiles"] == 1 and not (cache_dir / "cache.db-wal").exists()
+    _corrupt_db(cache_dir, how)
+    model, (x,) = make("mlp")
+    with recorded() as caught:
+        fast, out = run(model, x, cache_dir)
+        fast2, out2 = run(model, x * 2, cache_dir)                 # another signature: no new warning
+    assert_same(out, eager(model, x))
+    assert_same(out2, eager(model, x * 2))
+    assert len(messages(caught)) == 1 and "corrupt" in messages(caught)[0], messages(caught)
+    assert list(cache_dir.glob("cache.db.corrupt-*"))
+    fresh_process_state()
+    again, _ = run(model, x, cache_dir)                             # the new index works
+    assert again.cache_info().loads == 1
+    assert DiskStore(cache_dir, 2**30).check() == []
+
+
+def test_corrupt_index_found_while_running(cache_dir):
+    """A process that opened the index before it was damaged: the error is a miss plus one warning, the
+    index is set aside once (not the fresh one another process started), and this process carries on."""
+    first, _ = child(cache_dir)
+    store = DiskStore(cache_dir, 2**30)
+    assert store.get("a/nothing") is None
+    ino = os.stat(cache_dir / "cache.db").st_ino
+    store.close()
+    _corrupt_db(cache_dir, "index-page")
+    with pytest.raises(jf_store.CorruptStore, match="set it aside"):
+        DiskStore(cache_dir, 2**30).get("a/" + "0" * 64)
+    assert os.stat(cache_dir / "cache.db").st_ino != ino
+    # a stale view of the old index does not set the new one aside
+    assert jf_store.set_aside_index(cache_dir, expect_ino=(os.stat(cache_dir).st_dev, ino)) is None
+    assert DiskStore(cache_dir, 2**30).check() == []
+
+
+# -- 8: planted rows ----------------------------------------------------------------------------------
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))          # unpickling this creates the marker file
+
+
+def _plant(cache_dir, how, marker, victim):
+    con = sqlite3.connect(cache_dir / "cache.db")
+    rows = con.execute("SELECT rowid, key FROM Cache").fetchall()
+    assert {k[:2] for _, k in rows} == {"a/", "i/"}
+    for rowid, key in rows:
+        if how == "pickle":
+            con.execute("UPDATE Cache SET mode = 4, filename = NULL, value = ? WHERE rowid = ?",
+                        (pickle.dumps(_Payload(str(marker))), rowid))
+        elif how == "outside-file":
+            name = str(victim) if key.startswith("a/") else os.path.relpath(victim, cache_dir)
+            con.execute("UPDATE Cache SET mode = 2, filename = ?, value = NULL WHERE rowid = ?", (name, rowid))
+        elif how == "symlinked-file":
+            link = cache_dir / "ab" / "cd" / (("%028x" % rowid) + ".val")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(victim)
+            con.execute("UPDATE Cache SET mode = 2, filename = ?, value = NULL WHERE rowid = ?",
+                        (os.path.relpath(link, cache_dir), rowid))
+    # and rows no lookup asks for: a pickled key, a text-mode row
+    con.execute("INSERT INTO Cache (key, raw, store_time, access_time, access_count, size, mode, value) "
+                "VALUES (?, 0, 0, 0, 0, 0, 4, ?)", (pickle.dumps(_Payload(str(marker))), pickle.dumps(1)))
+    con.execute("INSERT INTO Cache (key, raw, store_time, access_time, access_count, size, mode, value) "
+                "VALUES ('a/text', 1, 0, 0, 0, 0, 3, 'hello')")
+    con.commit()
+    con.close()
+
+
+@pytest.mark.parametrize("how", ["pickle", "outside-file", "symlinked-file"])
+def test_planted_rows_never_run_or_touch_files(cache_dir, tmp_path, how):
+    """Fault 8: a pickle-mode row (and rows naming files outside the cache) is refused without being
+    unpickled, read or deleted; the entry is dropped, recompiled, and maintenance removes the rest."""
+    model, (x,) = make("mlp")
+    run(model, x, cache_dir)
+    marker, victim = tmp_path / "pwned", tmp_path / "victim.bin"
+    victim.write_bytes(b"precious")
+    _plant(cache_dir, how, marker, victim)
+    fresh_process_state()
+    with recorded() as caught:
+        fast, out = run(model, x, cache_dir)
+    assert_same(out, eager(model, x))
+    assert fast.cache_info().compiles == 1
+    assert not marker.exists()
+    assert victim.read_bytes() == b"precious"
+    assert 1 <= len(messages(caught)) <= 2
+    assert all("refused an unsafe cache entry" in m for m in messages(caught)), messages(caught)
+    counts = maintain(cache_dir, min_age=0)
+    assert counts["unsafe_rows"] == 2 and counts["problems"] == 0
+    assert not marker.exists() and victim.read_bytes() == b"precious"
+    assert DiskStore(cache_dir, 2**30).unsafe_rows() == []
+
+
+def test_raw_only_disk_refuses_pickle_on_write(cache_dir):
+    store = DiskStore(cache_dir, 2**30)
+    with pytest.raises(TypeError):
+        store.put("k", {"not": "bytes"})
+    with pytest.raises(TypeError):
+        store._cache.set(("tuple", "key"), b"x")
+    assert store.stats()["entries"] == 0
+
+
+# -- 9: read-only cache directory or file system -----------------------------------------------------
+
+@pytest.mark.parametrize("state", ["empty", "populated", "missing-subdir"])
+def test_read_only_file_system(tmpfs, monkeypatch, state):
+    """Fault 9: uncached, exactly one warning for the process, the directory opened once (no retry storm)."""
+    mnt = tmpfs.mount()
+    cache_dir = mnt / "sub" if state == "missing-subdir" else mnt
+    if state == "populated":
+        first, _ = child(cache_dir)
+        assert first["info"]["compiles"] == 1
+    tmpfs.remount(ro=True)
+    opens = []
+    real_init = DiskStore.__init__
+    monkeypatch.setattr(DiskStore, "__init__", lambda self, *a, **k: opens.append(1) or real_init(self, *a, **k))
+    t = time.monotonic()
+    with recorded() as caught:
+        for name, seed in (("mlp", 0), ("mlp", 1), ("cnn", 0)):
+            model, (x,) = make(name, seed=seed)
+            fast, out = run(model, x, cache_dir)
+            assert_same(out, eager(model, x), atol=1e-4)
+            assert fast.cache_info().compiles == 1
+            _, out2 = run(model, torch.cat([x, x]), cache_dir)           # another signature
+            assert_same(out2, eager(model, torch.cat([x, x])), atol=1e-4)
+    assert len(messages(caught)) == 1 and "running uncached" in messages(caught)[0], messages(caught)
+    assert len(opens) <= 1
+    assert time.monotonic() - t < 60
+
+
+# -- 10: unsafe directories ---------------------------------------------------------------------------
+
+def _unsafe(tmp_path, how):
+    """(cache_dir, victim or None) set up the unsafe way ``how``."""
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    real.chmod(0o700)
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"precious")
+    if how == "other-owner":
+        os.chown(real, OTHER_UID, OTHER_UID)
+        return real, None
+    if how in ("group-writable", "world-writable", "opt-in"):
+        real.chmod(0o770 if how == "group-writable" else 0o777)
+        return real, None
+    if how == "symlinked-dir":
+        link = tmp_path / "link"
+        link.symlink_to(real)
+        os.lchown(link, OTHER_UID, OTHER_UID)
+        return link, None
+    if how == "symlinked-parent":
+        parent = tmp_path / "parent"
+        parent.symlink_to(real)
+        os.lchown(parent, OTHER_UID, OTHER_UID)
+        return parent / "jf", None
+    if how == "symlinked-db":
+        (real / "cache.db").symlink_to(victim)
+        os.lchown(real / "cache.db", OTHER_UID, OTHER_UID)
+        return real, victim
+    if how == "symlinked-locks":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        (real / "locks").symlink_to(tmp_path / "elsewhere")
+        os.lchown(real / "locks", OTHER_UID, OTHER_UID)
+        return real, None
+    raise KeyError(how)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown to another uid needs root")
+@pytest.mark.parametrize("how", ["other-owner", "group-writable", "world-writable", "symlinked-dir",
+                                 "symlinked-parent", "symlinked-db", "symlinked-locks", "opt-in"])
+def test_unsafe_directory_is_refused(tmp_path, monkeypatch, how):
+    """Fault 10: refused with one warning (unless opted in), run uncached, nothing created or modified."""
+    cache_dir, victim = _unsafe(tmp_path, how)
+    if how == "opt-in":
+        monkeypatch.setenv("JITFREEZE_ALLOW_UNSAFE_CACHE_DIR", "1")
+    before = sorted(p.name for p in (tmp_path / "real").iterdir())
+    model, (x,) = make("mlp")
+    with recorded() as caught:
+        fast, out = run(model, x, cache_dir)
+        run(model, x * 2, cache_dir)
+    assert_same(out, eager(model, x))
+    assert fast.cache_info().compiles == 1
+    if how == "opt-in":
+        assert messages(caught) == [] and (cache_dir / "cache.db").exists()
+        return
+    assert len(messages(caught)) == 1 and "refusing the jitfreeze cache directory" in messages(caught)[0]
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == before      # nothing created
+    assert not list((tmp_path / "elsewhere").iterdir()) if (tmp_path / "elsewhere").exists() else True
+    if victim is not None:
+        assert victim.read_bytes() == b"precious"
+
+
+def test_symlinked_lock_file_is_refused_and_its_target_untouched(cache_dir, tmp_path):
+    """Fault 10: a lock path that is a symlink is never opened (filelock truncation CVEs): one warning,
+    compiled without writing, the target unchanged."""
+    model, (x,) = make("mlp")
+    key = key_of(model, x)
+    (cache_dir / "locks").mkdir(parents=True, mode=0o700)
+    cache_dir.chmod(0o700)
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"precious")
+    (cache_dir / "locks" / f"{key}.lock").symlink_to(victim)
+    with recorded() as caught:
+        fast, out = run(model, x, cache_dir)
+    assert_same(out, eager(model, x))
+    assert len(messages(caught)) == 1 and "symlink" in messages(caught)[0]
+    assert victim.read_bytes() == b"precious"
+    assert not any(k.startswith("a/") for k in DiskStore(cache_dir, 2**30).keys())   # not written
+
+
+# -- 11: disk full ----------------------------------------------------------------------------------
+
+def test_disk_full_tmpfs(tmpfs):
+    """Fault 11 on a real full file system: the right answer, one warning, no partial file, and the
+    entries already there still load (reads take no write lock), even with not a byte left."""
+    mnt = tmpfs.mount("1m")
+    cache_dir = mnt / "jf"
+    kept, (kx,) = make("transformer", seed=0)                               # ~43 KB: a value file
+    run(kept, kx, cache_dir)
+    st = os.statvfs(mnt)
+    with open(mnt / "filler", "wb") as f:
+        f.write(bytes(st.f_bavail * st.f_frsize - 24 * 1024))               # leave less than an entry
+    model, (x,) = make("transformer", seed=1)
+    with recorded() as caught:
+        fast, out = run(model, x, cache_dir)
+    assert_same(out, eager(model, x), atol=1e-4)
+    assert fast.cache_info().compiles == 1
+    assert len(messages(caught)) == 1 and "cannot write" in messages(caught)[0], messages(caught)
+    assert len(value_files(cache_dir)) == 1                                  # no partial file left
+    fd = os.open(mnt / "filler2", os.O_WRONLY | os.O_CREAT)                 # now fill it to the last byte
+    with contextlib.suppress(OSError):
+        while True:
+            os.write(fd, bytes(4096))
+    os.close(fd)
+    warm, out = run(kept, kx, cache_dir)                                    # a new wrapper: read from disk
+    assert_same(out, eager(kept, kx), atol=1e-4)
+    assert warm.cache_info().loads == 1
+    # A process that starts on the full disk can't open the index (SQLite needs room for its
+    # shared-memory file): it runs uncached, with one warning, and is right.
+    late, _ = child(cache_dir, model="transformer", seed=0)
+    assert late["ok"] and late["info"]["compiles"] == 1
+    assert len(late["warnings"]) == 1 and "running uncached" in late["warnings"][0]
+
+
+@pytest.mark.parametrize("fault", ["enospc-in-file", "sqlite-full"])
+def test_disk_full_injected(cache_dir, monkeypatch, fault):
+    """Fault 11, injected: ENOSPC half way through the value file, or SQLite's 'database or disk is full'
+    at the row: no orphan file, one warning, the right answer, existing entries still readable."""
+    import diskcache
+
+    kept_model, (kx,) = make("transformer", seed=0)
+    run(kept_model, kx, cache_dir)
+    fresh_process_state()
+    if fault == "enospc-in-file":
+        def write(self, full_path, reader, mode, encoding=None):
+            data = b"".join(reader)
+            os.makedirs(os.path.dirname(full_path), exist_ok=True)
+            with open(full_path, mode) as f:
+                f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(RawOnlyDisk, "_write", write)
+    else:
+        def insert(self, *a, **k):
+            raise sqlite3.OperationalError("database or disk is full")
+        monkeypatch.setattr(diskcache.Cache, "_row_insert", insert)
+    model, (x,) = make("transformer", seed=1)
+    with recorded() as caught:
+        fast, out = run(model, x, cache_dir)
+        fast2, out2 = run(model, x[:1], cache_dir)                          # no retry: no second warning
+    assert_same(out, eager(model, x), atol=1e-4)
+    assert_same(out2, eager(model, x[:1]), atol=1e-4)
+    assert len(messages(caught)) == 1 and "cannot write" in messages(caught)[0]
+    assert len(value_files(cache_dir)) == 1
+    monkeypatch.undo()
+    fresh_process_state()
+    warm, _ = run(make("transformer", seed=0)[0], kx, cache_dir)
+    assert warm.cache_info().loads == 1
+    assert DiskStore(cache_dir, 2**30).check() == []
+
+
+# -- 12: lock held past the timeout ---------------------------------------------------------------------
+# tests/test_env.py::test_lock_timeout_compiles_without_writing: another process holds the key's lock;
+# with JITFREEZE_LOCK_TIMEOUT=0.5 the waiter gives up, compiles, warns once and writes nothing.
+
+
+# -- 13: environment changes miss, and the output lands on the input's device ---------------------------
+
+def test_torch_version_change_is_a_miss(cache_dir, monkeypatch):
+    """Fault 13: another torch version (as the key sees it) is a miss, on the traced and the index path."""
+    import jitfreeze.core as core
+    from jitfreeze.key import environment_parts
+
+    model, (x,) = make("mlp")
+    run(model, x, cache_dir)
+    monkeypatch.setattr(core, "environment_parts",
+                        lambda: [(k, "9.9.9" if k == "torch" else v) for k, v in environment_parts()])
+    fast, out = run(model, x, cache_dir)
+    assert fast.cache_info().compiles == 1 and fast.cache_info().loads == 0
+    assert_same(out, eager(model, x))
+    monkeypatch.undo()
+    fast, _ = run(model, x, cache_dir)
+    assert fast.cache_info().loads == 1
+
+
+def test_dtype_change_is_a_miss(cache_dir):
+    def f(x, w):
+        return torch.tanh(x @ w)
+
+    x, w = torch.randn(4, 8), torch.randn(8, 3)
+    fast = jitfreeze(f, cache_dir=cache_dir)
+    assert fast(x, w).dtype == torch.float32
+    out = fast(x.double(), w.double())
+    assert out.dtype == torch.float64 and fast.cache_info().compiles == 2
+    assert_same(out, f(x.double(), w.double()))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cpu_vs_cuda_is_a_miss_and_output_stays_on_device(cache_dir):
+    def f(x, w):
+        return torch.relu(x @ w) * 2
+
+    x, w = torch.randn(4, 8), torch.randn(8, 3)
+    fast = jitfreeze(f, cache_dir=cache_dir)
+    out_cpu = fast(x, w)
+    out_gpu = fast(x.cuda(), w.cuda())
+    assert out_cpu.device.type == "cpu" and out_gpu.device == torch.device("cuda", 0)
+    assert fast.cache_info().compiles == 2
+    assert_same(out_gpu.cpu(), out_cpu, atol=1e-4)
+    fresh_process_state()
+    warm = jitfreeze(f, cache_dir=cache_dir)
+    assert warm(x.cuda(), w.cuda()).device.type == "cuda" and warm.cache_info().loads == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_device_index_is_a_miss(cache_dir):
+    def f(x, w):
+        return x @ w
+
+    x, w = torch.randn(4, 8), torch.randn(8, 3)
+    fast = jitfreeze(f, cache_dir=cache_dir)
+    a = fast(x.to("cuda:0"), w.to("cuda:0"))
+    b = fast(x.to("cuda:1"), w.to("cuda:1"))
+    assert a.device == torch.device("cuda", 0) and b.device == torch.device("cuda", 1)
+    assert fast.cache_info().compiles == 2
+
+
+# -- 14: fork after warm-up -----------------------------------------------------------------------------
+
+class _Calls(torch.utils.data.Dataset):
+    def __init__(self, fast, model, cache_dir):
+        self.fast, self.model, self.cache_dir = fast, model, cache_dir
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        torch.manual_seed(i)
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            x = torch.randn(4, 16)
+            hot = self.fast(x)                                   # warmed in the parent: the hot path
+            new = self.fast(torch.randn(i + 5, 16))               # a new signature: trace, lock, write
+            other = jitfreeze(self.model, cache_dir=self.cache_dir)(x)   # a new wrapper: load from disk
+            ref = self.model(x)
+        ok = all(torch.allclose(t, ref, atol=1e-5) for t in (hot, other)) and new.shape == (i + 5, 4)
+        return {"ok": ok, "warnings": len([w for w in caught if issubclass(w.category, JitFreezeWarning)]),
+                "pid": os.getpid()}
+
+
+def test_fork_after_warm_up_dataloader_workers(cache_dir):
+    """Fault 14: DataLoader-style forked workers use the warmed function, compile and read the cache:
+    no deadlock, no I/O error, right answers."""
+    model, (x,) = make("mlp")
+    fast, _ = run(model, x, cache_dir)
+    assert fast.cache_info().compiles == 1
+    loader = torch.utils.data.DataLoader(_Calls(fast, model, str(cache_dir)), batch_size=None, num_workers=2,
+                                         multiprocessing_context="fork", timeout=120)
+    results = list(loader)
+    assert len(results) == 6 and all(r["ok"] for r in results), results
+    assert sum(r["warnings"] for r in results) == 0
+    assert len({r["pid"] for r in results}) == 2
+    with torch.no_grad():
+        assert_same(fast(x), model(x))                          # the parent is unaffected
+    assert DiskStore(cache_dir, 2**30).check() == []
+
+
+def test_fork_while_another_thread_compiles(cache_dir):
+    """Fault 14, harder: the parent forks while a thread of its own is inside the slow path (holding the
+    function's lock and the key's file lock). The child must not deadlock: it may wait for the file lock
+    (the parent's compile is real and finishes), never for a thread lock no thread of its own will release."""
+    import jitfreeze.pipeline as pipeline
+
+    model, (x,) = make("mlp")
+    fast, _ = run(model, x, cache_dir)
+    entered, release = threading.Event(), threading.Event()
+    real_compile = pipeline.TorchScriptBackend.compile
+
+    def slow_compile(self, traced):
+        entered.set()
+        release.wait(30)
+        return real_compile(self, traced)
+
+    pipeline.TorchScriptBackend.compile = slow_compile
+    try:
+        def compile_in_thread():
+            with torch.no_grad():
+                fast(torch.randn(7, 16))
+
+        worker = threading.Thread(target=compile_in_thread)
+        with torch.no_grad():
+            worker.start()
+            assert entered.wait(30)
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:                                      # the child
+                code = 1
+                try:
+                    pipeline.TorchScriptBackend.compile = real_compile
+                    # as DataLoader workers do: after fork, torch's OpenMP pool must be one thread
+                    # (a forked child that runs a parallel region hangs, eager included)
+                    torch.set_num_threads(1)
+                    with torch.no_grad():
+                        ok = torch.allclose(fast(x), model(x), atol=1e-5)            # hot path
+                        y = fast(torch.randn(9, 16))                                  # slow path
+                        ok = ok and y.shape == (9, 4)
+                    code = 0 if ok else 2
+                finally:
+                    os.write(w, bytes([code]))
+                    os._exit(code)
+            os.close(w)
+            release.set()              # the parent's compile finishes and frees the key's file lock
+            deadline = time.monotonic() + 15
+            status = None
+            while time.monotonic() < deadline:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                time.sleep(0.1)
+            else:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child deadlocked on the slow path (a lock held by the parent's thread)")
+            os.close(r)
+            assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        worker.join(60)
+        pipeline.TorchScriptBackend.compile = real_compile
+
+
+# -- 15: eviction under concurrent readers --------------------------------------------------------------
+
+EVICT_CHILD = NO_TORCH + """
+import json, os, random, time
+from jitfreeze import artifact
+from jitfreeze.store import DiskStore
+directory, role, seconds, limit, n_keys = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+store = DiskStore(directory, limit)
+rng = random.Random(os.getpid())
+counts = {"complete": 0, "miss": 0, "bad": 0, "errors": 0, "puts": 0, "max_volume": 0}
+end = time.time() + seconds
+while time.time() < end:
+    i = rng.randrange(n_keys)
+    key = f"a/{i:04d}"
+    try:
+        if role == "writer":
+            size = 40_000 if i % 2 else 8_000            # file-backed and inline entries
+            store.put(key, artifact.pack(key, {"i": i}, bytes([i % 251]) * size))
+            counts["puts"] += 1
+            counts["max_volume"] = max(counts["max_volume"], store.stats()["bytes"])
+        else:
+            data = store.get(key)
+            if data is None:
+                counts["miss"] += 1
+            else:
+                meta, payload = artifact.unpack(data, key)
+                ok = meta["i"] == i and payload == bytes([i % 251]) * len(payload)
+                counts["complete" if ok else "bad"] += 1
+    except artifact.BadEntry:
+        counts["bad"] += 1
+    except Exception as exc:
+        counts["errors"] += 1
+        counts["last_error"] = repr(exc)
+print(json.dumps(counts))
+"""
+
+
+def test_eviction_under_concurrent_readers(cache_dir):
+    """Fault 15: 2 writers over a small size limit, 4 readers: readers get complete bytes or a miss,
+    never a partial entry or an error; the size stays near the limit; check() is clean after."""
+    limit, seconds = 400_000, 4.0
+    DiskStore(cache_dir, limit).close()
+    roles = ["writer"] * 2 + ["reader"] * 4
+    procs = [subprocess.Popen([sys.executable, "-c", EVICT_CHILD, str(cache_dir), role, str(seconds), str(limit), "40"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+             for role in roles]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    writers, readers = results[:2], results[2:]
+    assert all(r["errors"] == 0 and r["bad"] == 0 for r in results), results
+    assert sum(r["complete"] for r in readers) > 0 and sum(r["miss"] for r in readers) > 0
+    assert sum(r["puts"] for r in writers) > 50
+    assert max(r["max_volume"] for r in writers) <= limit + 100_000          # near the limit (+ one entry, pages)
+    store = DiskStore(cache_dir, limit)
+    assert store.stats()["bytes"] <= limit + 100_000
+    assert store.check() == []
+
+
+# -- 16: TorchScript failing as a whole ------------------------------------------------------------------
+
+BROKEN_TS = """
+import json, os, sys, warnings
+import torch
+import jitfreeze
+from tests.models import make
+model, (x,) = make("mlp")
+def f(x, w):
+    return torch.nn.functional.gelu(x @ w)
+w = torch.randn(16, 8)
+results = {}
+for which in ("none", "script", "freeze", "load"):
+    real = getattr(torch.jit, which, None)
+    if which != "none":
+        def broken(*a, **k):
+            raise RuntimeError("TorchScript is not available in this build")
+        setattr(torch.jit, which, broken)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", jitfreeze.JitFreezeWarning)
+            fast_m = jitfreeze.jitfreeze(model, cache_dir=os.path.join(sys.argv[1], which))
+            fast_f = jitfreeze.jitfreeze(f, cache_dir=os.path.join(sys.argv[1], which))
+            ok = True
+            with torch.no_grad():
+                for _ in range(3):
+                    ok = ok and torch.allclose(fast_m(x), model(x), atol=1e-5) \\
+                        and torch.allclose(fast_f(x, w), f(x, w), atol=1e-5)
+    finally:
+        if which != "none":
+            setattr(torch.jit, which, real)
+    results[which] = {"ok": bool(ok), "compiles": fast_m.cache_info().compiles + fast_f.cache_info().compiles,
+                      "fallbacks": fast_m.cache_info().fallbacks + fast_f.cache_info().fallbacks,
+                      "warnings": [str(m.message) for m in caught
+                                   if issubclass(m.category, jitfreeze.JitFreezeWarning)]}
+print(json.dumps(results))
+"""
+
+
+def test_torchscript_broken_everywhere(cache_dir):
+    """Fault 16, under -W error::DeprecationWarning: with TorchScript working, no deprecation warning
+    escapes (compiles as usual); with torch.jit.script, freeze or load raising, each function falls back
+    to eager with one clear warning, and the answers are right."""
+    results, proc = run_script(BROKEN_TS, cache_dir, env={"PYTHONWARNINGS": "error::DeprecationWarning"})
+    assert all(r["ok"] for r in results.values()), results
+    assert results["none"]["warnings"] == [] and results["none"]["compiles"] == 2
+    for which, expected in (("script", "torch.jit.script failed"), ("freeze", "torch.jit.freeze failed"),
+                            ("load", "does not load back")):
+        r = results[which]
+        assert r["fallbacks"] == 2 and r["compiles"] == 0, (which, r)
+        assert len(r["warnings"]) == 2, (which, r["warnings"])                # one per function
+        assert all("runs eagerly" in m and expected in m and "not available" in m for m in r["warnings"]), r
+
+
+# -- 17: bad arguments --------------------------------------------------------------------------------
+# Unhashable non-tensor arguments and Python generators: tests/test_core.py
+# (test_unhashable_argument_falls_back_naming_it, test_unsupported_argument_type_falls_back).
+
+def test_mixed_devices_is_a_clear_error_or_fallback(cache_dir):
+    """Tensors on two devices: never compiled; eager then says what is wrong (here: meta vs cpu)."""
+    fast = jitfreeze(lambda a, b: a + b, cache_dir=cache_dir)
+    with pytest.warns(JitFreezeWarning, match="several devices"):
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            fast(torch.ones(2), torch.ones(2, device="meta").expand(3, 2))
+    assert fast.cache_info().compiles == 0
+
+
+def test_torch_generator_argument_is_not_baked_in(cache_dir):
+    """A torch.Generator argument: random numbers stay random (eager fallback), as eager gives them."""
+    def f(x, g):
+        return x + torch.rand(x.shape, generator=g)
+
+    fast = jitfreeze(f, cache_dir=cache_dir)
+    x = torch.zeros(3)
+    with pytest.warns(JitFreezeWarning, match="Generator"):
+        a = fast(x, torch.Generator().manual_seed(1))
+    b = fast(x, torch.Generator().manual_seed(2))
+    assert torch.equal(a, f(x, torch.Generator().manual_seed(1)))
+    assert torch.equal(b, f(x, torch.Generator().manual_seed(2)))
+    assert not torch.equal(a, b) and fast.cache_info().compiles == 0
+
+
+class _Box:
+    def __init__(self, value):
+        self.value = value
+
+
+def test_output_torchscript_cannot_return_falls_back(cache_dir):
+    """An output type a frozen graph can't return: the traced call's own result is returned (the function
+    runs once), later calls run eagerly, all with the right values."""
+    calls = []
+
+    def f(x):
+        calls.append(1)
+        return _Box(x * 2)
+
+    fast = jitfreeze(f, cache_dir=cache_dir)
+    x = torch.arange(3.0)
+    with pytest.warns(JitFreezeWarning, match="_Box"):
+        out = fast(x)
+    assert isinstance(out, _Box) and torch.equal(out.value, x * 2) and len(calls) == 1
+    out = fast(x + 1)
+    assert torch.equal(out.value, (x + 1) * 2) and fast.cache_info().compiles == 0
+
+
+def test_hashable_object_argument_falls_back(cache_dir):
+    """A hashable object whose value can change under the same hash is never baked in."""
+    class Scale:
+        def __init__(self, s):
+            self.s = s
+
+        def __rmul__(self, other):
+            return other * self.s
+
+    fast = jitfreeze(lambda x, s: x * s, cache_dir=cache_dir)
+    s = Scale(2.0)
+    with pytest.warns(JitFreezeWarning, match="not a tensor or a plain constant"):
+        assert torch.equal(fast(torch.ones(2), s), torch.full((2,), 2.0))
+    s.s = 5.0
+    assert torch.equal(fast(torch.ones(2), s), torch.full((2,), 5.0))
