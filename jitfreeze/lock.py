@@ -13,16 +13,25 @@ import stat
 import threading
 from pathlib import Path
 
-import filelock
-
 __all__ = ["LockTimeout", "UnsafeLock", "KeyLock", "MemoryLock"]
 
-_PARAMS = set(inspect.signature(filelock.FileLock.__init__).parameters)
-_EXTRA = {}
-if "preserve_lock_file" in _PARAMS:
-    _EXTRA["preserve_lock_file"] = True      # keep the file: never unlink a lock path
-if "fallback_to_soft" in _PARAMS:
-    _EXTRA["fallback_to_soft"] = False       # a soft marker outlives a killed holder
+_filelock = None
+_EXTRA: dict = {}
+
+
+def _import_filelock():
+    """filelock costs ~75 ms of imports; only compiles take locks, so warm starts never pay it."""
+    global _filelock
+    if _filelock is None:
+        import filelock
+
+        params = set(inspect.signature(filelock.FileLock.__init__).parameters)
+        if "preserve_lock_file" in params:
+            _EXTRA["preserve_lock_file"] = True      # keep the file: never unlink a lock path
+        if "fallback_to_soft" in params:
+            _EXTRA["fallback_to_soft"] = False       # a soft marker outlives a killed holder
+        _filelock = filelock
+    return _filelock
 
 
 class LockTimeout(Exception):
@@ -45,6 +54,7 @@ class KeyLock:
         self.path = str(lock_dir / f"{key}.lock")
         self.timeout = timeout
         # A new FileLock (own file descriptor) per use: flock then excludes threads too.
+        filelock = _import_filelock()
         self._lock = filelock.FileLock(self.path, timeout=timeout, mode=0o600, thread_local=False,
                                        is_singleton=False, **_EXTRA)
 
@@ -52,7 +62,7 @@ class KeyLock:
         _refuse_symlink(self.path)
         try:
             self._lock.acquire()
-        except filelock.Timeout:
+        except _filelock.Timeout:
             raise LockTimeout(self.path, self.timeout) from None
         return self
 
