@@ -6,6 +6,12 @@ Add a model by writing a builder and registering it::
     def build():
         return module_or_function, (example, inputs)
 
+and, for the variable-batch case, a builder that takes the batch size::
+
+    @varbatch("name", "what it is")
+    def build():
+        return module, make_inputs          # make_inputs(b) -> inputs with batch size b
+
 ``small`` models are the ones ``--quick`` runs (kept to two: on a 2-core machine each
 model costs about 1.5 minutes per repetition, most of it process start-up and torch.compile). Builders must be deterministic
 (seeded): the cache filled by one process is hit by the next only when the
@@ -22,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["MODELS", "ModelSpec", "model", "build", "names"]
+__all__ = ["MODELS", "ModelSpec", "model", "build", "names", "VARBATCH", "varbatch", "build_varbatch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +51,33 @@ def model(name: str, label: str, *, small: bool = False):
 
 def names(small_only: bool = False) -> list[str]:
     return [n for n, s in MODELS.items() if s.small or not small_only]
+
+
+# Variable-batch models (the ``varbatch`` case): a module and inputs for any batch size. Keyed by
+# the name of the registered model they stand for, so ``--models cnn`` selects both.
+VARBATCH: dict[str, ModelSpec] = {}
+
+
+def varbatch(name: str, label: str):
+    def register(builder):
+        VARBATCH[name] = ModelSpec(name, label, builder, False)
+        return builder
+    return register
+
+
+def build_varbatch(name: str, seed: int = 0):
+    """(module in eval mode, make_inputs(batch) -> tuple of inputs, deterministic per batch size)."""
+    torch.manual_seed(seed)
+    fn, make = VARBATCH[name].builder()
+    fn.eval()
+    for p in fn.parameters():
+        p.requires_grad_(False)
+
+    def make_inputs(b: int):
+        g = torch.Generator().manual_seed(1000 + b)
+        return make(b, g)
+
+    return fn, make_inputs
 
 
 def build(name: str, seed: int = 0):
@@ -125,9 +158,7 @@ class ResNetish(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-@model("cnn", "ResNet-style conv+BN+ReLU, 1x3x224x224")
-def _cnn():
-    m = ResNetish()
+def _randomize_bn(m):
     with torch.no_grad():   # non-trivial BN statistics, so folding them matters
         for mod in m.modules():
             if isinstance(mod, nn.BatchNorm2d):
@@ -135,7 +166,20 @@ def _cnn():
                 mod.running_var.uniform_(0.5, 1.5)
                 mod.weight.uniform_(0.5, 1.5)
                 mod.bias.uniform_(-0.2, 0.2)
-    return m, (torch.randn(1, 3, 224, 224),)
+    return m
+
+
+@model("cnn", "ResNet-style conv+BN+ReLU, 1x3x224x224")
+def _cnn():
+    return _randomize_bn(ResNetish()), (torch.randn(1, 3, 224, 224),)
+
+
+@varbatch("cnn", "the same ResNet-style net at 64x64, batch x 3 x 64 x 64")
+def _cnn_varbatch():
+    # 64x64 instead of 224x224: batches 1..64 at 224 are ~12x the arithmetic (minutes per loop
+    # on a small machine, and as much again for the eager reference) without changing what
+    # is measured here: how often each system compiles and what it stores.
+    return _randomize_bn(ResNetish()), lambda b, g: (torch.randn(b, 3, 64, 64, generator=g),)
 
 
 # -- small nn.TransformerEncoder --------------------------------------------------------------
@@ -193,3 +237,16 @@ def _bert():
             if p.dim() > 1:
                 p.normal_(0.0, 0.02)
     return m, (torch.randint(0, 30522, (1, 128)),)
+
+
+@varbatch("bert", "BERT-style encoder, smaller: 4x256, FFN 1024, vocabulary 30522, batch x 32 tokens")
+def _bert_varbatch():
+    # Smaller than the bert row: with exact shapes (dynamic=False) every batch size is a
+    # compile and a stored artifact, and 64 BERT-base artifacts (~440 MB each) would take
+    # ~28 GB, past jitfreeze's default 4 GiB cache limit, and ~20 min of compiling.
+    m = BertEncoder(d=256, layers=4, heads=4, d_ff=1024)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02)
+    return m, lambda b, g: (torch.randint(0, 30522, (b, 32), generator=g),)

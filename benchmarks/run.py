@@ -5,12 +5,17 @@
     python -m benchmarks.run --smoke          # harness check: tiny model, 1 run, no torch.compile
     python -m benchmarks.run --models cnn bert --cases steady --repeat 7
     python -m benchmarks.run --update-readme  # also copy the table into benchmarks/README.md
+    python -m benchmarks.run --models cnn --cases varbatch --varbatch-max 4   # a tiny variable-batch run
+    python -m benchmarks.run --hf             # the Hugging Face rows instead (benchmarks/hf.py)
 
 Each repetition runs, per model, the cold case, then the warm case, then the steady case;
 within a case the systems take turns (round robin, the order rotated every repetition).
 Start-up figures (cold, warm) get a fresh process each; the steady figures of a model come
 from one process in which the systems' blocks of calls take turns, so that they share
 whatever load the machine has.
+The variable-batch case (``varbatch``) runs once (in the first repetition), for the models
+with a variable-batch builder (cnn, bert), one fresh process per system with fresh, empty
+caches of its own.
 The cold runs of a repetition fill its caches (a fresh jitfreeze cache directory and a
 fresh TORCHINDUCTOR_CACHE_DIR); that repetition's warm and steady runs use them, so every
 warm figure is a fresh process reading a cache that an earlier process filled.
@@ -49,15 +54,26 @@ class Case:
     metric: str                  # the worker's result field the case reports
     fills: bool = False          # its runs fill the repetition's caches (the cold case)
     one_process: bool = False    # all systems in one worker process, taking turns (steady figures)
+    fresh: bool = False          # every system's process gets fresh, empty caches of its own
+    only_first: bool = False     # runs in the first repetition only
+    models: tuple | None = None  # the models it applies to (None: all)
 
 
 CASES = {
     "cold": Case("cold", "Cold first call, empty caches", ("jitfreeze", "bare", "compile"), "first_s", fills=True),
     "warm": Case("warm", "Warm first call in a fresh process (caches filled by an earlier process)",
-                 ("jitfreeze", "compile", "limit", "eager"), "first_s"),
+                 ("jitfreeze", "jitfreeze-discard", "compile", "limit", "eager"), "first_s"),
     "steady": Case("steady", "Steady per-call latency", ("eager", "trace", "compile", "jitfreeze"), "per_call_s",
                    one_process=True),
+    # Issue 6: batch sizes 1..64 served by one fresh process per system. Long loops whose
+    # figures are mostly counts (compiles, artifacts): once, not every repetition.
+    "varbatch": Case("varbatch", "Variable batch sizes in one fresh process per system",
+                     ("jitfreeze", "jitfreeze-static", "compile"), "loop_s", fresh=True, only_first=True,
+                     models=tuple(models_mod.VARBATCH)),
 }
+
+VARBATCH_MAX = 64              # --varbatch-max: batch sizes 1..N in the varbatch case
+WARM_TARGET_MODELS = ("cnn", "bert")   # issue 5's warm first-call targets are stated for these
 
 # Which system fills which cache, when the cold case did not run it this repetition.
 FILLERS = {"jitfreeze": "jitfreeze", "inductor": "compile"}
@@ -68,6 +84,13 @@ TARGETS = {
     "steady": "steady: jitfreeze <= 1.05x the best of eager and jit.trace+freeze+ofi",
     "overhead": "wrapper overhead <= 5 us per call (median) over the compiled function, tiny function",
     "cnn_passes": "cnn: conv-BN folding and MKLDNN passes in effect after loading from the cache",
+    "warm_limit": "warm: jitfreeze first call <= 1.3x the limit (jit.load of the same bytes + post-load passes "
+                  "+ first call), cnn and bert",
+    "warm_compile": "warm: jitfreeze first call >= 10x faster than torch.compile with a warm cache "
+                    "(ratio <= 0.10x), cnn and bert",
+    "rss_discard": "warm: peak RSS with discard_parameters=True <= 1.15x eager",
+    "varbatch": "variable batch 1..64: jitfreeze (default, automatic dynamic) <= 3 compiles and <= 3 stored "
+                "artifacts, outputs allclose to eager at every size",
 }
 
 
@@ -95,6 +118,8 @@ def run_worker(case: str, system: str, model: str, cache_dir: Path, inductor_dir
                budget: float, timeout: float, log=None) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.worker", "--case", case, "--system", system,
            "--model", model, "--cache-dir", str(cache_dir), "--budget", str(budget)]
+    if case == "varbatch":
+        cmd += ["--max-batch", str(VARBATCH_MAX)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=_env(case, inductor_dir), capture_output=True, text=True,
@@ -138,6 +163,17 @@ def run_all(models: list[str], cases: list[str], systems: set | None, repeat: in
                 for case_name in cases:
                     case = CASES[case_name]
                     chosen = [s for s in case.systems if systems is None or s in systems]
+                    if (case.only_first and rep > 0) or (case.models is not None and model not in case.models):
+                        continue
+                    if case.fresh:
+                        for s in _rotate(chosen, rep):
+                            own = rep_dir / f"{case_name}-{s}"
+                            r = run_worker(case_name, s, model, own / "jf", own / "inductor", budget, timeout, log)
+                            r["rep"] = rep
+                            records.append(r)
+                            progress(_line(rep, repeat, r))
+                            shutil.rmtree(own, ignore_errors=True)
+                        continue
                     if not case.fills:
                         for s in chosen:                  # make sure the caches it reads are filled
                             for need in SYSTEMS[s].needs:
@@ -174,6 +210,9 @@ def run_all(models: list[str], cases: list[str], systems: set | None, repeat: in
 def _line(rep, repeat, r) -> str:
     if not r.get("ok"):
         what = "FAILED: " + r.get("error", "?")
+    elif "loop_s" in r:
+        what = (f"batch {r['sizes'][0]}..{r['sizes'][1]} in {fmt_time(r['loop_s'])}, {r['compiles']} compiles, "
+                f"{r.get('artifacts')} artifacts, {r['cache_mb']:.1f} MB, allclose {r['all_close']}")
     elif "per_call_s" in r:
         what = fmt_time(r["per_call_s"]) + " per call"
         if "overhead_s" in r:
@@ -199,7 +238,8 @@ def aggregate(records: list[dict]) -> dict:
         if not r.get("ok") or r["case"] == "fill":
             continue
         slot = grouped.setdefault(r["case"], {}).setdefault(r["model"], {}).setdefault(r["system"], {})
-        for metric in ("first_s", "per_call_s", "overhead_s", "direct_s", "rss_mb"):
+        for metric in ("first_s", "per_call_s", "overhead_s", "direct_s", "rss_mb", "loop_s", "eager_loop_s",
+                       "compiles", "artifacts", "cache_mb", "max_diff"):
             if metric in r:
                 slot.setdefault(metric, []).append(r[metric])
     return {c: {m: {s: {k: stats(v) for k, v in met.items()} for s, met in sy.items()}
@@ -231,6 +271,26 @@ def evaluate(summary: dict, records: list[dict], models: list[str]) -> dict:
         r = _ratio(_get(summary, "steady", m, "jitfreeze", "per_call_s"), min(best) if best else None)
         if r is not None:
             out["steady"][m] = {"ratio": r, "pass": r <= 1.05}
+    for m in models:
+        jf = _get(summary, "warm", m, "jitfreeze")
+        if m in WARM_TARGET_MODELS:
+            r = _ratio(jf, _get(summary, "warm", m, "limit"))
+            if r is not None:
+                out["warm_limit"][m] = {"ratio": r, "pass": r <= 1.3}
+            r = _ratio(jf, _get(summary, "warm", m, "compile"))
+            if r is not None:
+                out["warm_compile"][m] = {"ratio": r, "pass": r <= 0.10}
+        r = _ratio(_get(summary, "warm", m, "jitfreeze-discard", "rss_mb"),
+                   _get(summary, "warm", m, "eager", "rss_mb"))
+        if r is not None:
+            out["rss_discard"][m] = {"ratio": r, "pass": r <= 1.15}
+        vb = [r for r in records if r.get("ok") and r["case"] == "varbatch" and r["model"] == m
+              and r["system"] == "jitfreeze"]
+        if vb:
+            v = vb[-1]
+            out["varbatch"][m] = {"compiles": v["compiles"], "artifacts": v["artifacts"], "all_close": v["all_close"],
+                                  "sizes": v["sizes"],
+                                  "pass": v["compiles"] <= 3 and v["artifacts"] <= 3 and v["all_close"]}
     ov = _get(summary, "steady", "tiny", "jitfreeze", "overhead_s")
     if ov is not None:
         out["overhead"]["tiny"] = {"value": ov, "pass": ov <= 5e-6}
@@ -252,6 +312,13 @@ def sanity(records: list[dict]) -> list[str]:
             notes.append(f"{tag} failed: {r.get('error')}")
             continue
         ci = r.get("cache_info")
+        if r["case"] == "varbatch":
+            if not r.get("all_close"):
+                notes.append(f"{tag}: outputs differ from eager at batch sizes {r.get('mismatched_sizes')} "
+                             f"(max abs diff {r.get('max_diff'):.3g}, rtol {r.get('rtol')}, atol {r.get('atol')})")
+            if r.get("fallbacks"):
+                notes.append(f"{tag}: {r['fallbacks']} signature(s) ran eagerly ({r.get('cache_info')})")
+            continue
         if ci and r["case"] in ("warm", "steady") and (ci["loads"] != 1 or ci["compiles"] != 0):
             notes.append(f"{tag}: jitfreeze did not load from the cache ({ci})")
         if ci and r["case"] == "cold" and ci["compiles"] != 1:
@@ -330,7 +397,8 @@ def _label(system):
     return SYSTEMS[system].label
 
 
-def write_table(path: Path, summary, targets, notes, machine, meta, models) -> str:
+def write_table(path: Path, summary, targets, notes, machine, meta, models, records=()) -> str:
+    records_for_table = records
     L = []
     L.append(f"Measured {meta['date']} on {machine['cpu']}, {machine['logical_cpus']} logical CPUs "
              f"(torch threads: {', '.join(map(str, machine['torch_threads'])) or '?'}), "
@@ -368,15 +436,20 @@ def write_table(path: Path, summary, targets, notes, machine, meta, models) -> s
         L.append("")
     if present("warm"):
         L.append("### Warm first call in a fresh process (cache filled by an earlier process)\n")
-        header(["model", "jitfreeze", "torch.compile (warm cache)", "jit.load limit", "eager (no compile)",
-                "jf / torch.compile", "jf / limit"])
+        header(["model", "jitfreeze", "jitfreeze (discard_parameters=True)", "torch.compile (warm cache)",
+                "jit.load limit", "eager (no compile)", "jf / torch.compile", "≤ 0.10x (cnn, bert)", "jf / limit",
+                "≤ 1.3x (cnn, bert)"])
         for m in present("warm"):
             s = summary["warm"][m]
-            st = {k: s.get(k, {}).get("first_s") for k in ("jitfreeze", "compile", "limit", "eager")}
+            st = {k: s.get(k, {}).get("first_s") for k in ("jitfreeze", "jitfreeze-discard", "compile", "limit",
+                                                            "eager")}
             jf = st["jitfreeze"]["median"] if st["jitfreeze"] else None
-            L.append(f"| {m} | {_cell(st['jitfreeze'])} | {_cell(st['compile'])} | {_cell(st['limit'])} | "
-                     f"{_cell(st['eager'])} | {_x(_ratio(jf, _get(summary, 'warm', m, 'compile')))} | "
-                     f"{_x(_ratio(jf, _get(summary, 'warm', m, 'limit')))} |")
+            t_c, t_l = targets.get("warm_compile", {}).get(m), targets.get("warm_limit", {}).get(m)
+            target_cell = (lambda t: _pf(t)) if m in WARM_TARGET_MODELS else (lambda t: "–")
+            L.append(f"| {m} | {_cell(st['jitfreeze'])} | {_cell(st['jitfreeze-discard'])} | {_cell(st['compile'])} | "
+                     f"{_cell(st['limit'])} | {_cell(st['eager'])} | "
+                     f"{_x(_ratio(jf, _get(summary, 'warm', m, 'compile')))} | {target_cell(t_c)} | "
+                     f"{_x(_ratio(jf, _get(summary, 'warm', m, 'limit')))} | {target_cell(t_l)} |")
         L.append("")
     if present("steady"):
         L.append("### Steady per-call latency\n")
@@ -403,16 +476,55 @@ def write_table(path: Path, summary, targets, notes, machine, meta, models) -> s
                 L.append(f"| {m} | {_cell(s['per_call_s'])} | {_cell(s.get('direct_s'))} | {_cell(s['overhead_s'])} | "
                          f"{_pf(t) if m == 'tiny' else '–'} |")
             L.append("")
-    mem_models = [m for m in present("warm") if summary["warm"][m].get("jitfreeze", {}).get("rss_mb")
-                  and summary["warm"][m].get("eager", {}).get("rss_mb")]
+    mem_models = [m for m in present("warm") if summary["warm"][m].get("eager", {}).get("rss_mb")
+                  and (summary["warm"][m].get("jitfreeze", {}).get("rss_mb")
+                       or summary["warm"][m].get("jitfreeze-discard", {}).get("rss_mb"))]
     if mem_models:
         L.append("### Peak memory (ru_maxrss) of a warm process, first call + 3 calls\n")
-        header(["model", "eager", "jitfreeze (warm)", "jf / eager", "jf − eager"])
+        header(["model", "eager", "jitfreeze (warm)", "jf / eager", "jf − eager",
+                "jitfreeze discard_parameters=True (warm)", "discard / eager", "≤ 1.15x", "discard − eager"])
         mb = lambda v: f"{v:.0f} MB"  # noqa: E731
         for m in mem_models:
-            e, j = summary["warm"][m]["eager"]["rss_mb"], summary["warm"][m]["jitfreeze"]["rss_mb"]
-            L.append(f"| {m} | {_cell(e, mb)} | {_cell(j, mb)} | {_x(_ratio(j['median'], e['median']))} | "
-                     f"{j['median'] - e['median']:+.0f} MB |")
+            e = summary["warm"][m]["eager"]["rss_mb"]
+            j = summary["warm"][m].get("jitfreeze", {}).get("rss_mb")
+            d = summary["warm"][m].get("jitfreeze-discard", {}).get("rss_mb")
+            diff = lambda x: f"{x['median'] - e['median']:+.0f} MB" if x else "n/a"  # noqa: E731
+            L.append(f"| {m} | {_cell(e, mb)} | {_cell(j, mb)} | "
+                     f"{_x(_ratio(j['median'], e['median']) if j else None)} | "
+                     f"{diff(j)} | {_cell(d, mb)} | {_x(_ratio(d['median'], e['median']) if d else None)} | "
+                     f"{_pf(targets.get('rss_discard', {}).get(m))} | {diff(d)} |")
+        L.append("")
+    vb_models = [m for m in models if m in summary.get("varbatch", {})]
+    if vb_models:
+        vb_records = {(r["model"], r["system"]): r for r in records_for_table
+                      if r.get("ok") and r["case"] == "varbatch"}
+        sizes = next(iter(vb_records.values()))["sizes"] if vb_records else [1, VARBATCH_MAX]
+        L.append(f"### Variable batch sizes {sizes[0]}..{sizes[1]}, one fresh process per system, empty caches "
+                 "(one run)\n")
+        L.append("The loop calls the system once per batch size, in increasing order; its wall time counts "
+                 "those calls only (each is followed by an untimed eager call on the same inputs, whose "
+                 "outputs it must match: `torch.allclose`, rtol = atol = 1e-4). Compiles: jitfreeze's "
+                 "`cache_info().compiles`, torch.compile's graphs compiled (dynamo `unique_graphs`). "
+                 "Stored artifacts: jitfreeze's cache entries, torch.compile's FX graph cache entries; disk: "
+                 "the whole cache directory (`TORCHINDUCTOR_CACHE_DIR` for torch.compile). "
+                 "jitfreeze (dynamic=False) is given max_signatures=64 (default 8, after which new shapes "
+                 "run eagerly) so that it compiles every size.\n")
+        header(["model", "system", "loop wall time", "same loop eagerly", "compiles", "stored artifacts",
+                "cache on disk", "allclose to eager (every size)", "max abs diff", "≤ 3 compiles, ≤ 3 artifacts"])
+        for m in vb_models:
+            label = models_mod.VARBATCH[m].label
+            for sname in CASES["varbatch"].systems:
+                r = vb_records.get((m, sname))
+                if r is None:
+                    continue
+                t = targets.get("varbatch", {}).get(m) if sname == "jitfreeze" else None
+                extra = f" ({r['fallbacks']} ran eagerly)" if r.get("fallbacks") else ""
+                own = "" if r["sizes"] == sizes else f" (sizes {r['sizes'][0]}..{r['sizes'][1]})"
+                L.append(f"| {m}: {label} | {_label(sname)}{own} | {fmt_time(r['loop_s'])} | "
+                         f"{fmt_time(r['eager_loop_s'])} | "
+                         f"{r['compiles']}{extra} | {r.get('artifacts', 'n/a')} | {r['cache_mb']:.1f} MB | "
+                         f"{'yes' if r['all_close'] else '**no** (sizes ' + str(r['mismatched_sizes']) + ')'} | "
+                         f"{r['max_diff']:.2g} | {_pf(t) if t else '–'} |")
         L.append("")
     t = targets.get("cnn_passes", {}).get("cnn")
     if t:
@@ -428,6 +540,9 @@ def write_table(path: Path, summary, targets, notes, machine, meta, models) -> s
         parts = []
         for m, t in per.items():
             val = _x(t["ratio"]) if "ratio" in t else fmt_time(t["value"]) if "value" in t else ""
+            if name == "varbatch":
+                val = (f"{t['compiles']} compiles, {t['artifacts']} artifacts "
+                       f"(sizes {t['sizes'][0]}..{t['sizes'][1]}), allclose {'yes' if t['all_close'] else 'no'}")
             parts.append(f"{m} {val} {_pf(t)}".replace("  ", " "))
         L.append(f"| {text} | {'; '.join(parts)} |")
     L.append("")
@@ -450,6 +565,7 @@ def write_chart(path: Path, summary: dict, models: list[str]) -> str | None:
     panels = [(c, m, t) for c, m, t in (("cold", "first_s", "cold first call (s)"),
                                         ("warm", "first_s", "warm first call, fresh process (s)"),
                                         ("steady", "per_call_s", "steady per call (s)")) if summary.get(c)]
+    # (the varbatch case is a table only: its figures are counts and one loop time per system)
     mem = {m: summary["warm"][m] for m in models if m in summary.get("warm", {})}
     n = len(panels) + (1 if mem else 0)
     if n == 0:
@@ -482,7 +598,8 @@ def write_chart(path: Path, summary: dict, models: list[str]) -> str | None:
         bars(ax, summary[case], [s for s in CASES[case].systems if any(s in summary[case][m] for m in summary[case])],
              metric, title)
     if mem:
-        bars(axes[-1], mem, ["eager", "jitfreeze"], "rss_mb", "peak RSS of a warm process (MB)", log=False)
+        bars(axes[-1], mem, ["eager", "jitfreeze", "jitfreeze-discard"], "rss_mb", "peak RSS of a warm process (MB)",
+             log=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -504,6 +621,20 @@ def update_readme(readme: Path, table: str, chart_rel: str | None) -> str:
     return f"updated {readme}"
 
 
+def precompile() -> None:
+    """Write jitfreeze's (and the harness's) bytecode before any worker starts.
+
+    Under PYTHONDONTWRITEBYTECODE=1 with an editable install nothing writes ``__pycache__``,
+    so every worker would compile jitfreeze's ~20 modules from source (~0.1 s) inside its
+    timed first call, which an installed package (pip compiles it) never does. Workers read
+    bytecode whatever that variable says.
+    """
+    import compileall
+    for package in ("jitfreeze", "benchmarks"):
+        if (ROOT / package).is_dir():
+            compileall.compile_dir(str(ROOT / package), quiet=1)
+
+
 # -- main -------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -523,7 +654,22 @@ def main(argv=None) -> int:
     p.add_argument("--update-readme", nargs="?", const=str(ROOT / "benchmarks" / "README.md"), metavar="README",
                    help="copy the table and chart between the <!-- benchmarks:start/end --> markers of "
                         "benchmarks/README.md (or of the file given)")
+    p.add_argument("--varbatch-max", type=int, default=64, metavar="N",
+                   help="varbatch case: batch sizes 1..N (default 64; e.g. 4 for a quick check)")
+    p.add_argument("--hf", action="store_true",
+                   help="run the Hugging Face transformers rows instead (python -m benchmarks.hf; "
+                        "--repeat, --budget, --timeout, --threads and --out are passed on)")
+    p.add_argument("--hf-quick", action="store_true", help="--hf with the test suite's tiny configs, 1 run")
     args = p.parse_args(argv)
+
+    if args.hf or args.hf_quick:
+        from . import hf
+        hf_args = ["--quick"] if args.hf_quick else []
+        for flag, value in (("--repeat", args.repeat), ("--budget", args.budget), ("--threads", args.threads)):
+            if value is not None:
+                hf_args += [flag, str(value)]
+        hf_args += ["--timeout", str(args.timeout), "--out", str(args.out)]
+        return hf.main(hf_args)
 
     if args.smoke:
         models = args.models or ["tiny"]
@@ -535,8 +681,10 @@ def main(argv=None) -> int:
         repeat = args.repeat or (1 if args.quick else 5)   # --quick: one run, to fit ~3 minutes
         budget = args.budget or (0.3 if args.quick else 2.0)
         systems = set(args.systems) if args.systems else None
-    global THREADS
+    global THREADS, VARBATCH_MAX
     THREADS = args.threads
+    VARBATCH_MAX = args.varbatch_max
+    precompile()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     tmp_root = out / "tmp"
@@ -566,7 +714,7 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps(
         {"meta": meta, "machine": machine, "summary": summary, "targets": targets, "notes": notes,
          "records": records}, indent=1, default=str))
-    table = write_table(out / "table.md", summary, targets, notes, machine, meta, models)
+    table = write_table(out / "table.md", summary, targets, notes, machine, meta, models, records)
     why = write_chart(out / "chart.png", summary, models)
     print()
     print(table)

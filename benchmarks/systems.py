@@ -95,13 +95,25 @@ def _eager(fn, inputs, ctx):
     return fn
 
 
-@system("jitfreeze", "jitfreeze", needs=("jitfreeze",))
-def _jitfreeze(fn, inputs, ctx):
-    def build(args):
-        from jitfreeze import jitfreeze
-        return jitfreeze(fn, cache_dir=ctx.cache_dir)
+def _jitfreeze_with(**options):
+    def make(fn, inputs, ctx):
+        def build(args):
+            from jitfreeze import jitfreeze
+            return jitfreeze(fn, cache_dir=ctx.cache_dir, **options)
 
-    return _Lazy(build)
+        return _Lazy(build)
+    return make
+
+
+# jitfreeze's defaults: automatic dynamic shapes, max_signatures 8, parameters kept.
+system("jitfreeze", "jitfreeze", needs=("jitfreeze",))(_jitfreeze_with())
+# Warm start with the module's weights released before the frozen copy loads (issue 5's peak RSS).
+system("jitfreeze-discard", "jitfreeze (discard_parameters=True)", needs=("jitfreeze",))(
+    _jitfreeze_with(discard_parameters=True))
+# Exact shapes: one compile and one artifact per batch size. max_signatures=64 (default 8, after
+# which new shapes run eagerly) so that the variable-batch case really compiles every size 1..64.
+system("jitfreeze-static", "jitfreeze (dynamic=False, max_signatures=64)", needs=("jitfreeze",))(
+    _jitfreeze_with(dynamic=False, max_signatures=64))
 
 
 @system("bare", "bare pipeline (no cache)")

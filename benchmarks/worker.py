@@ -16,6 +16,11 @@ Cases:
   robust. For jitfreeze also the wrapper overhead: its compiled function (``_Entry.fwd``)
   called directly takes a turn too, and the overhead is the median difference between
   adjacent blocks.
+* ``varbatch`` (one system per process, empty caches): the variable-batch model called with
+  batch sizes 1..``--max-batch`` in turn; the wall time of the loop (the system's calls
+  only: each call is followed by an untimed eager call on the same inputs, whose outputs it
+  must match), the number of compiles, the stored artifacts and the cache directory's disk
+  usage afterwards (``TORCHINDUCTOR_CACHE_DIR`` for torch.compile).
 
 Everything runs under ``torch.no_grad()``. Threads: torch's defaults (recorded).
 """
@@ -127,7 +132,7 @@ def _system_info(name, target, ctx) -> dict:
 
     info = dict(ctx.info)
     real = systems.unwrap(target)
-    if name == "jitfreeze" and hasattr(real, "cache_info"):
+    if name.startswith("jitfreeze") and hasattr(real, "cache_info"):
         info["cache_info"] = real.cache_info()._asdict()
     if name == "compile":
         from torch._dynamo.utils import counters
@@ -143,7 +148,10 @@ def run(args) -> dict:
 
     t_import = time.perf_counter() - t_start
     torch.set_grad_enabled(False)                    # everything under no_grad
-    fn, inputs = models.build(args.model)
+    if args.case == "varbatch":
+        fn, inputs = None, None
+    else:
+        fn, inputs = models.build(args.model)
     names = args.system.split(",")
     base = {"case": args.case, "model": args.model, "pid": os.getpid(), "threads": torch.get_num_threads(),
             "import_s": t_import}
@@ -155,6 +163,10 @@ def run(args) -> dict:
         res = dict(base, system=names[0], **measure_first(target, inputs))
         res.update(_system_info(names[0], target, ctx))
         return res
+    if args.case == "varbatch":
+        if len(names) != 1:
+            raise SystemExit("the varbatch case takes one system per process")
+        return dict(base, **measure_varbatch(names[0], args))
     if args.case != "steady":
         raise SystemExit(f"unknown case {args.case!r}")
     named, infos, graphs, pairs = {}, {}, {}, {}
@@ -180,13 +192,100 @@ def run(args) -> dict:
     return dict(base, system=args.system, results=results, rss_mb=_rss_mb())
 
 
+def disk_usage(path) -> tuple[int, int]:
+    """(bytes on disk as du counts them, number of files) under ``path``."""
+    total = files = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            total += st.st_blocks * 512
+            files += 1
+    return total, files
+
+
+def jitfreeze_artifacts(cache_dir) -> int:
+    """How many compiled artifacts a jitfreeze cache directory holds (index/decision records excluded)."""
+    from jitfreeze.cache import ARTIFACT
+    from jitfreeze.config import Config
+    from jitfreeze.store import DiskStore
+
+    store = DiskStore(cache_dir, Config.from_env().size_limit, readonly=True)
+    try:
+        return sum(1 for k in store.keys() if k.startswith(ARTIFACT))
+    finally:
+        store.close()
+
+
+VARBATCH_RTOL = VARBATCH_ATOL = 1e-4
+
+
+def measure_varbatch(name: str, args) -> dict:
+    """Serve batch sizes 1..args.max_batch with one system in this (fresh) process, empty caches."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    from . import models, systems
+
+    fn, make_inputs = models.build_varbatch(args.model)
+    ctx = systems.Context(model=args.model, cache_dir=args.cache_dir)
+    target = systems.SYSTEMS[name].make(fn, make_inputs(1), ctx)
+    sizes = list(range(1, args.max_batch + 1))
+    per_call, eager, mismatched, max_diff = [], [], [], 0.0
+    gc.collect()
+    for b in sizes:
+        inputs = make_inputs(b)
+        t0 = time.perf_counter()
+        out = target(*inputs)
+        per_call.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ref = fn(*inputs)                           # eager reference, outside the loop's time
+        eager.append(time.perf_counter() - t0)
+        pairs = list(zip(pytree.tree_leaves(out), pytree.tree_leaves(ref)))
+        diff = max((float((a - b_).abs().max()) for a, b_ in pairs), default=0.0)
+        max_diff = max(max_diff, diff)
+        if len(pytree.tree_leaves(out)) != len(pytree.tree_leaves(ref)) or not all(
+                a.shape == b_.shape and torch.allclose(a, b_, rtol=VARBATCH_RTOL, atol=VARBATCH_ATOL)
+                for a, b_ in pairs):
+            mismatched.append(b)
+    res = {"system": name, "sizes": [sizes[0], sizes[-1]], "loop_s": sum(per_call), "eager_loop_s": sum(eager),
+           "first_s": per_call[0], "per_call_s_list": [round(t, 6) for t in per_call],
+           "all_close": not mismatched, "mismatched_sizes": mismatched, "max_diff": max_diff,
+           "rtol": VARBATCH_RTOL, "atol": VARBATCH_ATOL, "rss_mb": _rss_mb()}
+    real = systems.unwrap(target)
+    if name.startswith("jitfreeze"):
+        ci = real.cache_info()
+        res["cache_info"] = ci._asdict()
+        res["compiles"] = ci.compiles
+        res["fallbacks"] = ci.fallbacks
+        res["traces"] = getattr(real, "traces", None)
+        res["artifacts"] = jitfreeze_artifacts(args.cache_dir)
+        used, files = disk_usage(args.cache_dir)
+    else:
+        from torch._dynamo.utils import counters
+        res["compiles"] = counters["stats"]["unique_graphs"]       # graphs dynamo compiled (recompiles too)
+        res["frames"] = dict(counters["frames"])
+        res["graph_breaks"] = sum(counters["graph_break"].values())
+        res["inductor"] = {k: v for k, v in counters["inductor"].items() if "cache" in k}
+        inductor_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        used, files = disk_usage(inductor_dir) if inductor_dir else (0, 0)
+        fx = os.path.join(inductor_dir, "fxgraph") if inductor_dir else None
+        res["artifacts"] = disk_usage(fx)[1] if fx and os.path.isdir(fx) else None   # FX graph cache entries
+    res["cache_mb"] = used / 1e6
+    res["cache_files"] = files
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--case", required=True, choices=["cold", "warm", "fill", "steady"])
+    p.add_argument("--case", required=True, choices=["cold", "warm", "fill", "steady", "varbatch"])
     p.add_argument("--system", required=True, help="a system; for steady, a comma-separated list")
     p.add_argument("--model", required=True)
     p.add_argument("--cache-dir", help="jitfreeze cache directory (empty for cold, filled for warm)")
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per system (steady)")
+    p.add_argument("--max-batch", type=int, default=64, help="varbatch: batch sizes 1..N")
     p.add_argument("--no-overhead", dest="overhead", action="store_false",
                    help="steady: don't time jitfreeze's compiled function directly")
     args = p.parse_args(argv)

@@ -27,8 +27,10 @@ def test_benchmark_harness_smoke(tmp_path):
     assert not failed, failed
     cases = {(r["case"], r["system"]) for r in records}
     for case_system in [("cold", "jitfreeze"), ("cold", "bare"), ("warm", "jitfreeze"), ("warm", "limit"),
-                        ("steady", "jitfreeze"), ("steady", "eager")]:
+                        ("warm", "jitfreeze-discard"), ("steady", "jitfreeze"), ("steady", "eager")]:
         assert case_system in cases
-    warm = [r for r in records if r["case"] == "warm" and r["system"] == "jitfreeze"]
-    assert warm[0]["cache_info"]["loads"] == 1, warm   # the warm process really read the cache
+    for system in ("jitfreeze", "jitfreeze-discard"):
+        warm = [r for r in records if r["case"] == "warm" and r["system"] == system]
+        assert warm[0]["cache_info"]["loads"] == 1, warm   # the warm process really read the cache
+    assert "discard_parameters=True" in table
     assert not (out / "tmp").exists()
