@@ -257,7 +257,8 @@ class DiskStore:
 
     # -- the Store interface --------------------------------------------------------------------
 
-    def get(self, key):
+    def _row(self, key):
+        """(rowid, mode, filename, value) of the live row under ``key``, or None."""
         if type(key) is not str:
             raise TypeError(f"keys are str, not {type(key).__name__}")
         cache = self._cache
@@ -267,9 +268,14 @@ class DiskStore:
         except sqlite3.DatabaseError as exc:
             self._raise_corrupt(exc, cache)
             raise
-        if not rows:
+        return rows[0] if rows else None
+
+    def get(self, key):
+        cache = self._cache
+        row = self._row(key)
+        if row is None:
             return None
-        ((rowid, mode, filename, value),) = rows
+        rowid, mode, filename, value = row
         try:
             data = cache.disk.fetch(mode, filename, value, False)
         except FileNotFoundError:
@@ -285,18 +291,11 @@ class DiskStore:
         memory. diskcache never rewrites a value file in place (a new value gets a new file), so
         the path stays valid until the entry is evicted or replaced.
         """
-        if type(key) is not str:
-            raise TypeError(f"keys are str, not {type(key).__name__}")
         cache = self._cache
-        try:
-            rows = cache._sql("SELECT rowid, mode, filename FROM Cache WHERE key = ? AND raw = 1"
-                              " AND (expire_time IS NULL OR expire_time > ?)", (key, time.time())).fetchall()
-        except sqlite3.DatabaseError as exc:
-            self._raise_corrupt(exc, cache)
-            raise
-        if not rows:
+        row = self._row(key)
+        if row is None:
             return None
-        ((rowid, mode, filename),) = rows
+        rowid, mode, filename, _ = row
         if mode != MODE_BINARY or not filename:
             return None
         if type(filename) is not str or not _VALUE_FILE.match(filename):
