@@ -205,7 +205,7 @@ class JitFreezeFunction:
         self._config: Config | None = None
         self._disabled = False
         self._cache = None
-        self._backend = TorchScriptBackend()
+        self._backend = TorchScriptBackend(optimize)
         self._param_names = None
         if module is None and not isinstance(fn, torch.nn.Module):
             functools.update_wrapper(self, fn, updated=())

@@ -264,7 +264,10 @@ class TorchScriptBackend:
     ``compile`` returns a :class:`SavedArtifact` (a temporary file); ``load`` takes bytes or
     anything with a ``.path`` (loaded in place)."""
 
-    name = "torchscript-freeze-1"
+    def __init__(self, optimize: bool = True):
+        self.optimize = optimize
+        # The backend's part of every key: what compile() produces depends on ``optimize``.
+        self.name = "torchscript-freeze-1" + ("+pretranspose" if optimize else "")
 
     def compile(self, traced: Traced) -> bytes:
         with _quiet_torchscript(), _no_jit_autocast():
@@ -276,6 +279,8 @@ class TorchScriptBackend:
                 frozen = torch.jit.freeze(scripted.eval())
             except Exception as exc:  # noqa: BLE001
                 raise FallbackReason(f"torch.jit.freeze failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+            if self.optimize and _pretranspose(frozen, traced):
+                log.debug("linear weights pre-transposed before saving")
             # Through a file, not a BytesIO: torch.jit.save/load through Python file objects is
             # 4-6x slower (434 MB BERT-size artifact: save 3.6 s vs 0.8 s, load 1.7 s vs 0.3 s).
             fd, path = tempfile.mkstemp(prefix="jitfreeze-", suffix=".pt")
@@ -305,6 +310,31 @@ class TorchScriptBackend:
                     log.debug("optimize_for_inference failed, using the frozen module: %s", exc)
                     module = torch.jit.load(source(), map_location=device)
         return module
+
+
+def _pretranspose(frozen, traced: Traced) -> bool:
+    """Run optimize_for_inference's linear pre-transposition now, before saving, where it is the
+    only thing that pass would do to linear layers: on CPU graphs without convolutions.
+
+    optimize_for_inference after loading would otherwise transpose every frozen linear weight
+    into a new constant while the loaded ones stay referenced by the loaded code: a second copy
+    of most of a transformer's weights (measured: BERT-size, load+optimize 1,021 MB peak RSS vs
+    697 MB with the weights saved transposed; the graph after loading is the same: 72 matmuls,
+    no linear). Graphs with convolutions are left to the full pass, which may move linear layers
+    into MKLDNN subgraphs before transposing the rest."""
+    if any(t.device.type != "cpu" for _, t in traced.constants):
+        return False
+    graph = frozen.graph
+    if any("conv" in kind for kind in _node_kinds(graph.block())):
+        return False
+    return bool(torch._C._jit_pass_transpose_frozen_linear(graph))
+
+
+def _node_kinds(block):
+    for node in block.nodes():
+        yield node.kind()
+        for sub in node.blocks():
+            yield from _node_kinds(sub)
 
 
 @contextlib.contextmanager

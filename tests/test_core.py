@@ -273,3 +273,39 @@ def test_transformer_layer_takes_the_fused_kernel_eager_uses(cache_dir, no_jf_wa
     assert all("_transformer_encoder_layer_fwd" in g for g in graphs)
     # outside a jitfreeze trace the layer is torch's own forward
     assert torch.nn.TransformerEncoderLayer.forward.__wrapped__ is not None
+
+
+def _stored_graphs(monkeypatch):
+    """Record the graph of every artifact compile() writes, as torch.jit.load reads it back."""
+    from jitfreeze import pipeline
+    graphs, real = [], pipeline.TorchScriptBackend.compile
+
+    def compile_and_record(self, traced):
+        saved = real(self, traced)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            graphs.append(str(torch.jit.load(saved.path).graph))
+        return saved
+    monkeypatch.setattr(pipeline.TorchScriptBackend, "compile", compile_and_record)
+    return graphs
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_linear_weights_stored_pretransposed_unless_convolutions(name, cache_dir, monkeypatch, no_jf_warnings):
+    # optimize_for_inference after loading would transpose each linear weight into a second
+    # copy; conv-free CPU graphs are stored with the transposition done, conv graphs are left to
+    # the full pass (MKLDNN first). optimize=False stores the plain frozen graph under another key.
+    graphs = _stored_graphs(monkeypatch)
+    model, inputs = make(name)
+    with torch.no_grad():
+        ref = model(*inputs)
+        assert_same(jitfreeze(model, cache_dir=cache_dir)(*inputs), ref, atol=1e-5)
+        plain = jitfreeze(model, cache_dir=cache_dir, optimize=False)
+        assert_same(plain(*inputs), ref, atol=1e-5)
+    assert plain.cache_info().compiles == 1            # not served the optimized artifact
+    optimized, unoptimized = graphs
+    assert "aten::linear" in unoptimized
+    if name == "mlp":
+        assert "aten::linear" not in optimized and "aten::matmul" in optimized
+    else:
+        assert "aten::linear" in optimized
