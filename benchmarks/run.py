@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,6 +41,7 @@ import time
 from pathlib import Path
 
 from . import models as models_mod
+from . import worker as worker_mod
 from .systems import SYSTEMS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,8 +139,16 @@ def run_worker(case: str, system: str, model: str, cache_dir: Path, inductor_dir
         if line.startswith(PREFIX):
             res = json.loads(line[len(PREFIX):])
     if res is None:
-        res = {"case": case, "system": system, "model": model, "ok": False,
-               "error": f"no result line (exit {proc.returncode})"}
+        why = f"no result line (exit {proc.returncode})"
+        if proc.returncode == -signal.SIGKILL:
+            why = "killed by SIGKILL (the kernel's OOM killer, unless a person did it)"
+        res = {"case": case, "system": system, "model": model, "ok": False, "error": why}
+        progress = [line for line in proc.stdout.splitlines() if line.startswith(worker_mod.PROGRESS)]
+        if progress:
+            # How far a varbatch worker got, and what it left on disk.
+            res["partial"] = json.loads(progress[-1][len(worker_mod.PROGRESS):])
+            res["partial"]["cache_mb"] = worker_mod.disk_usage(
+                inductor_dir if system == "compile" else cache_dir)[0] / 1e6
     if not res.get("ok"):
         res["stderr_tail"] = proc.stderr[-3000:]
         if log is not None:
@@ -498,11 +508,11 @@ def write_table(path: Path, summary, targets, notes, machine, meta, models, reco
                      f"{diff(j)} | {_cell(d, mb)} | {_x(_ratio(d['median'], e['median']) if d else None)} | "
                      f"{_pf(targets.get('rss_discard', {}).get(m))} | {diff(d)} |")
         L.append("")
-    vb_models = [m for m in models if m in summary.get("varbatch", {})]
+    vb_records = {(r["model"], r["system"]): r for r in records_for_table
+                  if r["case"] == "varbatch" and (r.get("ok") or r.get("partial"))}
+    vb_models = [m for m in models if any(k[0] == m for k in vb_records)]
     if vb_models:
-        vb_records = {(r["model"], r["system"]): r for r in records_for_table
-                      if r.get("ok") and r["case"] == "varbatch"}
-        sizes = next(iter(vb_records.values()))["sizes"] if vb_records else [1, VARBATCH_MAX]
+        sizes = next((r["sizes"] for r in vb_records.values() if r.get("ok")), [1, VARBATCH_MAX])
         L.append(f"### Variable batch sizes {sizes[0]}..{sizes[1]}, one fresh process per system, empty caches "
                  "(one run)\n")
         L.append("The loop calls the system once per batch size, in increasing order; its wall time counts "
@@ -520,6 +530,15 @@ def write_table(path: Path, summary, targets, notes, machine, meta, models, reco
             for sname in CASES["varbatch"].systems:
                 r = vb_records.get((m, sname))
                 if r is None:
+                    continue
+                if not r.get("ok"):
+                    p = r["partial"]
+                    L.append(f"| {m}: {label} | {_label(sname)} | **did not finish**: {r['error']} after batch "
+                             f"{p['batch']} of {sizes[1]}; the loop had taken {fmt_time(p['loop_s'])}, peak RSS "
+                             f"{p['rss_mb'] / 1024:.1f} GiB | {fmt_time(p['eager_loop_s'])} (to batch {p['batch']}) | "
+                             f"{p['compiles'] if p['compiles'] is not None else 'n/a'} (to batch {p['batch']}) | – | "
+                             f"{p['cache_mb']:.1f} MB | {'yes' if not p['mismatched_sizes'] else 'no'} "
+                             f"(to batch {p['batch']}) | – | – |")
                     continue
                 t = targets.get("varbatch", {}).get(m) if sname == "jitfreeze" else None
                 extra = f" ({r['fallbacks']} ran eagerly)" if r.get("fallbacks") else ""

@@ -38,6 +38,7 @@ import time
 import traceback
 
 PREFIX = "@@result "
+PROGRESS = "@@progress "     # varbatch: one line per batch size, so a killed worker (OOM) still tells how far it got
 
 
 def _rss_mb() -> float:
@@ -250,6 +251,10 @@ def measure_varbatch(name: str, args) -> dict:
                 a.shape == b_.shape and torch.allclose(a, b_, rtol=VARBATCH_RTOL, atol=VARBATCH_ATOL)
                 for a, b_ in pairs):
             mismatched.append(b)
+        real = systems.unwrap(target)
+        print(PROGRESS + json.dumps({"batch": b, "loop_s": sum(per_call), "eager_loop_s": sum(eager),
+                                     "compiles": real.cache_info().compiles if name.startswith("jitfreeze") else None,
+                                     "mismatched_sizes": mismatched, "rss_mb": _rss_mb()}), flush=True)
     res = {"system": name, "sizes": [sizes[0], sizes[-1]], "loop_s": sum(per_call), "eager_loop_s": sum(eager),
            "first_s": per_call[0], "per_call_s_list": [round(t, 6) for t in per_call],
            "all_close": not mismatched, "mismatched_sizes": mismatched, "max_diff": max_diff,

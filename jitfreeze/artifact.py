@@ -32,7 +32,7 @@ try:
 except ImportError:  # pragma: no cover - xxhash is a declared dependency
     _xxhash = None
 
-__all__ = ["pack", "unpack", "unpack_file", "peek_meta", "BadEntry", "MAX_META"]
+__all__ = ["pack", "seal_file", "unpack", "unpack_file", "peek_meta", "BadEntry", "MAX_META"]
 
 MAGIC = b"JITFRZ\x00\x02"
 SIGNED = 1
@@ -40,7 +40,7 @@ XXH3, SHA256 = 1, 2
 _LENS = struct.Struct(">IQBB")
 _TRAILER = _LENS.size + 32 + 32 + len(MAGIC)
 MAX_META = 48 * 1024
-_CHUNK = 8 * 2**20
+_CHUNK = 2**20
 
 
 class BadEntry(Exception):
@@ -59,17 +59,40 @@ def _digest(h) -> bytes:
     return h.digest().ljust(32, b"\0")
 
 
-def pack(key: str, meta: dict, payload: bytes, hmac_key: bytes | None = None) -> bytes:
+def _chunks(f, limit: int):
+    """Up to ``limit`` bytes of ``f`` from where it is, as views of one reused buffer (each is
+    only valid until the next): no allocation per chunk, 4-6x faster than ``f.read(n)`` chunks
+    on a file in the page cache (11 MB: 4 ms vs 20-30 ms; 434 MB: 80 ms vs 180-290 ms)."""
+    buf = memoryview(bytearray(min(_CHUNK, max(limit, 1))))
+    pos = 0
+    while pos < limit:
+        n = f.readinto(buf[:min(len(buf), limit - pos)])
+        if not n:
+            return
+        yield buf[:n]
+        pos += n
+
+
+def _tail(key: str, meta: dict, payload_chunks, payload_len: int, hmac_key: bytes | None) -> bytes:
+    """meta | trailer for a payload given as chunks (hashed in one pass)."""
     meta = dict(meta, key=key)
     meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
     if len(meta_bytes) > MAX_META:
         raise ValueError(f"entry metadata is {len(meta_bytes)} bytes (at most {MAX_META})")
     flags = SIGNED if hmac_key else 0
     algorithm = XXH3 if _xxhash is not None else SHA256
-    lens = _LENS.pack(len(meta_bytes), len(payload), flags, algorithm)
+    lens = _LENS.pack(len(meta_bytes), payload_len, flags, algorithm)
     h = _hasher(algorithm)
     mac = hmac.new(hmac_key, digestmod=hashlib.sha256) if hmac_key else None
-    for part in (payload, meta_bytes, lens):
+    seen = 0
+    for part in payload_chunks:
+        seen += len(part)
+        h.update(part)
+        if mac is not None:
+            mac.update(part)
+    if seen != payload_len:
+        raise BadEntry(f"payload changed while sealing ({seen} bytes, expected {payload_len})")
+    for part in (meta_bytes, lens):
         h.update(part)
         if mac is not None:
             mac.update(part)
@@ -78,7 +101,24 @@ def pack(key: str, meta: dict, payload: bytes, hmac_key: bytes | None = None) ->
     if mac is not None:
         mac.update(digest)
         signature = mac.digest()
-    return b"".join((payload, meta_bytes, lens, digest, signature, MAGIC))
+    return b"".join((meta_bytes, lens, digest, signature, MAGIC))
+
+
+def pack(key: str, meta: dict, payload: bytes, hmac_key: bytes | None = None) -> bytes:
+    return payload + _tail(key, meta, (payload,), len(payload), hmac_key)
+
+
+def seal_file(path: str | os.PathLike, key: str, meta: dict, hmac_key: bytes | None = None) -> int:
+    """Turn a file holding a payload into an entry in place (append meta and trailer): the
+    same bytes :func:`pack` would give, without reading the payload into memory. Returns the
+    entry's size."""
+    with open(path, "r+b") as f:
+        payload_len = os.fstat(f.fileno()).st_size
+        tail = _tail(key, meta, _chunks(f, payload_len), payload_len, hmac_key)
+        f.seek(payload_len)
+        f.write(tail)
+        f.truncate()
+        return payload_len + len(tail)
 
 
 def _parse_trailer(trailer: bytes, total: int):
@@ -154,16 +194,15 @@ def unpack_file(path: str | os.PathLike, key: str, hmac_key: bytes | None = None
             h = _hasher(algorithm)
             mac = hmac.new(hmac_key, digestmod=hashlib.sha256) if hmac_key is not None else None
             body_len, pos, meta_parts = payload_len + meta_len, 0, []
-            while pos < body_len:
-                chunk = f.read(min(_CHUNK, body_len - pos))
-                if not chunk:
-                    raise BadEntry("entry truncated while reading")
+            for chunk in _chunks(f, body_len):
                 h.update(chunk)
                 if mac is not None:
                     mac.update(chunk)
                 if pos + len(chunk) > payload_len:           # the chunk reaches into the metadata
-                    meta_parts.append(chunk[max(0, payload_len - pos):])
+                    meta_parts.append(bytes(chunk[max(0, payload_len - pos):]))
                 pos += len(chunk)
+            if pos < body_len:
+                raise BadEntry("entry truncated while reading")
             meta_bytes = b"".join(meta_parts)
     except FileNotFoundError:
         raise          # evicted or replaced since it was looked up: a miss, not a bad entry

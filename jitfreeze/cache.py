@@ -187,10 +187,7 @@ class PersistentCache:
             try:
                 self.store.put(full, data)      # the same verified envelope, stored as it came
             except Exception as exc:  # noqa: BLE001
-                self._writes_failed = True
-                trouble(f"cannot write to the jitfreeze cache at {self.location}; "
-                        "continuing without writing to it in this process", exc,
-                        strict=self.config.strict, once=("write", self.location), key=key)
+                self.write_failed(exc, key)
         return found
 
     def _publish(self, key: str, ns: str, data: bytes) -> bool:
@@ -226,26 +223,62 @@ class PersistentCache:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def put(self, key: str, meta: dict, payload: bytes, ns: str = ARTIFACT) -> bool:
-        """Store in the writable layer (never a read-only one) and publish to the remote tier."""
+    def new_file(self) -> tuple[str, str] | None:
+        """(name, path) of a file in the writable layer that a large artifact can be written
+        to directly and then stored by :meth:`put` without a copy; None where that is not
+        possible (a memory store, no writable layer, writes failed here before)."""
+        if self.store is None or self._writes_failed or not hasattr(self.store, "new_file"):
+            return None
+        try:
+            return self.store.new_file()
+        except Exception as exc:  # noqa: BLE001 - full disk, read-only: the write will tell
+            log.debug("jitfreeze: no value file in %s: %s", self.location, exc)
+            return None
+
+    def write_failed(self, exc: BaseException, key: str | None = None) -> None:
+        """Writing to the writable layer failed (full disk, read-only, locked database...):
+        one warning, and no more writes from this process."""
+        self._writes_failed = True
+        trouble(f"cannot write to the jitfreeze cache at {self.location}; "
+                "continuing without writing to it in this process", exc,
+                strict=self.config.strict, once=("write", self.location), key=key)
+
+    def put(self, key: str, meta: dict, payload, ns: str = ARTIFACT, file: str | None = None) -> bool:
+        """Store in the writable layer (never a read-only one) and publish to the remote tier.
+
+        ``payload`` is bytes, or a saved artifact (``.path``, ``.read()``, ``.release()``).
+        With ``file``, the name :meth:`new_file` gave for that same path, the file becomes the
+        entry in place (the envelope appended, the row inserted: no read, no copy) and the
+        artifact is released to the cache."""
         if (self.store is None or self._writes_failed) and self.remote is None:
             return False
-        data = artifact.pack(ns + key, meta, payload, self.config.hmac_key)
-        stored = False
-        if self.store is not None and not self._writes_failed:
+        full, hmac_key = ns + key, self.config.hmac_key
+        stored, data = False, None
+        if file is not None and self.store is not None and not self._writes_failed:
             try:
-                self.store.put(ns + key, data)
+                artifact.seal_file(payload.path, full, meta, hmac_key)
+                if self.remote is not None:
+                    data = payload.read()      # the sealed entry, to publish
+                payload.release()              # the cache's file now, whatever happens next
+                self.store.put_file(full, file)
                 stored = True
-            except Exception as exc:  # noqa: BLE001 - full disk, read-only, locked database...
-                self._writes_failed = True
-                trouble(f"cannot write to the jitfreeze cache at {self.location}; "
-                        "continuing without writing to it in this process", exc,
-                        strict=self.config.strict, once=("write", self.location), key=key)
+            except Exception as exc:  # noqa: BLE001
+                self.write_failed(exc, key)
+        else:
+            if not isinstance(payload, bytes):
+                payload = payload.read()
+            data = artifact.pack(full, meta, payload, hmac_key)
+            if self.store is not None and not self._writes_failed:
+                try:
+                    self.store.put(full, data)
+                    stored = True
+                except Exception as exc:  # noqa: BLE001 - full disk, read-only, locked database...
+                    self.write_failed(exc, key)
         if ns == ARTIFACT and self.journal is not None:
             self._record_compile(key, meta)
-        if self.remote is not None and self._publish(key, ns, data):
+        if data is not None and self.remote is not None and self._publish(key, ns, data):
             stored = True
-            log.debug("jitfreeze: published %s to %s", (ns + key)[:18], self.remote.location)
+            log.debug("jitfreeze: published %s to %s", full[:18], self.remote.location)
         return stored
 
     def _record_compile(self, key: str, meta: dict) -> None:

@@ -651,7 +651,13 @@ class JitFreezeFunction:
                         log.info("%s: loaded %s (compiled by another process) from %s", self.name, key[:16], cache.where())
                         return self._entry(module, key, call, traced, "cache"), traced.real_result
             t1 = time.perf_counter()
-            saved = self._backend.compile(traced)
+            # Saved straight into the cache's directory where it can be: storing it is then
+            # sealing it in place, not reading, packing and writing it again (BERT-size: 434 MB).
+            file = cache.new_file() if held else None
+            saved = self._backend.compile(traced, file[1] if file else None)
+            if saved.error is not None:
+                cache.write_failed(saved.error, key)
+                file = None
             try:
                 t2 = time.perf_counter()
                 module = self._load(None, key, saved, call)
@@ -663,14 +669,14 @@ class JitFreezeFunction:
                     raise FallbackReason(f"the compiled function disagrees with eager: {why}")
                 t4 = time.perf_counter()
                 self._compiles += 1
-                payload = saved.read() if held else b""
-                stored = held and cache.put(key, self._meta(call, parts), payload)
+                size = len(saved)
+                stored = held and cache.put(key, self._meta(call, parts), saved, file=file and file[0])
             finally:
                 saved.remove()
             log.info("%s: compiled %s in %.2fs (trace %.2fs, script+freeze+save %.2fs, load+optimize %.2fs, "
                      "first call %.2fs, store %.2fs)%s", self.name, _short_sig(call), time.perf_counter() - t0,
                      t_trace, t2 - t1, t3 - t2, t4 - t3, time.perf_counter() - t4,
-                     f"; stored {len(payload) / 1e6:.1f} MB as {key[:16]}" if stored else "; not stored")
+                     f"; stored {size / 1e6:.1f} MB as {key[:16]}" if stored else "; not stored")
             return self._entry(module, key, call, traced, "compiled" if stored else "unstored"), traced.real_result
 
     def _load(self, cache, key, payload, call):

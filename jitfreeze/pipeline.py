@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import logging
 import os
@@ -239,23 +240,76 @@ def outputs_match(outputs, reference) -> str | None:
 
 
 class SavedArtifact:
-    """A freshly saved artifact in a temporary file: load it in place, read its bytes, remove it."""
+    """A freshly saved artifact in a file: load it in place, read its bytes, remove it.
 
-    __slots__ = ("path",)
+    ``error`` is the exception that kept it from the path the caller asked for (it was then saved
+    to a temporary file instead), or None. :meth:`release` hands the file over to whoever now
+    owns it (a cache that adopted it): :meth:`remove` then leaves it alone."""
 
-    def __init__(self, path: str):
+    __slots__ = ("path", "error")
+
+    def __init__(self, path: str, error: Exception | None = None):
         self.path = path
+        self.error = error
 
     def read(self) -> bytes:
         with open(self.path, "rb") as f:
             return f.read()
 
+    def release(self) -> None:
+        self.path = None
+
     def remove(self) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
     def __len__(self) -> int:
         return os.path.getsize(self.path)
+
+
+def _room_for(path: str, need: int) -> bool:
+    try:
+        st = os.statvfs(os.path.dirname(path) or ".")
+    except OSError:
+        return True          # unknown: let the write tell
+    return st.f_bavail * st.f_frsize >= need
+
+
+def _save(module, path: str | None, estimate: int) -> SavedArtifact:
+    """torch.jit.save to ``path`` (e.g. straight into a cache's directory), or to a temporary
+    file when no path is given or there is no room there (a full disk): the compiled function is
+    still good, only storing it is not.
+
+    Free space is checked first because torch.jit.save does not fail cleanly on a full disk: its
+    zip writer throws again from its destructor and the process aborts (seen here on a full
+    tmpfs). ``estimate`` is the artifact's expected size (its constants, plus a margin)."""
+    error = None
+    if path is not None:
+        if _room_for(path, estimate):
+            try:
+                torch.jit.save(module, path)
+                return SavedArtifact(path)
+            except Exception as exc:  # noqa: BLE001 - torch reports write errors as RuntimeError
+                error = exc
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        else:
+            error = OSError(errno.ENOSPC, f"no room for a {estimate / 1e6:.1f} MB artifact",
+                            os.path.dirname(path))
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    fd, tmp = tempfile.mkstemp(prefix="jitfreeze-", suffix=".pt")
+    os.close(fd)
+    try:
+        if not _room_for(tmp, estimate):
+            raise FallbackReason(f"no room to save the frozen function ({estimate / 1e6:.1f} MB) in "
+                                 f"{os.path.dirname(tmp)}")
+        torch.jit.save(module, tmp)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return SavedArtifact(tmp, error)
 
 
 class TorchScriptBackend:
@@ -269,7 +323,8 @@ class TorchScriptBackend:
         # The backend's part of every key: what compile() produces depends on ``optimize``.
         self.name = "torchscript-freeze-1" + ("+pretranspose" if optimize else "")
 
-    def compile(self, traced: Traced) -> bytes:
+    def compile(self, traced: Traced, path: str | None = None) -> SavedArtifact:
+        """The frozen function saved to ``path`` (or a temporary file: see :func:`_save`)."""
         with _quiet_torchscript(), _no_jit_autocast():
             try:
                 scripted = torch.jit.script(traced.graph_module)
@@ -283,14 +338,11 @@ class TorchScriptBackend:
                 log.debug("linear weights pre-transposed before saving")
             # Through a file, not a BytesIO: torch.jit.save/load through Python file objects is
             # 4-6x slower (434 MB BERT-size artifact: save 3.6 s vs 0.8 s, load 1.7 s vs 0.3 s).
-            fd, path = tempfile.mkstemp(prefix="jitfreeze-", suffix=".pt")
-            os.close(fd)
-            try:
-                torch.jit.save(frozen, path)
-            except BaseException:
-                os.unlink(path)
-                raise
-        return SavedArtifact(path)
+            # Expected size: the weights (64-byte aligned records), the code (a few hundred
+            # bytes per node) and the zip's own records.
+            weights = sum(t.untyped_storage().nbytes() + 64 for _, t in traced.constants)
+            code = 400 * len(traced.graph_module.graph.nodes)
+            return _save(frozen, path, estimate=weights + weights // 16 + code + 64 * 1024)
 
     def load(self, data, device: torch.device | None, optimize: bool):
         """bytes (or a verified file: anything with ``.path``) -> callable taking the tensor leaves,

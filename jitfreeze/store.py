@@ -148,6 +148,16 @@ def _chunks(value: bytes, size: int = 4 * 2**20):
     return (view[i:i + size] for i in range(0, len(view), size))
 
 
+class Adopt:
+    """A complete value already written to a value file in the cache's layout."""
+
+    __slots__ = ("filename", "size")
+
+    def __init__(self, filename: str, size: int):
+        self.filename = filename
+        self.size = size
+
+
 class RawOnlyDisk(diskcache.Disk):
     """A diskcache Disk that stores and returns raw bytes only.
 
@@ -170,6 +180,10 @@ class RawOnlyDisk(diskcache.Disk):
         return bytes(key) if type(key) is sqlite3.Binary else key
 
     def store(self, value, read, key=UNKNOWN):
+        if type(value) is Adopt and not read:
+            # A value file written in place (DiskStore.put_file): the row takes it as it is.
+            self.written = value.filename
+            return value.size, MODE_BINARY, value.filename, None
         if read or type(value) is not bytes:
             raise TypeError(f"jitfreeze stores raw bytes only, not {type(value).__name__}")
         if len(value) < self.min_file_size:
@@ -317,6 +331,37 @@ class DiskStore:
         self._write(lambda c: self._set(c, key, value))
         with contextlib.suppress(diskcache.Timeout, sqlite3.OperationalError):
             self._cull(self._cache, keep=key)   # best effort: the entry is stored either way
+
+    def new_file(self) -> tuple[str, str]:
+        """(filename, path) of a fresh value file in the cache's layout, for a large value to be
+        written in place and then adopted with :meth:`put_file` (no copy). A file that is never
+        adopted (a crash) is an orphan that :meth:`sweep_orphans` removes."""
+        if self.readonly:
+            raise PermissionError(f"{self.location} is a read-only layer")
+        filename, path = self._cache.disk.filename()
+        filename = filename.replace(os.sep, "/")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return filename, path
+
+    def put_file(self, key, filename: str):
+        """Store the value file ``filename`` (from :meth:`new_file`, complete) under ``key``.
+        On failure the file is removed, like a failed :meth:`put`'s."""
+        if type(filename) is not str or not _VALUE_FILE.match(filename):
+            raise ValueError(f"{filename!r} is not a value file of this cache")
+        path = os.path.join(self._cache.directory, filename)
+        try:
+            size = os.lstat(path).st_size
+            if size < self._cache.disk.min_file_size:     # small: inline in the row, like put's
+                with open(path, "rb") as f:
+                    value = f.read()
+                os.remove(path)
+                self.put(key, value)
+            else:
+                self.put(key, Adopt(filename, size))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            raise
 
     def _set(self, cache, key, value):
         """diskcache's set, but a failed write never leaves its value file behind.

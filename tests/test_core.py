@@ -280,8 +280,8 @@ def _stored_graphs(monkeypatch):
     from jitfreeze import pipeline
     graphs, real = [], pipeline.TorchScriptBackend.compile
 
-    def compile_and_record(self, traced):
-        saved = real(self, traced)
+    def compile_and_record(self, traced, *args):
+        saved = real(self, traced, *args)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             graphs.append(str(torch.jit.load(saved.path).graph))

@@ -273,7 +273,7 @@ def test_32_processes_open_an_empty_directory_at_once(cache_dir):
 
 HANG_IN_COMPILE = """
 import jitfreeze.pipeline as _p
-def _hang(self, traced):
+def _hang(self, traced, *args):
     print("compiling", flush=True)
     time.sleep(600)
 _p.TorchScriptBackend.compile = _hang
@@ -312,16 +312,27 @@ def test_sigkill_while_holding_the_key_lock(cache_dir):
 # -- 5: SIGKILL mid-write ---------------------------------------------------------------------------
 
 KILL_IN_WRITE = {
-    # half of the value file written, then killed: no row, a partial file
+    # half of the value file written (torch.jit.save writes it in the cache directory), then
+    # killed: no row, a partial file
     "file": """
-        from jitfreeze.store import RawOnlyDisk
-        def _half(self, full_path, reader, mode, encoding=None):
-            data = b"".join(reader)
-            os.makedirs(os.path.dirname(full_path), exist_ok=True)
-            with open(full_path, mode) as f:
-                f.write(data[: len(data) // 2]); f.flush()
+        import torch
+        _save = torch.jit.save
+        def _half(module, f, *a, **k):
+            _save(module, f, *a, **k)
+            if str(f).startswith(args["cache_dir"]):
+                with open(f, "r+b") as fh:
+                    fh.truncate(os.path.getsize(f) // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+        torch.jit.save = _half
+    """,
+    # the payload saved, killed while its envelope is appended
+    "seal": """
+        from jitfreeze import artifact
+        def _die(path, *a, **k):
+            with open(path, "ab") as fh:
+                fh.write(b"partial envelope"); fh.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        RawOnlyDisk._write = _half
+        artifact.seal_file = _die
     """,
     # the file complete, killed before the row is inserted
     "before-row": """
@@ -420,7 +431,7 @@ def test_corrupt_artifact_never_reaches_torch_jit_load(cache_dir, monkeypatch, w
     compiled, loaded = [], []
     real_compile, real_load = pipeline.TorchScriptBackend.compile, pipeline.TorchScriptBackend.load
     monkeypatch.setattr(pipeline.TorchScriptBackend, "compile",
-                        lambda self, t: compiled.append(real_compile(self, t)) or compiled[-1])
+                        lambda self, t, *a: compiled.append(real_compile(self, t, *a)) or compiled[-1])
     monkeypatch.setattr(pipeline.TorchScriptBackend, "load",
                         lambda self, data, *a: loaded.append(data) or real_load(self, data, *a))
     with recorded() as caught:
@@ -701,16 +712,42 @@ def test_disk_full_tmpfs(tmpfs):
     assert len(late["warnings"]) == 1 and "running uncached" in late["warnings"][0]
 
 
-@pytest.mark.parametrize("fault", ["enospc-in-file", "sqlite-full"])
+@pytest.mark.parametrize("fault", ["enospc-in-save", "enospc-in-seal", "enospc-in-file", "sqlite-full"])
 def test_disk_full_injected(cache_dir, monkeypatch, fault):
-    """Fault 11, injected: ENOSPC half way through the value file, or SQLite's 'database or disk is full'
-    at the row: no orphan file, one warning, the right answer, existing entries still readable."""
+    """Fault 11, injected: ENOSPC half way through the value file (written by torch.jit.save straight
+    into the cache directory, or by the envelope appended to it, or by a bytes write), or SQLite's
+    'database or disk is full' at the row: no orphan file, one warning, the right answer, existing
+    entries still readable."""
     import diskcache
+
+    from jitfreeze import artifact
 
     kept_model, (kx,) = make("transformer", seed=0)
     run(kept_model, kx, cache_dir)
     fresh_process_state()
-    if fault == "enospc-in-file":
+
+    def half_then_enospc(path):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if fault == "enospc-in-save":
+        real_save = torch.jit.save
+
+        def save(module, f, *a, **k):
+            real_save(module, f, *a, **k)
+            if str(f).startswith(str(cache_dir)):
+                half_then_enospc(f)
+        monkeypatch.setattr(torch.jit, "save", save)
+    elif fault == "enospc-in-seal":
+        def seal(path, *a, **k):
+            half_then_enospc(path)
+        monkeypatch.setattr(artifact, "seal_file", seal)
+    elif fault == "enospc-in-file":
+        # bytes written by the store itself (e.g. an entry fetched from the remote tier): here,
+        # every artifact goes through put(bytes) because no file is offered for saving into
+        monkeypatch.setattr(DiskStore, "new_file", lambda self: (_ for _ in ()).throw(OSError("no file")))
+
         def write(self, full_path, reader, mode, encoding=None):
             data = b"".join(reader)
             os.makedirs(os.path.dirname(full_path), exist_ok=True)
@@ -859,10 +896,10 @@ def test_fork_while_another_thread_compiles(cache_dir):
     entered, release = threading.Event(), threading.Event()
     real_compile = pipeline.TorchScriptBackend.compile
 
-    def slow_compile(self, traced):
+    def slow_compile(self, traced, *args):
         entered.set()
         release.wait(30)
-        return real_compile(self, traced)
+        return real_compile(self, traced, *args)
 
     pipeline.TorchScriptBackend.compile = slow_compile
     try:
