@@ -519,11 +519,13 @@ def write_table(path: Path, summary, targets, notes, machine, meta, models, reco
                  "those calls only (each is followed by an untimed eager call on the same inputs, whose "
                  "outputs it must match: `torch.allclose`, rtol = atol = 1e-4). Compiles: jitfreeze's "
                  "`cache_info().compiles`, torch.compile's graphs compiled (dynamo `unique_graphs`). "
-                 "Stored artifacts: jitfreeze's cache entries, torch.compile's FX graph cache entries; disk: "
+                 "Beyond eager: the loop's time minus the same loop run eagerly, i.e. what compiling (and "
+                 "loading) cost on top of the calls themselves. Stored artifacts: jitfreeze's cache entries, torch.compile's FX graph cache entries; disk: "
                  "the whole cache directory (`TORCHINDUCTOR_CACHE_DIR` for torch.compile). "
                  "jitfreeze (dynamic=False) is given max_signatures=64 (default 8, after which new shapes "
                  "run eagerly) so that it compiles every size.\n")
-        header(["model", "system", "loop wall time", "same loop eagerly", "compiles", "stored artifacts",
+        header(["model", "system", "loop wall time", "same loop eagerly", "beyond eager (compiling, loading)",
+                "compiles", "stored artifacts",
                 "cache on disk", "allclose to eager (every size)", "max abs diff", "≤ 3 compiles, ≤ 3 artifacts"])
         for m in vb_models:
             label = models_mod.VARBATCH[m].label
@@ -536,6 +538,7 @@ def write_table(path: Path, summary, targets, notes, machine, meta, models, reco
                     L.append(f"| {m}: {label} | {_label(sname)} | **did not finish**: {r['error']} after batch "
                              f"{p['batch']} of {sizes[1]}; the loop had taken {fmt_time(p['loop_s'])}, peak RSS "
                              f"{p['rss_mb'] / 1024:.1f} GiB | {fmt_time(p['eager_loop_s'])} (to batch {p['batch']}) | "
+                             f"{fmt_time(p['loop_s'] - p['eager_loop_s'])} (to batch {p['batch']}) | "
                              f"{p['compiles'] if p['compiles'] is not None else 'n/a'} (to batch {p['batch']}) | – | "
                              f"{p['cache_mb']:.1f} MB | {'yes' if not p['mismatched_sizes'] else 'no'} "
                              f"(to batch {p['batch']}) | – | – |")
@@ -544,7 +547,7 @@ def write_table(path: Path, summary, targets, notes, machine, meta, models, reco
                 extra = f" ({r['fallbacks']} ran eagerly)" if r.get("fallbacks") else ""
                 own = "" if r["sizes"] == sizes else f" (sizes {r['sizes'][0]}..{r['sizes'][1]})"
                 L.append(f"| {m}: {label} | {_label(sname)}{own} | {fmt_time(r['loop_s'])} | "
-                         f"{fmt_time(r['eager_loop_s'])} | "
+                         f"{fmt_time(r['eager_loop_s'])} | {fmt_time(r['loop_s'] - r['eager_loop_s'])} | "
                          f"{r['compiles']}{extra} | {r.get('artifacts', 'n/a')} | {r['cache_mb']:.1f} MB | "
                          f"{'yes' if r['all_close'] else '**no** (sizes ' + str(r['mismatched_sizes']) + ')'} | "
                          f"{r['max_diff']:.2g} | {_pf(t) if t else '–'} |")
