@@ -421,6 +421,9 @@ def write_table(path: Path, summary, targets, notes, machine, meta, models, reco
              f"fresh process; median (min–max). Ratios are jitfreeze / the other system (medians). "
              f"Whole run: {meta['wall_s'] / 60:.1f} min; load average (1, 5, 15 min) at start {meta['loadavg_start']}, "
              f"at end {meta['loadavg_end']}.")
+    for m in meta.get("merged") or ():
+        L.append(f"Merged in: the {', '.join(m['cases'])} records of a separate run of {m['date']} "
+                 f"({', '.join(m['models'])}; {m['wall_s'] / 60:.1f} min).")
     busy = [x for x in (meta.get("loadavg_start") or [])[:1] + (meta.get("loadavg_end") or [])[:1]
             if x > (machine.get("logical_cpus") or 1)]
     if busy:
@@ -682,6 +685,9 @@ def main(argv=None) -> int:
                         "benchmarks/README.md (or of the file given)")
     p.add_argument("--varbatch-max", type=int, default=64, metavar="N",
                    help="varbatch case: batch sizes 1..N (default 64; e.g. 4 for a quick check)")
+    p.add_argument("--merge", nargs="+", type=Path, default=[], metavar="RESULTS_JSON",
+                   help="add the records of earlier runs (their results.json) to this run's table, e.g. a "
+                        "long varbatch run made separately; the table says which runs were merged")
     p.add_argument("--hf", action="store_true",
                    help="run the Hugging Face transformers rows instead (python -m benchmarks.hf; "
                         "--repeat, --budget, --timeout, --threads and --out are passed on)")
@@ -725,6 +731,13 @@ def main(argv=None) -> int:
         records = run_all(models, args.cases, systems, repeat, budget, args.timeout, tmp_root, log=log,
                           progress=lambda s: print(s, flush=True))
     wall = time.perf_counter() - t0
+    merged = []
+    for path in args.merge:
+        earlier = json.loads(path.read_text())
+        records += [dict(r, merged_from=earlier["meta"]["date"]) for r in earlier["records"]]
+        merged.append({"file": str(path), "date": earlier["meta"]["date"], "cases": earlier["meta"]["cases"],
+                       "models": earlier["meta"]["models"], "wall_s": earlier["meta"]["wall_s"]})
+        models = models + [m for m in earlier["meta"]["models"] if m not in models]
     shutil.rmtree(tmp_root, ignore_errors=True)
     if log_path.stat().st_size == 0:
         log_path.unlink()
@@ -736,7 +749,7 @@ def main(argv=None) -> int:
     meta = {"date": started.strftime("%Y-%m-%d %H:%M %Z"), "repeat": repeat, "budget_s": budget,
             "models": models, "cases": args.cases, "wall_s": wall, "loadavg_start": load_start,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-            "argv": sys.argv[1:] if argv is None else list(argv)}
+            "argv": sys.argv[1:] if argv is None else list(argv), "merged": merged}
     (out / "results.json").write_text(json.dumps(
         {"meta": meta, "machine": machine, "summary": summary, "targets": targets, "notes": notes,
          "records": records}, indent=1, default=str))
