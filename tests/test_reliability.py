@@ -570,6 +570,43 @@ def test_raw_only_disk_refuses_pickle_on_write(cache_dir):
     assert store.stats()["entries"] == 0
 
 
+def test_adopted_value_files_are_entries_like_put_ones(cache_dir):
+    """A value file written in place (new_file + seal_file + put_file) reads back exactly like the
+    same entry stored with put(pack(...)); a small one goes inline; a file outside the layout or
+    a failed insert is refused and leaves no file."""
+    import diskcache
+
+    from jitfreeze import artifact
+
+    store = DiskStore(cache_dir, 2**30)
+    for size in (100 * 1024, 1000):                       # a value file, then a small (inline) entry
+        payload = os.urandom(size)
+        name, path = store.new_file()
+        with open(path, "wb") as f:
+            f.write(payload)
+        artifact.seal_file(path, f"a/k{size}", {"n": size})
+        store.put_file(f"a/k{size}", name)
+        data = store.get(f"a/k{size}")
+        assert data == artifact.pack(f"a/k{size}", {"n": size}, payload)
+        assert artifact.unpack(data, f"a/k{size}")[1] == payload
+        assert (store.get_file(f"a/k{size}") is not None) == (size > 1000)
+    assert len(value_files(cache_dir)) == 1 and store.check() == []
+    with pytest.raises(ValueError):
+        store.put_file("a/x", "../outside.val")
+    name, path = store.new_file()
+    with open(path, "wb") as f:
+        f.write(os.urandom(100 * 1024))
+    real = diskcache.Cache._row_insert
+    diskcache.Cache._row_insert = lambda *a, **k: (_ for _ in ()).throw(sqlite3.OperationalError("disk is full"))
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            store.put_file("a/y", name)
+    finally:
+        diskcache.Cache._row_insert = real
+    assert not os.path.exists(path) and len(value_files(cache_dir)) == 1
+    assert store.get("a/y") is None
+
+
 # -- 9: read-only cache directory or file system -----------------------------------------------------
 
 @pytest.mark.parametrize("state", ["empty", "populated", "missing-subdir"])
