@@ -9,7 +9,8 @@ A fingerprint covers, for one call:
 * for a bound or wrapped module: for every submodule, its class (qualified name, and for classes
   outside torch the code of every method on the class and its bases below ``nn.Module``), its
   plain attributes (``eps``, ``num_heads``, flags), the code of its forward hooks, and a digest of
-  every parameter and buffer (names, dtypes, shapes, bytes);
+  every parameter and buffer (names, dtypes, shapes, bytes); and the plain data its other
+  attributes hold (e.g. a transformers config: the fields of objects, a few levels deep);
 * the input signature, the device, the versions and the pipeline options (added by the caller).
 
 It cannot see: attributes of imported *modules* it reads (``helpers.act(x)`` where ``helpers``
@@ -32,7 +33,11 @@ from .digest import digest_tensors
 __all__ = ["Unfingerprintable", "function_fingerprint", "module_fingerprint"]
 
 _MAX_DEPTH = 4
-_MAX_OBJECTS = 4000
+_MAX_OBJECTS = 20000     # a bound on the walk (transformers models reach 2,500-4,500)
+_MAX_DATA_DEPTH = 3       # levels of plain objects followed from a module attribute (config.text_config...)
+# Fields of plain objects that differ from process to process without meaning anything for the
+# graph (transformers' GenerationConfig keeps a salted hash() of itself).
+_VOLATILE_FIELDS = frozenset({"_original_object_hash"})
 _PLAIN = (type(None), bool, int, float, str, bytes, complex, torch.dtype, torch.device, torch.layout,
           torch.memory_format)
 _TORCH_PREFIXES = ("torch.", "torch")
@@ -146,6 +151,40 @@ class _Walker:
         else:
             self.add("object", type(v).__module__, type(v).__qualname__)
 
+    def data(self, v, depth: int) -> None:
+        """Plain data reachable from a module attribute: values, containers, and the ``__dict__``
+        of plain objects (``depth`` levels of them), e.g. a transformers ``PretrainedConfig``."""
+        self.count += 1
+        if self.count > _MAX_OBJECTS:
+            raise Unfingerprintable("too many objects reachable from the function")
+        if isinstance(v, enum.Enum):
+            self.add("enum", type(v).__module__, type(v).__qualname__, v.name)
+        elif isinstance(v, _PLAIN):
+            self.add(type(v).__name__, v)
+        elif isinstance(v, (tuple, list, dict, set, frozenset)):
+            if self._visit(v):
+                self.add(type(v).__name__, len(v))
+                if isinstance(v, dict):
+                    for k, item in v.items():
+                        self.data(k, 0)
+                        self.data(item, depth)
+                else:
+                    for item in sorted(v, key=repr) if isinstance(v, (set, frozenset)) else v:
+                        self.data(item, depth)
+        elif isinstance(v, (torch.Tensor, torch.nn.Module, types.FunctionType, types.MethodType, type,
+                            types.ModuleType)):
+            self.value(v, _MAX_DEPTH)        # tensors digested, the rest by reference
+        elif depth > 0 and isinstance(getattr(v, "__dict__", None), dict):
+            if self._visit(v):
+                self.add("object", type(v).__module__, type(v).__qualname__)
+                for k, item in sorted(vars(v).items()):
+                    if k in _VOLATILE_FIELDS:
+                        continue
+                    self.add("field", k)
+                    self.data(item, depth - 1)
+        else:
+            self.add("object", type(v).__module__, type(v).__qualname__)
+
     def klass(self, cls: type) -> None:
         if not self._visit(cls):
             return
@@ -187,6 +226,12 @@ class _Walker:
                 elif isinstance(v, torch.Tensor):
                     self.add("tensor-attr", attr)
                     self.value(v, 0)
+                elif not isinstance(v, (torch.nn.Module, types.FunctionType, types.MethodType, type,
+                                        types.ModuleType)):
+                    # plain data held in an object: a transformers config (output_hidden_states,
+                    # attention implementation...) decides the graph as much as the code does
+                    self.add("data-attr", attr)
+                    self.data(v, _MAX_DATA_DEPTH)
             for hooks in (sub._forward_hooks, sub._forward_pre_hooks):
                 for hook in hooks.values():
                     self.add("hook")

@@ -180,8 +180,17 @@ for name in ARCHS:
         ref_p = model(**make_inputs(name, padded=True))
     info = fast.cache_info()
     result[name] = dict(info._asdict(), same_class=type(out) is type(ref),
-                        same_fields=list(out.keys()) == list(ref.keys()),
+                        same_fields=list(out.keys()) == list(ref.keys()), traces=fast.traces,
                         diff=max_diff(out, ref), diff_padded=max_diff(out_p, ref_p))
+# The same weights and code with another config: the fingerprint covers the config's fields, so
+# this misses the index (a trace) instead of serving a graph without the hidden states.
+model = build("bert")
+model.config.output_hidden_states = True
+fast = jitfreeze(model, cache_dir=sys.argv[1])
+with torch.no_grad():
+    out, ref = fast(**make_inputs("bert")), model(**make_inputs("bert"))
+result["config_change"] = dict(traces=fast.traces, fields=list(out.keys()), ref_fields=list(ref.keys()),
+                               diff=max_diff(out, ref))
 print(json.dumps(result))
 """
 
@@ -201,6 +210,27 @@ def test_second_process_loads_every_architecture(transformers, hf_cache_dir, no_
         assert (r["loads"], r["compiles"], r["fallbacks"]) == (1, 0, 0), (name, r)
         assert r["same_class"] and r["same_fields"], (name, r)
         assert r["diff"] < 1e-4 and r["diff_padded"] < 1e-4, (name, r)
+    r = result["config_change"]
+    assert r["traces"] == 1 and "hidden_states" in r["fields"] and r["fields"] == r["ref_fields"], r
+    assert r["diff"] < 1e-4, r
+
+
+_FINGERPRINTS = """
+import json, os
+os.environ["HF_HUB_OFFLINE"] = "1"
+from jitfreeze.fingerprint import module_fingerprint
+from tests.test_hf_models import ARCHS, build
+print(json.dumps({name: module_fingerprint(build(name))[0] for name in ARCHS}))
+"""
+
+
+@pytest.mark.hf
+def test_fingerprints_are_the_same_in_every_process(transformers, tmp_path):
+    # The fingerprint covers the configs' fields: none of them may differ from process to process
+    # (transformers' GenerationConfig keeps a salted hash of itself), or warm starts would re-trace.
+    first, _ = run_script(_FINGERPRINTS, tmp_path, env={"HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "1"})
+    second, _ = run_script(_FINGERPRINTS, tmp_path, env={"HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "2"})
+    assert first == second
 
 
 # ----------------------------------------------------------------------------- what cannot be compiled
