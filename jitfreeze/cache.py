@@ -223,10 +223,11 @@ class PersistentCache:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def new_file(self) -> tuple[str, str] | None:
-        """(name, path) of a file in the writable layer that a large artifact can be written
-        to directly and then stored by :meth:`put` without a copy; None where that is not
-        possible (a memory store, no writable layer, writes failed here before)."""
+    def new_file(self):
+        """A file in the writable layer (``.name``, ``.path``, ``.close()``: see
+        :meth:`DiskStore.new_file`) that a large artifact can be written to directly and then
+        stored by :meth:`put` without a copy; None where that is not possible (a memory store,
+        no writable layer, writes failed here before). The caller closes it after :meth:`put`."""
         if self.store is None or self._writes_failed or not hasattr(self.store, "new_file"):
             return None
         try:
@@ -243,11 +244,11 @@ class PersistentCache:
                 "continuing without writing to it in this process", exc,
                 strict=self.config.strict, once=("write", self.location), key=key)
 
-    def put(self, key: str, meta: dict, payload, ns: str = ARTIFACT, file: str | None = None) -> bool:
+    def put(self, key: str, meta: dict, payload, ns: str = ARTIFACT, file=None) -> bool:
         """Store in the writable layer (never a read-only one) and publish to the remote tier.
 
         ``payload`` is bytes, or a saved artifact (``.path``, ``.read()``, ``.release()``).
-        With ``file``, the name :meth:`new_file` gave for that same path, the file becomes the
+        With ``file``, what :meth:`new_file` gave for that same path, the file becomes the
         entry in place (the envelope appended, the row inserted: no read, no copy) and the
         artifact is released to the cache."""
         if (self.store is None or self._writes_failed) and self.remote is None:
@@ -260,7 +261,7 @@ class PersistentCache:
                 if self.remote is not None:
                     data = payload.read()      # the sealed entry, to publish
                 payload.release()              # the cache's file now, whatever happens next
-                self.store.put_file(full, file)
+                self.store.put_file(full, file.name)
                 stored = True
             except Exception as exc:  # noqa: BLE001
                 self.write_failed(exc, key)

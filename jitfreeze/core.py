@@ -14,6 +14,7 @@ trace's own (eager) outputs, and put the entry in the in-process table.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import inspect
 import logging
@@ -654,9 +655,17 @@ class JitFreezeFunction:
             # Saved straight into the cache's directory where it can be: storing it is then
             # sealing it in place, not reading, packing and writing it again (BERT-size: 434 MB).
             file = cache.new_file() if held else None
-            saved = self._backend.compile(traced, file[1] if file else None)
+            try:
+                saved = self._backend.compile(traced, file.path if file else None)
+            except BaseException:
+                if file is not None:
+                    file.close()
+                    with contextlib.suppress(OSError):
+                        os.remove(file.path)
+                raise
             if saved.error is not None:
                 cache.write_failed(saved.error, key)
+                file.close()
                 file = None
             try:
                 t2 = time.perf_counter()
@@ -670,9 +679,11 @@ class JitFreezeFunction:
                 t4 = time.perf_counter()
                 self._compiles += 1
                 size = len(saved)
-                stored = held and cache.put(key, self._meta(call, parts), saved, file=file and file[0])
+                stored = held and cache.put(key, self._meta(call, parts), saved, file=file)
             finally:
                 saved.remove()
+                if file is not None:
+                    file.close()
             log.info("%s: compiled %s in %.2fs (trace %.2fs, script+freeze+save %.2fs, load+optimize %.2fs, "
                      "first call %.2fs, store %.2fs)%s", self.name, _short_sig(call), time.perf_counter() - t0,
                      t_trace, t2 - t1, t3 - t2, t4 - t3, time.perf_counter() - t4,

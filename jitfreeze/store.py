@@ -40,6 +40,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import diskcache
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows
+    fcntl = None
 from diskcache.core import MODE_BINARY, MODE_RAW, UNKNOWN
 
 __all__ = ["Store", "MemoryStore", "DiskStore", "RawOnlyDisk", "UnsafeEntry", "CorruptStore",
@@ -146,6 +151,42 @@ class MemoryStore:
 def _chunks(value: bytes, size: int = 4 * 2**20):
     view = memoryview(value)
     return (view[i:i + size] for i in range(0, len(view), size))
+
+
+class NewFile:
+    """A value file being written (:meth:`DiskStore.new_file`): its name in the layout, its path,
+    and the lock that marks it in use until :meth:`close`."""
+
+    __slots__ = ("name", "path", "_fd")
+
+    def __init__(self, name: str, path: str, fd: int):
+        self.name, self.path, self._fd = name, path, fd
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def _in_use(path) -> bool:
+    """Whether another open file description holds an flock on ``path`` (a value file being written)."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)          # closing drops the probe's own lock
 
 
 class Adopt:
@@ -332,16 +373,26 @@ class DiskStore:
         with contextlib.suppress(diskcache.Timeout, sqlite3.OperationalError):
             self._cull(self._cache, keep=key)   # best effort: the entry is stored either way
 
-    def new_file(self) -> tuple[str, str]:
-        """(filename, path) of a fresh value file in the cache's layout, for a large value to be
-        written in place and then adopted with :meth:`put_file` (no copy). A file that is never
-        adopted (a crash) is an orphan that :meth:`sweep_orphans` removes."""
+    def new_file(self) -> "NewFile":
+        """A fresh, empty value file in the cache's layout, for a large value to be written in
+        place and then adopted with :meth:`put_file` (no copy). It is flock-ed until closed, so
+        that :meth:`sweep_orphans` leaves it alone while it is being written (a compile takes
+        seconds); a file that is never adopted (a crash: the kernel drops the lock) is an orphan
+        that :meth:`sweep_orphans` removes."""
         if self.readonly:
             raise PermissionError(f"{self.location} is a read-only layer")
         filename, path = self._cache.disk.filename()
-        filename = filename.replace(os.sep, "/")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        return filename, path
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            raise
+        return NewFile(filename.replace(os.sep, "/"), path, fd)
 
     def put_file(self, key, filename: str):
         """Store the value file ``filename`` (from :meth:`new_file`, complete) under ``key``.
@@ -525,7 +576,7 @@ class DiskStore:
         for path in self._value_files():
             rel = os.path.relpath(path, self.directory).replace(os.sep, "/")
             try:
-                if rel not in known and now - path.lstat().st_mtime >= min_age:
+                if rel not in known and now - path.lstat().st_mtime >= min_age and not _in_use(path):
                     path.unlink()
                     removed += 1
                     with contextlib.suppress(OSError):

@@ -581,11 +581,12 @@ def test_adopted_value_files_are_entries_like_put_ones(cache_dir):
     store = DiskStore(cache_dir, 2**30)
     for size in (100 * 1024, 1000):                       # a value file, then a small (inline) entry
         payload = os.urandom(size)
-        name, path = store.new_file()
-        with open(path, "wb") as f:
+        new = store.new_file()
+        with open(new.path, "wb") as f:
             f.write(payload)
-        artifact.seal_file(path, f"a/k{size}", {"n": size})
-        store.put_file(f"a/k{size}", name)
+        artifact.seal_file(new.path, f"a/k{size}", {"n": size})
+        store.put_file(f"a/k{size}", new.name)
+        new.close()
         data = store.get(f"a/k{size}")
         assert data == artifact.pack(f"a/k{size}", {"n": size}, payload)
         assert artifact.unpack(data, f"a/k{size}")[1] == payload
@@ -593,18 +594,33 @@ def test_adopted_value_files_are_entries_like_put_ones(cache_dir):
     assert len(value_files(cache_dir)) == 1 and store.check() == []
     with pytest.raises(ValueError):
         store.put_file("a/x", "../outside.val")
-    name, path = store.new_file()
-    with open(path, "wb") as f:
+    new = store.new_file()
+    with open(new.path, "wb") as f:
         f.write(os.urandom(100 * 1024))
     real = diskcache.Cache._row_insert
     diskcache.Cache._row_insert = lambda *a, **k: (_ for _ in ()).throw(sqlite3.OperationalError("disk is full"))
     try:
         with pytest.raises(sqlite3.OperationalError):
-            store.put_file("a/y", name)
+            store.put_file("a/y", new.name)
     finally:
         diskcache.Cache._row_insert = real
-    assert not os.path.exists(path) and len(value_files(cache_dir)) == 1
+        new.close()
+    assert not os.path.exists(new.path) and len(value_files(cache_dir)) == 1
     assert store.get("a/y") is None
+
+
+def test_a_value_file_being_written_survives_maintenance(cache_dir):
+    """A compile writes its artifact straight into the cache directory, seconds before the row
+    exists; `jitfreeze cache verify` (maintenance with no minimum age) meanwhile must neither
+    remove it nor report it. Once its writer is gone without adopting it, it is an orphan."""
+    store = DiskStore(cache_dir, 2**30)
+    new = store.new_file()
+    with open(new.path, "wb") as f:
+        f.write(os.urandom(100 * 1024))
+    assert store.maintain(min_age=0.0)["orphan_files"] == 0 and os.path.exists(new.path)
+    assert store.check() == []
+    new.close()                                           # the writer died (the kernel drops its flock)
+    assert store.maintain(min_age=0.0)["orphan_files"] == 1 and not os.path.exists(new.path)
 
 
 # -- 9: read-only cache directory or file system -----------------------------------------------------
