@@ -6,14 +6,19 @@ A fingerprint covers, for one call:
   closure cells' values; and, followed through ``co_names``, the module-level functions and
   plain constants it reads (recursively, to a bounded depth), and the code of any ``nn.Module``
   class it names;
-* for a bound or wrapped module: for every submodule, its class (qualified name, and for classes
-  outside torch the code of every method on the class and its bases below ``nn.Module``), its
-  plain attributes (``eps``, ``num_heads``, flags), the code of its forward hooks, and a digest of
-  every parameter and buffer (names, dtypes, shapes, bytes); and the plain data its other
-  attributes hold (e.g. a transformers config: the fields of objects, a few levels deep);
+* for a bound or wrapped module: for every submodule, its class (qualified name, its plain class
+  attributes, and for classes outside torch the code of the methods ``forward`` reaches: ``forward``
+  (``__call__``, ``__getattr__`` where a class defines them) and, to a fixed point, every method or
+  property of the class and its bases below ``nn.Module`` whose name appears in code the
+  fingerprint covers, every definition along the MRO so that ``super()`` calls are covered), its
+  plain attributes (``eps``, ``num_heads``, flags), the functions held in its attributes, the
+  code of its forward hooks, and a digest of every parameter and buffer (names, dtypes, shapes,
+  bytes); and the plain data its other attributes hold (e.g. a transformers config: the fields of
+  objects, a few levels deep);
 * the input signature, the device, the versions and the pipeline options (added by the caller).
 
-It cannot see: attributes of imported *modules* it reads (``helpers.act(x)`` where ``helpers``
+It cannot see: methods reached without their name appearing in covered code (``getattr(self,
+name)`` with a computed name), attributes of imported *modules* it reads (``helpers.act(x)`` where ``helpers``
 is a module: only the name ``helpers`` is covered), objects other than plain constants, tensors,
 functions, classes and modules (they count by type name only), mutable global state read at
 call time, or C extensions' behaviour. ``verify=True`` (``JITFREEZE_VERIFY=1``) re-traces on
@@ -41,6 +46,8 @@ _VOLATILE_FIELDS = frozenset({"_original_object_hash"})
 _PLAIN = (type(None), bool, int, float, str, bytes, complex, torch.dtype, torch.device, torch.layout,
           torch.memory_format)
 _TORCH_PREFIXES = ("torch.", "torch")
+# Methods a module's call starts from; the rest of a class's methods count when covered code names them.
+_ROOT_METHODS = ("forward", "__call__", "__getattr__", "__getattribute__")
 
 
 class Unfingerprintable(Exception):
@@ -49,16 +56,17 @@ class Unfingerprintable(Exception):
 
 class _Walker:
     def __init__(self):
-        self.h = hashlib.sha256()
+        self.parts: list[str] = []
         self.seen: dict[int, int] = {}
+        self.names: set[str] = set()             # every name covered code reads (co_names)
+        self.classes: list[type] = []            # module classes reached, in order
+        self.methods: dict[type, dict] = {}      # class -> {name: [(base, function), ...]} not yet covered
         self.tensors: list[torch.Tensor] = []   # reached tensors (closure weights): digested, watched
         self.modules: list[torch.nn.Module] = []
         self.count = 0
 
     def add(self, *items) -> None:
-        for item in items:
-            self.h.update(repr(item).encode())
-            self.h.update(b"\x00")
+        self.parts.append(repr(items))
 
     def _visit(self, obj) -> bool:
         """False when ``obj`` was seen already (a back-reference is recorded instead)."""
@@ -77,6 +85,7 @@ class _Walker:
             return
         self.add("code", co.co_name, co.co_code, co.co_names, co.co_varnames, co.co_freevars,
                  co.co_argcount, co.co_kwonlyargcount, co.co_flags)
+        self.names.update(co.co_names)
         for const in co.co_consts:
             if isinstance(const, types.CodeType):
                 self.code(const, depth, globals_)
@@ -189,6 +198,7 @@ class _Walker:
         if not self._visit(cls):
             return
         self.add("class", cls.__module__, cls.__qualname__)
+        methods: dict[str, list] = {}
         for base in cls.__mro__:
             if base is torch.nn.Module or base is object or base.__module__.startswith(_TORCH_PREFIXES):
                 continue     # torch's own classes: covered by the torch version
@@ -196,12 +206,35 @@ class _Walker:
                 if isinstance(attr, (staticmethod, classmethod)):
                     attr = attr.__func__
                 if isinstance(attr, property):
-                    attr = attr.fget
-                if isinstance(attr, types.FunctionType):
-                    self.add("def", base.__qualname__, name)
-                    self.function(attr, 1)
+                    funcs = [f for f in (attr.fget, attr.fset) if isinstance(f, types.FunctionType)]
+                    if funcs:
+                        methods.setdefault(name, []).extend((base, f) for f in funcs)
+                elif isinstance(attr, types.FunctionType):
+                    methods.setdefault(name, []).append((base, attr))
                 elif isinstance(attr, _PLAIN) and not name.startswith("__"):
                     self.add("attr", name, attr)
+        self.classes.append(cls)
+        self.methods[cls] = methods
+        for name in _ROOT_METHODS:
+            self._cover(cls, name)
+
+    def _cover(self, cls: type, name: str) -> None:
+        """Hash every definition of ``name`` along ``cls``'s MRO (outside torch), once."""
+        defs = self.methods[cls].pop(name, None)
+        for base, fn in defs or ():
+            self.add("def", cls.__qualname__, base.__module__, base.__qualname__, name)
+            self.function(fn, 1)
+
+    def reachable_methods(self) -> None:
+        """Cover, to a fixed point, the methods of reached classes that covered code names."""
+        changed = True
+        while changed:
+            changed = False
+            for cls in self.classes:
+                pending = self.methods[cls]
+                for name in sorted(pending.keys() & self.names):
+                    self._cover(cls, name)
+                    changed = True
 
     def module(self, module: torch.nn.Module) -> None:
         if not self._visit(module):
@@ -226,6 +259,10 @@ class _Walker:
                 elif isinstance(v, torch.Tensor):
                     self.add("tensor-attr", attr)
                     self.value(v, 0)
+                elif isinstance(v, (types.FunctionType, types.MethodType)) and not (
+                        isinstance(v, types.MethodType) and v.__self__ is sub):
+                    self.add("function-attr", attr)      # e.g. self.act = some_function
+                    self.value(v, 1)
                 elif not isinstance(v, (torch.nn.Module, types.FunctionType, types.MethodType, type,
                                         types.ModuleType)):
                     # plain data held in an object: a transformers config (output_hidden_states,
@@ -245,9 +282,10 @@ class _Walker:
         self.tensors.extend(tensors)
 
     def digest(self) -> str:
+        self.reachable_methods()
         self.add("tensors", [f"{t.dtype}:{tuple(t.shape)}:{t.device}" for t in self.tensors])
-        self.h.update(digest_tensors(self.tensors).encode())
-        return self.h.hexdigest()
+        self.add("weights-digest", digest_tensors(self.tensors))
+        return hashlib.sha256("\x00".join(self.parts).encode()).hexdigest()
 
 
 def function_fingerprint(fn) -> tuple[str, list, list]:

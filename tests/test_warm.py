@@ -17,13 +17,24 @@ import torch.nn as nn
 import helpers
 
 
-class Block(nn.Module):
+class Base(nn.Module):
+    def forward(self, x):
+        return x{base_extra}
+
+    def unused(self):
+        return {unused}
+
+
+class Block(Base):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(8, 8)
 
     def forward(self, x):
-        return torch.relu(self.fc(x)){block_extra}
+        return super().forward(self.scale(torch.relu(self.fc(x)))){block_extra}
+
+    def scale(self, x):
+        return x{scale_extra}
 
 
 class Net(nn.Module):
@@ -67,9 +78,12 @@ print(json.dumps({"info": fast.cache_info()._asdict(), "traces": fast.traces,
 """
 
 
-def write_user_code(path, block_extra="", net_extra="", act="torch.tanh(x)"):
+def write_user_code(path, block_extra="", net_extra="", act="torch.tanh(x)", base_extra="", scale_extra="",
+                    unused="2"):
     path.mkdir(exist_ok=True)
-    (path / "usermodel.py").write_text(USER_MODULE.format(block_extra=block_extra, net_extra=net_extra))
+    (path / "usermodel.py").write_text(USER_MODULE.format(
+        block_extra=block_extra, net_extra=net_extra, base_extra=base_extra, scale_extra=scale_extra,
+        unused=unused))
     (path / "helpers.py").write_text(HELPERS.format(act=act))
     for pyc in path.rglob("__pycache__"):
         for f in pyc.iterdir():
@@ -100,6 +114,8 @@ def test_index_hit_in_fresh_process_does_not_trace(user_code, cache_dir):
 @pytest.mark.parametrize("edit", [
     dict(net_extra=" * 2"),                  # the function's (forward's) source
     dict(block_extra=" + 1"),                # a submodule's class
+    dict(scale_extra=" * 3"),                # a method forward calls (self.scale)
+    dict(base_extra=" - 1"),                 # a base class's forward, reached through super()
     "weight",                                # one weight
 ])
 def test_changes_miss_the_index_and_stay_correct(user_code, cache_dir, edit):
@@ -110,6 +126,15 @@ def test_changes_miss_the_index_and_stay_correct(user_code, cache_dir, edit):
         write_user_code(user_code, **edit)
         after = run_user(user_code, cache_dir)
     assert after["traces"] == 1 and after["info"]["compiles"] == 1 and after["ok"]
+
+
+def test_methods_forward_does_not_reach_are_not_covered(user_code, cache_dir):
+    # The fingerprint follows the methods covered code names, not every method of the class: an
+    # edit to one nothing calls keeps the index entry (no trace) and the answer stays right.
+    run_user(user_code, cache_dir)
+    write_user_code(user_code, unused="3")
+    after = run_user(user_code, cache_dir)
+    assert after["traces"] == 0 and after["info"]["loads"] == 1 and after["ok"]
 
 
 def test_helper_function_code_is_covered(user_code, cache_dir):
