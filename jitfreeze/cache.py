@@ -414,11 +414,12 @@ def open_cache(cache_dir, config: Config) -> PersistentCache:
 def _attach_tiers(cache: PersistentCache, config: Config, layers) -> None:
     """The journal, the read-only layers and the remote tier of a newly opened cache."""
     from .journal import open_journal
-    from .layers import UnsafeLayer, open_layer
 
     if cache.store is not None:
         cache.journal = open_journal(cache.store)
     trusted = bool(config.hmac_key) or config.allow_unsafe_dir
+    if layers:
+        from .layers import UnsafeLayer, open_layer      # tarfile & co.: only when layers are configured
     for path in layers:
         try:
             cache.layers.append(open_layer(path, trusted=trusted))

@@ -127,8 +127,8 @@ class _Entry:
     __slots__ = ("fwd", "key", "fast_idx", "tensor_idx", "out_kind", "out_spec", "out_n", "out_tensor_idx",
                  "out_consts", "watch", "source")
 
-    def __init__(self, module, key, call, out_spec, out_tensor_idx, out_consts, watch, source):
-        self.fwd = module.forward
+    def __init__(self, fwd, key, call, out_spec, out_tensor_idx, out_consts, watch, source):
+        self.fwd = fwd
         self.key = key
         self.tensor_idx = call.tensor_idx
         self.fast_idx = None
@@ -581,8 +581,9 @@ class JitFreezeFunction:
             if module is None:
                 continue
             watch = _Watch(fp_tensors, self.module, check_grad=call.mode[0]) if fp_tensors else None
-            entry = _Entry(module, key, call, out_spec, out_tensor_idx, out_consts, watch, "index")
-            result = entry.call_leaves_tensors(tensors)
+            outs, fwd = self._first_call(module, tensors)
+            entry = _Entry(fwd, key, call, out_spec, out_tensor_idx, out_consts, watch, "index")
+            result = entry.rebuild(outs)
             self._loads += 1
             log.info("%s: loaded %s for %s from %s (index hit, no trace)", self.name, key[:16], _short_sig(call),
                      cache.where())
@@ -636,11 +637,12 @@ class JitFreezeFunction:
             meta, payload = found
             module = self._load(cache, key, payload, call)
             if module is not None:
-                why = outputs_match(_as_list(module.forward(*copies)), traced.real_outputs)
+                outs, fwd = self._first_call(module, copies)
+                why = outputs_match(_as_list(outs), traced.real_outputs)
                 if why is None:
                     self._loads += 1
                     log.info("%s: loaded %s for %s from %s", self.name, key[:16], _short_sig(call), cache.where())
-                    return self._entry(module, key, call, traced, "cache"), traced.real_result
+                    return self._entry(fwd, key, call, traced, "cache"), traced.real_result
                 cache.evict(key, f"its outputs differ from eager: {why}")
         with cache.lock(key) as held:
             if held:
@@ -650,7 +652,7 @@ class JitFreezeFunction:
                     if module is not None:
                         self._loads += 1
                         log.info("%s: loaded %s (compiled by another process) from %s", self.name, key[:16], cache.where())
-                        return self._entry(module, key, call, traced, "cache"), traced.real_result
+                        return self._entry(self._backend.runner(module), key, call, traced, "cache"), traced.real_result
             t1 = time.perf_counter()
             # Saved straight into the cache's directory where it can be: storing it is then
             # sealing it in place, not reading, packing and writing it again (BERT-size: 434 MB).
@@ -673,7 +675,8 @@ class JitFreezeFunction:
                 if module is None:
                     raise FallbackReason("the frozen artifact does not load back")
                 t3 = time.perf_counter()
-                why = outputs_match(_as_list(module.forward(*copies)), traced.real_outputs)
+                outs, fwd = self._first_call(module, copies)
+                why = outputs_match(_as_list(outs), traced.real_outputs)
                 if why is not None:
                     raise FallbackReason(f"the compiled function disagrees with eager: {why}")
                 t4 = time.perf_counter()
@@ -688,7 +691,7 @@ class JitFreezeFunction:
                      "first call %.2fs, store %.2fs)%s", self.name, _short_sig(call), time.perf_counter() - t0,
                      t_trace, t2 - t1, t3 - t2, t4 - t3, time.perf_counter() - t4,
                      f"; stored {size / 1e6:.1f} MB as {key[:16]}" if stored else "; not stored")
-            return self._entry(module, key, call, traced, "compiled" if stored else "unstored"), traced.real_result
+            return self._entry(fwd, key, call, traced, "compiled" if stored else "unstored"), traced.real_result
 
     def _load(self, cache, key, payload, call):
         device = call.devices[0] if call.devices else None
@@ -703,11 +706,18 @@ class JitFreezeFunction:
             cache.evict(key, "torch.jit.load failed", exc)
             return None
 
-    def _entry(self, module, key, call, traced, source):
+    def _first_call(self, module, tensors):
+        """Call a freshly loaded module once: (its outputs, the function to call it with from now on)."""
+        t0 = time.perf_counter()
+        outs = self._backend.runner(module)(*tensors)
+        return outs, self._backend.runner(module, first_call_s=time.perf_counter() - t0)
+
+    def _entry(self, fwd, key, call, traced, source):
+        """``fwd``: a loaded module's runner (:meth:`TorchScriptBackend.runner`)."""
         watch_tensors = [t for _, t in traced.constants]
         watch = _Watch(watch_tensors, self.module, check_grad=call.mode[0]) \
             if watch_tensors or self.module is not None else None
-        return _Entry(module, key, call, traced.out_spec, traced.out_tensor_idx, traced.out_consts, watch, source)
+        return _Entry(fwd, key, call, traced.out_spec, traced.out_tensor_idx, traced.out_consts, watch, source)
 
     def _cache_for(self):
         if self._cache is None:

@@ -306,37 +306,64 @@ class DiskStore:
         if readonly:
             settings["eviction_policy"] = "none"
         self._settings = settings
-        self._swap = threading.Lock()
-        self._cache = _open_with_retry(self.directory, timeout, settings)
+        self._swap = threading.Lock()            # setting a corrupt index aside
+        self._open_lock = threading.Lock()       # opening diskcache on first need
+        self._read_lock = threading.Lock()       # the reader connection, shared by threads
+        self._disk = RawOnlyDisk(str(self.directory), min_file_size=settings["disk_min_file_size"])
+        self._opened = None                      # diskcache.Cache: opened for writes and maintenance
+        self._reader = None                      # plain SQLite connection: row reads and touches
+        if not readonly and os.path.exists(self.directory / self.DB_NAME):
+            # A warm process only reads: a plain connection costs well under a millisecond where
+            # diskcache's open (a dozen PRAGMAs, its settings rewritten in a write transaction)
+            # costs ~10. diskcache opens when something is written.
+            self._reader = _connect_reader(self.directory / self.DB_NAME, timeout)
+        if self._reader is None:
+            self._opened = _open_with_retry(self.directory, timeout, settings)
         self._ino = _inode(self.directory / self.DB_NAME)
 
+    @property
+    def _cache(self) -> diskcache.Cache:
+        cache = self._opened
+        if cache is None:
+            with self._open_lock:
+                if self._opened is None:
+                    self._opened = _open_with_retry(self.directory, self.timeout, self._settings)
+                cache = self._opened
+        return cache
+
     # -- the Store interface --------------------------------------------------------------------
+
+    _ROW_SQL = ("SELECT rowid, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+                " AND (expire_time IS NULL OR expire_time > ?)")
 
     def _row(self, key):
         """(rowid, mode, filename, value) of the live row under ``key``, or None."""
         if type(key) is not str:
             raise TypeError(f"keys are str, not {type(key).__name__}")
-        cache = self._cache
+        reader = self._reader
+        handle = reader if reader is not None else self._cache
         try:
-            rows = cache._sql("SELECT rowid, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
-                              " AND (expire_time IS NULL OR expire_time > ?)", (key, time.time())).fetchall()
+            if reader is not None:
+                with self._read_lock:
+                    rows = reader.execute(self._ROW_SQL, (key, time.time())).fetchall()
+            else:
+                rows = handle._sql(self._ROW_SQL, (key, time.time())).fetchall()
         except sqlite3.DatabaseError as exc:
-            self._raise_corrupt(exc, cache)
+            self._raise_corrupt(exc, handle)
             raise
         return rows[0] if rows else None
 
     def get(self, key):
-        cache = self._cache
         row = self._row(key)
         if row is None:
             return None
         rowid, mode, filename, value = row
         try:
-            data = cache.disk.fetch(mode, filename, value, False)
+            data = self._disk.fetch(mode, filename, value, False)
         except FileNotFoundError:
             return None          # evicted or replaced since the SELECT: a miss
         if not self.readonly:
-            self._touch(cache, rowid)
+            self._touch(rowid)
         return data
 
     def get_file(self, key):
@@ -346,7 +373,6 @@ class DiskStore:
         memory. diskcache never rewrites a value file in place (a new value gets a new file), so
         the path stays valid until the entry is evicted or replaced.
         """
-        cache = self._cache
         row = self._row(key)
         if row is None:
             return None
@@ -355,7 +381,7 @@ class DiskStore:
             return None
         if type(filename) is not str or not _VALUE_FILE.match(filename):
             raise UnsafeEntry(f"cache row names the value file {filename!r}, outside the cache's layout")
-        path = os.path.join(cache.directory, filename)
+        path = os.path.join(self.location, filename)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -363,7 +389,7 @@ class DiskStore:
         if not stat.S_ISREG(st.st_mode):
             raise UnsafeEntry(f"cache value file {filename} is not a regular file (a symlink?)")
         if not self.readonly:
-            self._touch(cache, rowid)
+            self._touch(rowid)
         return path
 
     def put(self, key, value):
@@ -489,7 +515,9 @@ class DiskStore:
         return {"entries": len(self._cache), "bytes": self._cache.volume(), "size_limit": self.size_limit}
 
     def close(self):
-        self._cache.close()
+        for handle in (self._reader, self._opened):
+            if handle is not None:
+                handle.close()
 
     # -- bounded, corruption-aware writes -------------------------------------------------------
 
@@ -509,32 +537,45 @@ class DiskStore:
                 self._raise_corrupt(exc, cache)
                 raise
 
-    def _touch(self, cache, rowid) -> None:
+    def _touch(self, rowid) -> None:
         """LRU bookkeeping after a read: best effort, never waits long, never fails the read."""
+        reader = self._reader
         try:
-            con = cache._con
-            con.execute(f"PRAGMA busy_timeout = {self._TOUCH_BUSY_MS}")
-            try:
-                con.execute("UPDATE Cache SET access_time = ?, access_count = access_count + 1 WHERE rowid = ?",
-                            (time.time(), rowid))
-            finally:
-                con.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            if reader is not None:
+                with self._read_lock:
+                    self._touch_on(reader, rowid, self.timeout)
+            else:
+                self._touch_on(self._cache._con, rowid, self.timeout)
         except sqlite3.Error:
             pass
 
-    def _raise_corrupt(self, exc: BaseException, cache) -> None:
-        """Set a corrupt index aside (once, across processes) and raise CorruptStore; else return."""
+    @classmethod
+    def _touch_on(cls, con, rowid, timeout) -> None:
+        con.execute(f"PRAGMA busy_timeout = {cls._TOUCH_BUSY_MS}")
+        try:
+            con.execute("UPDATE Cache SET access_time = ?, access_count = access_count + 1 WHERE rowid = ?",
+                        (time.time(), rowid))
+        finally:
+            con.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+
+    def _raise_corrupt(self, exc: BaseException, handle) -> None:
+        """Set a corrupt index aside (once, across processes) and raise CorruptStore; else return.
+
+        ``handle`` is the connection (the reader or diskcache) the error came from."""
         if not is_corrupt(exc):
             return
         if self.readonly:
             raise CorruptStore(self.location, str(exc)) from exc
         with self._swap:
-            if cache is not self._cache:        # another thread already swapped it
+            if handle is not self._reader and handle is not self._opened:   # another thread swapped it
                 raise CorruptStore(self.location, str(exc)) from exc
             aside = set_aside_index(self.directory, expect_ino=self._ino)
-            with contextlib.suppress(Exception):
-                cache.close()
-            self._cache = _open_with_retry(self.directory, self.timeout, self._settings)
+            for old in (self._reader, self._opened):
+                if old is not None:
+                    with contextlib.suppress(Exception):
+                        old.close()
+            self._reader = None
+            self._opened = _open_with_retry(self.directory, self.timeout, self._settings)
             self._ino = _inode(self.directory / self.DB_NAME)
         raise CorruptStore(self.location, str(exc), aside) from exc
 
@@ -729,6 +770,22 @@ def set_aside_index(directory: str | os.PathLike, expect_ino=None) -> str | None
     finally:
         if lock is not None:
             lock.__exit__(None, None, None)
+
+
+def _connect_reader(db: Path, timeout: float):
+    """A plain SQLite connection to an existing index, or None when it is not ready (no table yet,
+    locked: diskcache's open, with its retries, takes over). A file that is not a database raises."""
+    con = sqlite3.connect(str(db), timeout=timeout, isolation_level=None, check_same_thread=False)
+    try:
+        con.execute("SELECT rowid FROM Cache LIMIT 0").fetchall()
+        con.execute("PRAGMA synchronous = NORMAL")     # its only writes are access-time touches: no fsync
+    except sqlite3.OperationalError:
+        con.close()
+        return None
+    except BaseException:
+        con.close()
+        raise
+    return con
 
 
 def _open_with_retry(directory: Path, timeout: float, settings: dict) -> diskcache.Cache:

@@ -95,6 +95,19 @@ def test_info_counters_are_kept_across_processes(cache_dir, capsys):
     assert "compiles     1" in text and "size limit   4.0 GiB" in text
 
 
+def test_corrupt_stats_file_is_started_afresh(cache_dir, capsys):
+    # stats.db is written without fsync (counters are best effort): a file an OS crash left
+    # corrupt must not stop loads or counting for good.
+    run_script(COUNT, cache_dir)
+    (cache_dir / "stats.db").write_bytes(b"this is not a database" * 100)
+    run_script(COUNT, cache_dir)         # loads; its first count finds the file corrupt, removes it
+    run_script(COUNT, cache_dir)
+    rc, info = jf(capsys, "cache", "info", "--cache-dir", str(cache_dir))
+    assert rc == 0 and info["artifacts"] == 1
+    counters = info["counters"]
+    assert counters.get("compiles", 0) == 0 and counters["loads"] == 2 and counters["index_hits"] == 1
+
+
 def test_list_rows(cache_dir, capsys):
     close(compile_mlp(cache_dir, batches=(4, 8)))
     close(compile_mlp(cache_dir, batches=(4,)))            # loaded: one hit
