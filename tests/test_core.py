@@ -309,3 +309,35 @@ def test_linear_weights_stored_pretransposed_unless_convolutions(name, cache_dir
         assert "aten::linear" not in optimized and "aten::matmul" in optimized
     else:
         assert "aten::linear" in optimized
+
+
+def test_loaded_graphs_run_unprofiled_unless_their_calls_are_tiny(cache_dir, no_jf_warnings):
+    """Real graphs run with TorchScript's executor optimization off (no profiling run on the first
+    calls), set around each call and restored, even when the call raises; graphs whose first call
+    took under SMALL_CALL_S keep the optimized plan."""
+    from jitfreeze.pipeline import TorchScriptBackend
+
+    model, (x,) = make("mlp")
+    fast = jitfreeze(model, cache_dir=cache_dir)
+    with torch.no_grad():
+        fast(x)
+    entry = next(iter(fast._table.values()))
+    backend = TorchScriptBackend()
+    module = backend.load(fast._cache_for().get(entry.key)[1], None, True)
+    assert isinstance(backend.runner(module, first_call_s=1e-5), torch._C.ScriptMethod)
+    run = backend.runner(module, first_call_s=0.5)
+    assert not isinstance(run, torch._C.ScriptMethod) and run.graph is module.forward.graph
+    assert torch._C._get_graph_executor_optimize()
+    with torch.no_grad():
+        torch.testing.assert_close(run(x), model(x))
+    assert torch._C._get_graph_executor_optimize()                 # restored
+    with pytest.raises(RuntimeError):
+        run(torch.randn(3, 5))                                     # wrong width: the graph raises
+    assert torch._C._get_graph_executor_optimize()                 # restored on the error path too
+    try:                                                           # a caller that turned it off keeps it off
+        torch._C._set_graph_executor_optimize(False)
+        with torch.no_grad():
+            run(x)
+        assert not torch._C._get_graph_executor_optimize()
+    finally:
+        torch._C._set_graph_executor_optimize(True)
