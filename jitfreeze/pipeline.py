@@ -85,8 +85,6 @@ def _root(node):
 
 def _clean(gm) -> None:
     """Make a pre-dispatch FX graph scriptable and check it is a pure inference graph."""
-    from torch._functorch.compilers import strip_overloads
-
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_function":
@@ -102,8 +100,11 @@ def _clean(gm) -> None:
                     raise FallbackReason(
                         f"the function mutates module state in place ({node.target}); "
                         "a frozen graph cannot keep state between calls")
-    strip_overloads(gm)
     for node in graph.nodes:
+        # Strip op overloads (aten.add.Tensor -> aten.add), as torch._functorch.compilers'
+        # strip_overloads does (without importing that module and what it imports).
+        if isinstance(node.target, torch._ops.OpOverload):
+            node.target = node.target.overloadpacket
         if any(isinstance(v, torch.device) for v in node.kwargs.values()):
             node.kwargs = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in node.kwargs.items()}
     graph.eliminate_dead_code()
