@@ -9,25 +9,8 @@ import time
 import pytest
 
 from .conftest import ROOT, run_script
+from .models import RUN_ONE as SCRIPT
 
-SCRIPT = """
-import json, sys, time, warnings
-import torch
-from jitfreeze import jitfreeze
-from tests.models import make
-model, inputs = make(sys.argv[2])
-fast = jitfreeze(model, cache_dir=sys.argv[1])
-if len(sys.argv) > 3:                       # wait for the start signal (stampede)
-    while time.time() < float(sys.argv[3]):
-        time.sleep(0.001)
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    with torch.no_grad():
-        out = fast(*inputs)
-        ref = model(*inputs)
-print(json.dumps({"info": fast.cache_info()._asdict(), "ok": bool(torch.allclose(out, ref, atol=1e-4, rtol=1e-3)),
-                  "warnings": [str(w.message) for w in caught if "jitfreeze" in str(w.category)]}))
-"""
 
 
 @pytest.mark.parametrize("name", ["cnn", "transformer"])

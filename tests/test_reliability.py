@@ -92,22 +92,15 @@ def child_env(extra=None):
 
 # A child that runs one model through jitfreeze; ``setup`` (Python source) injects the fault first.
 CHILD = """
-import json, os, signal, sys, time, warnings
+import json, os, signal, sys, time
 import torch
 import jitfreeze
-from tests.models import make
+from tests.models import make, report
 args = json.loads(sys.argv[1])
 model, inputs = make(args.get("model", "mlp"), seed=args.get("seed", 0))
 exec(args.get("setup", ""))
 fast = jitfreeze.jitfreeze(model, cache_dir=args["cache_dir"])
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    with torch.no_grad():
-        out = fast(*inputs)
-        ref = model(*inputs)
-print(json.dumps({"info": fast.cache_info()._asdict(), "ok": bool(torch.allclose(out, ref, atol=1e-4, rtol=1e-3)),
-                  "sources": sorted(e.source for e in {id(e): e for e in fast._table.values()}.values()),
-                  "warnings": [str(w.message) for w in caught if "jitfreeze" in str(w.category)]}))
+report(fast, model, inputs)
 """
 
 

@@ -24,6 +24,7 @@ from jitfreeze.config import Config
 from jitfreeze.store import MemoryStore
 
 from .conftest import ROOT, run_script
+from .models import RUN_ONE as SCRIPT
 from .models import make
 
 redis = pytest.importorskip("redis")
@@ -85,25 +86,6 @@ def remote(redis_server, monkeypatch):
     return url, client
 
 
-SCRIPT = """
-import json, sys, time, warnings
-import torch
-from jitfreeze import jitfreeze
-from tests.models import make
-model, inputs = make(sys.argv[2])
-fast = jitfreeze(model, cache_dir=sys.argv[1])
-if len(sys.argv) > 3:                       # wait for the start signal (a cold fleet)
-    while time.time() < float(sys.argv[3]):
-        time.sleep(0.001)
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    with torch.no_grad():
-        out = fast(*inputs)
-        ref = model(*inputs)
-print(json.dumps({"info": fast.cache_info()._asdict(), "traces": fast.traces,
-                  "ok": bool(torch.allclose(out, ref, atol=1e-4, rtol=1e-3)),
-                  "warnings": [str(w.message) for w in caught if "jitfreeze" in str(w.category)]}))
-"""
 
 
 def _env(url):
