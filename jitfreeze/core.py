@@ -657,36 +657,32 @@ class JitFreezeFunction:
             # Saved straight into the cache's directory where it can be: storing it is then
             # sealing it in place, not reading, packing and writing it again (BERT-size: 434 MB).
             file = cache.new_file() if held else None
-            try:
-                saved = self._backend.compile(traced, file.path if file else None)
-            except BaseException:
-                if file is not None:
-                    file.close()
-                    with contextlib.suppress(OSError):
-                        os.remove(file.path)
-                raise
-            if saved.error is not None:
-                cache.write_failed(saved.error, key)
-                file.close()
-                file = None
-            try:
-                t2 = time.perf_counter()
-                module = self._load(None, key, saved, call)
-                if module is None:
-                    raise FallbackReason("the frozen artifact does not load back")
-                t3 = time.perf_counter()
-                outs, fwd = self._first_call(module, copies)
-                why = outputs_match(_as_list(outs), traced.real_outputs)
-                if why is not None:
-                    raise FallbackReason(f"the compiled function disagrees with eager: {why}")
-                t4 = time.perf_counter()
-                self._compiles += 1
-                size = len(saved)
-                stored = held and cache.put(key, self._meta(call, parts), saved, file=file)
-            finally:
-                saved.remove()
-                if file is not None:
-                    file.close()
+            with file if file is not None else contextlib.nullcontext():     # closed once stored
+                try:
+                    saved = self._backend.compile(traced, file.path if file else None)
+                except BaseException:
+                    if file is not None:
+                        file.discard()
+                    raise
+                if saved.error is not None:
+                    cache.write_failed(saved.error, key)
+                    file = None          # saved elsewhere (a temporary file): nothing to adopt
+                try:
+                    t2 = time.perf_counter()
+                    module = self._load(None, key, saved, call)
+                    if module is None:
+                        raise FallbackReason("the frozen artifact does not load back")
+                    t3 = time.perf_counter()
+                    outs, fwd = self._first_call(module, copies)
+                    why = outputs_match(_as_list(outs), traced.real_outputs)
+                    if why is not None:
+                        raise FallbackReason(f"the compiled function disagrees with eager: {why}")
+                    t4 = time.perf_counter()
+                    self._compiles += 1
+                    size = len(saved)
+                    stored = held and cache.put(key, self._meta(call, parts), saved, file=file)
+                finally:
+                    saved.remove()
             log.info("%s: compiled %s in %.2fs (trace %.2fs, script+freeze+save %.2fs, load+optimize %.2fs, "
                      "first call %.2fs, store %.2fs)%s", self.name, _short_sig(call), time.perf_counter() - t0,
                      t_trace, t2 - t1, t3 - t2, t4 - t3, time.perf_counter() - t4,

@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from .store import is_corrupt
+
 __all__ = ["Journal", "SqliteJournal", "MISS_RING", "STATS_DB", "open_journal"]
 
 log = logging.getLogger("jitfreeze")
@@ -165,8 +167,7 @@ class SqliteJournal(Journal):
                     raise
                 con.execute("COMMIT")
             except sqlite3.DatabaseError as exc:
-                text = str(exc)
-                if "malformed" in text or "not a database" in text:
+                if is_corrupt(exc):
                     self._start_afresh()
                 raise
 

@@ -167,6 +167,18 @@ class NewFile:
         if fd is not None:
             os.close(fd)
 
+    def discard(self) -> None:
+        """Close and remove it (nothing complete was written)."""
+        self.close()
+        with contextlib.suppress(OSError):
+            os.remove(self.path)
+
+    def __enter__(self) -> "NewFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __del__(self):
         with contextlib.suppress(Exception):
             self.close()
