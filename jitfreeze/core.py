@@ -23,7 +23,7 @@ import re
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch.utils import _pytree as pytree
@@ -36,7 +36,7 @@ from .digest import digest_tensors
 from .dynamic import Guards, dynamic_texts
 from .errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
 from .key import KeyParts, device_text, environment_parts
-from .pipeline import TorchScriptBackend, graph_text, outputs_match, trace
+from .pipeline import BindingError, TorchScriptBackend, graph_text, outputs_match, tensor_layout, trace
 
 __all__ = ["jitfreeze", "JitFreezeFunction", "CacheInfo"]
 
@@ -406,6 +406,10 @@ class JitFreezeFunction:
                 failures.append(failed)
             if failures:
                 log.info("%s: recompiling: %s fails for %s", self.name, " / ".join(failures), _short_sig(call))
+        if self.module is not None and getattr(self.module, "_jitfreeze_discarded", False):
+            raise ParametersDiscardedError(
+                f"{self.name}: a new signature needs the module's weights (to trace it, or to bind them to "
+                "a stored graph), but its parameters were discarded (discard_parameters=True)")
         self._check_cap()
         fp = self._fingerprint(call, texts) if self.index else None
         indexed = None
@@ -414,10 +418,6 @@ class JitFreezeFunction:
             if indexed is not None and not self.verify:
                 self._remember_dynamic(call, texts, indexed[2], indexed[0])
                 return indexed[0], indexed[1], True
-        if self.module is not None and getattr(self.module, "_jitfreeze_discarded", False):
-            raise ParametersDiscardedError(
-                f"{self.name}: a new signature needs a trace of the module, but its parameters were "
-                "discarded (discard_parameters=True)")
         # The trace runs the function for real (it may mutate its inputs); verification runs the
         # compiled function on copies taken before.
         copies = [t.detach().clone() for t in tensors]
@@ -573,10 +573,6 @@ class JitFreezeFunction:
             artifact = cache.get(key)
             if artifact is None:
                 continue
-            if self.discard_parameters and self.module is not None:
-                # Release the weights before the frozen copy materializes: peak memory stays near
-                # one copy. From here on the module cannot run eagerly or be traced.
-                self._discard_parameters()
             module = self._load(cache, key, artifact[1], call)
             if module is None:
                 continue
@@ -630,7 +626,8 @@ class JitFreezeFunction:
             # The trace ran under no_grad; this call wants a graph for autograd: eager it is.
             raise _GradFallback("grad is enabled and weights the function uses require grad "
                                 "(frozen graphs are inference-only; use torch.no_grad())")
-        key, parts = self._key(call, traced, texts)
+        bindings = self._bindings(traced)
+        key, parts = self._key(call, traced, texts, bindings)
         cache = self._cache_for()
         found = cache.get(key)
         if found is not None:
@@ -659,7 +656,7 @@ class JitFreezeFunction:
             file = cache.new_file() if held else None
             with file if file is not None else contextlib.nullcontext():     # closed once stored
                 try:
-                    saved = self._backend.compile(traced, file.path if file else None)
+                    saved = self._backend.compile(traced, file.path if file else None, bindings)
                 except BaseException:
                     if file is not None:
                         file.discard()
@@ -683,16 +680,48 @@ class JitFreezeFunction:
                     stored = held and cache.put(key, self._meta(call, parts), saved, file=file)
                 finally:
                     saved.remove()
-            log.info("%s: compiled %s in %.2fs (trace %.2fs, script+freeze+save %.2fs, load+optimize %.2fs, "
+            log.info("%s: compiled %s in %.2fs (trace %.2fs, script+save %.2fs, load+bind+freeze %.2fs, "
                      "first call %.2fs, store %.2fs)%s", self.name, _short_sig(call), time.perf_counter() - t0,
                      t_trace, t2 - t1, t3 - t2, t4 - t3, time.perf_counter() - t4,
                      f"; stored {size / 1e6:.1f} MB as {key[:16]}" if stored else "; not stored")
             return self._entry(fwd, key, call, traced, "compiled" if stored else "unstored"), traced.real_result
 
+    def _weights(self) -> dict | None:
+        """The bound module's tensors by name (what stored graphs bind), or None."""
+        module = self.module
+        if module is None:
+            return None
+        weights = dict(module.named_parameters(remove_duplicate=False))
+        weights.update(module.named_buffers(remove_duplicate=False))
+        return weights
+
+    def _bindings(self, traced) -> dict:
+        """{graph attribute: the module's name for it} for the traced constants that are the bound
+        module's own tensors: left out of the artifact, bound again when it loads."""
+        weights = self._weights()
+        if not weights:
+            return {}
+        names: dict = {}
+        for name, t in weights.items():
+            names.setdefault(id(t), name)
+        return {attr: names[id(t)] for attr, t in traced.constants if id(t) in names}
+
     def _load(self, cache, key, payload, call):
         device = call.devices[0] if call.devices else None
         try:
-            return self._backend.load(payload, device, self.optimize)
+            return self._backend.load(payload, device, self._weights())
+        except BindingError as exc:
+            # Not the artifact's fault: the key covers the weights' names and layouts, so the module
+            # changed since (another thread, or its parameters were discarded). A plain miss.
+            if cache is None:
+                raise FallbackReason(f"the compiled function does not bind the module's weights: {exc}") from exc
+            log.info("%s: %s not used: %s", self.name, key[:16], exc)
+            return None
+        except FallbackReason:
+            if cache is None:
+                raise
+            cache.evict(key, "torch.jit.freeze failed after loading")
+            return None
         except Exception as exc:  # noqa: BLE001
             path = getattr(payload, "path", None)
             if cache is not None and path is not None and not os.path.exists(path):
@@ -720,7 +749,7 @@ class JitFreezeFunction:
             self._cache = open_cache(self.cache_dir, self._config)
         return self._cache
 
-    def _key(self, call, traced, texts):
+    def _key(self, call, traced, texts, bindings=None):
         devices = list(call.devices)
         for _, t in traced.constants:
             if t.device not in devices:
@@ -733,6 +762,12 @@ class JitFreezeFunction:
             parts.add("guards", "\n".join(traced.guards))
         parts.add("graph", graph_text(traced))
         parts.add("weights", digest_tensors([t for _, t in traced.constants]))
+        if bindings is None:
+            bindings = self._bindings(traced)
+        if bindings:
+            layouts = dict(traced.constants)
+            parts.add("bindings", "\n".join(f"{attr}={name} {tensor_layout(layouts[attr])}"
+                                             for attr, name in bindings.items()))
         return parts.key(self.name), parts
 
     def _meta(self, call, parts):

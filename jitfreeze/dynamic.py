@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import operator
 
-import torch
 
 __all__ = ["Guards", "GuardError", "dynamic_texts", "symbolic_inputs", "produce_guards"]
 
@@ -116,8 +115,6 @@ class Guards:
 
 def dynamic_texts(call, tensors, dims: dict) -> tuple:
     """The call's signature texts with dynamic dims as ``s`` (and strides as contiguity)."""
-    from .signature import tensor_text
-
     texts = list(call.texts)
     for j, leaf in enumerate(call.tensor_idx):
         dyn = dims.get(j)

@@ -29,6 +29,20 @@ class ConvBN(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+class Projected(nn.Module):
+    """A module with a tensor it does not register (a plain attribute): not one of its parameters
+    or buffers, so the artifact stores it (48 KB: above diskcache's 32 KiB, a value file), while
+    registered weights are bound at load and leave artifacts small (kept inline in cache.db)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 128)
+        self.proj = torch.randn(128, 96)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) @ self.proj
+
+
 def make(name, seed=0):
     torch.manual_seed(seed)
     if name == "mlp":
@@ -40,6 +54,8 @@ def make(name, seed=0):
                 bn.running_mean.uniform_(-0.5, 0.5)
                 bn.running_var.uniform_(0.5, 2.0)
         return m, (torch.randn(2, 3, 16, 16),)
+    if name == "projected":
+        return Projected().eval(), (torch.randn(4, 16),)
     if name == "transformer":
         layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
         return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval(), (torch.randn(2, 10, 32),)

@@ -1,5 +1,6 @@
 """Issue 2: the decorator end to end, in one process."""
 
+import io
 import collections
 import enum
 import warnings
@@ -290,25 +291,80 @@ def _stored_graphs(monkeypatch):
     return graphs
 
 
+def _tensor_constants(graph) -> list:
+    return [n.output().toIValue() for n in graph.nodes()
+            if n.kind() == "prim::Constant" and isinstance(n.output().type(), torch._C.TensorType)]
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_linear_weights_stored_pretransposed_unless_convolutions(name, cache_dir, monkeypatch, no_jf_warnings):
-    # optimize_for_inference after loading would transpose each linear weight into a second
-    # copy; conv-free CPU graphs are stored with the transposition done, conv graphs are left to
-    # the full pass (MKLDNN first). optimize=False stores the plain frozen graph under another key.
+def test_artifacts_bind_the_module_weights_instead_of_storing_them(name, cache_dir, monkeypatch, no_jf_warnings):
+    # The stored graph leaves the module's weights out (placeholders) and binds them when it loads;
+    # the frozen graph's unfolded constants are the module's own storage (one copy in memory),
+    # binding and freezing change nothing in the module, and conv graphs get optimize_for_inference
+    # after loading (MKLDNN) while others keep their linear ops (no transposed copies).
+    # optimize=False is another key.
     graphs = _stored_graphs(monkeypatch)
     model, inputs = make(name)
+    before = {n: (t.clone(), t._version) for n, t in model.state_dict(keep_vars=True).items()}
     with torch.no_grad():
         ref = model(*inputs)
-        assert_same(jitfreeze(model, cache_dir=cache_dir)(*inputs), ref, atol=1e-5)
+        fast = jitfreeze(model, cache_dir=cache_dir)
+        assert_same(fast(*inputs), ref, atol=1e-5)
         plain = jitfreeze(model, cache_dir=cache_dir, optimize=False)
         assert_same(plain(*inputs), ref, atol=1e-5)
     assert plain.cache_info().compiles == 1            # not served the optimized artifact
-    optimized, unoptimized = graphs
-    assert "aten::linear" in unoptimized
+    for n, t in model.state_dict(keep_vars=True).items():
+        assert torch.equal(t, before[n][0]) and t._version == before[n][1], n
+    for stored in graphs:
+        assert stored.count("prim::GetAttr") >= len(list(model.parameters()))
+    entry = fast._cache_for().get(next(iter(fast._table.values())).key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        artifact = torch.jit.load(io.BytesIO(entry[1]) if isinstance(entry[1], bytes) else entry[1].path)
+    attrs = [v for k, v in artifact.state_dict().items() if "_param_constant" in k or "_tensor_constant" in k]
+    assert attrs and all(v.numel() == 0 for v in attrs)          # placeholders only
+    loaded = str(next(iter(fast._table.values())).fwd.graph)
+    unoptimized = next(iter(plain._table.values())).fwd.graph
+    module_ptrs = {t.data_ptr() for t in model.parameters()}
     if name == "mlp":
-        assert "aten::linear" not in optimized and "aten::matmul" in optimized
+        assert "aten::linear" in loaded and "aten::matmul" not in loaded
+        shared = [c for c in _tensor_constants(unoptimized) if c.data_ptr() in module_ptrs]
+        assert len(shared) == len(module_ptrs)                   # every weight is the module's storage
     else:
-        assert "aten::linear" in optimized
+        assert "mkldnn" in loaded.lower() and "mkldnn" not in str(unoptimized).lower()
+
+
+def test_binding_errors_are_clear_and_a_plain_miss(cache_dir, monkeypatch, no_jf_warnings):
+    from jitfreeze.pipeline import BindingError, TorchScriptBackend
+
+    model, (x,) = make("mlp")
+    fast = jitfreeze(model, cache_dir=cache_dir)
+    with torch.no_grad():
+        ref = fast(x)
+    payload = fast._cache_for().get(next(iter(fast._table.values())).key)[1]
+    backend, weights = TorchScriptBackend(), fast._weights()
+    with pytest.raises(BindingError, match="does not have"):
+        backend.load(payload, None, {k: v for k, v in weights.items() if not k.endswith("bias")})
+    with pytest.raises(BindingError, match="compiled for"):
+        backend.load(payload, None, {k: v.double() for k, v in weights.items()})
+    with pytest.raises(BindingError, match="compiled for"):
+        backend.load(payload, None, {k: (v.t().contiguous().t() if v.dim() == 2 else v) for k, v in weights.items()})
+    # in a wrapper, a binding that fails is a miss (nothing evicted, no warning): the index hit
+    # fails, the traced path finds the same artifact and loads it
+    real = TorchScriptBackend.load
+    failed = []
+
+    def load_once_failing(self, data, device, weights=None):
+        if not failed:
+            failed.append(1)
+            raise BindingError("the module changed")
+        return real(self, data, device, weights)
+    monkeypatch.setattr(TorchScriptBackend, "load", load_once_failing)
+    again = jitfreeze(model, cache_dir=cache_dir)
+    with torch.no_grad():
+        assert_same(again(x), ref)
+    info = again.cache_info()
+    assert failed and again.traces == 1 and info.loads == 1 and info.compiles == 0
 
 
 def test_loaded_graphs_run_unprofiled_unless_their_calls_are_tiny(cache_dir, no_jf_warnings):
@@ -323,7 +379,7 @@ def test_loaded_graphs_run_unprofiled_unless_their_calls_are_tiny(cache_dir, no_
         fast(x)
     entry = next(iter(fast._table.values()))
     backend = TorchScriptBackend()
-    module = backend.load(fast._cache_for().get(entry.key)[1], None, True)
+    module = backend.load(fast._cache_for().get(entry.key)[1], None, fast._weights())
     assert isinstance(backend.runner(module, first_call_s=1e-5), torch._C.ScriptMethod)
     run = backend.runner(module, first_call_s=0.5)
     assert not isinstance(run, torch._C.ScriptMethod) and run.graph is module.forward.graph

@@ -171,7 +171,7 @@ def test_readonly_store_opens_without_writing(layer):
 
 def test_file_backed_entry_loads_in_place_from_layer(tmp_path, monkeypatch):
     path = tmp_path / "layer"
-    model, (x,) = make("transformer")                   # ~43 KB: a value file, loaded in place
+    model, (x,) = make("projected")                     # ~48 KB: a value file, loaded in place
     fast = run(model, x, cache_dir=path)
     fast._cache_for().store.close()
     jf_cache.forget_open_caches()

@@ -46,7 +46,7 @@ def _artifact_files(cache_dir):
 
 @pytest.mark.parametrize("how", ["truncate", "flip"])
 def test_corrupted_file_entry_is_recovered(cache_dir, how):
-    first, _ = run_script(SCRIPT, cache_dir, "transformer")       # > 32 KiB: stored in a .val file
+    first, _ = run_script(SCRIPT, cache_dir, "projected")       # > 32 KiB: stored in a .val file
     (path,) = _artifact_files(cache_dir)
     data = bytearray(path.read_bytes())
     if how == "truncate":
@@ -54,10 +54,10 @@ def test_corrupted_file_entry_is_recovered(cache_dir, how):
     else:
         data[len(data) // 2] ^= 0x40
     path.write_bytes(bytes(data))
-    second, _ = run_script(SCRIPT, cache_dir, "transformer")
+    second, _ = run_script(SCRIPT, cache_dir, "projected")
     assert second["ok"] and second["info"]["compiles"] == 1 and second["info"]["loads"] == 0
     assert len(second["warnings"]) == 1 and "bad jitfreeze cache entry" in second["warnings"][0]
-    third, _ = run_script(SCRIPT, cache_dir, "transformer")        # the recompiled entry was stored
+    third, _ = run_script(SCRIPT, cache_dir, "projected")        # the recompiled entry was stored
     assert third["info"]["loads"] == 1 and third["warnings"] == []
 
 

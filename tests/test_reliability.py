@@ -28,8 +28,7 @@ import torch
 
 import jitfreeze.store as jf_store
 from jitfreeze import JitFreezeWarning, jitfreeze
-from jitfreeze.cache import maintain, open_cache
-from jitfreeze.config import Config
+from jitfreeze.cache import maintain
 from jitfreeze.store import DiskStore, MemoryStore, RawOnlyDisk
 
 from .conftest import ROOT, assert_same, run_script
@@ -353,10 +352,10 @@ KILL_IN_WRITE = {
 @pytest.mark.parametrize("when", list(KILL_IN_WRITE))
 def test_sigkill_mid_write(cache_dir, when):
     """Fault 5: later reads are a clean miss; maintenance removes the orphan; check() is clean."""
-    _, proc = child(cache_dir, KILL_IN_WRITE[when], check=False, model="transformer")   # > 32 KiB: a file
+    _, proc = child(cache_dir, KILL_IN_WRITE[when], check=False, model="projected")   # > 32 KiB: a file
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert len(value_files(cache_dir)) == 1                   # the orphan
-    model, (x,) = make("transformer")
+    model, (x,) = make("projected")
     after, out = run(model, x, cache_dir)                      # a clean miss: no warning (they are errors here)
     assert_same(out, eager(model, x), atol=1e-4)
     assert after.cache_info().compiles == 1
@@ -365,13 +364,13 @@ def test_sigkill_mid_write(cache_dir, when):
     assert counts["unsafe_rows"] == counts["missing_files"] == counts["wrong_size"] == 0
     assert len(value_files(cache_dir)) == 1                   # the good entry's file stays
     fresh_process_state()
-    warm, _ = run(make("transformer")[0], x, cache_dir)
+    warm, _ = run(make("projected")[0], x, cache_dir)
     assert warm.cache_info().loads == 1
 
 
 def test_maintain_keeps_young_orphans_and_lock_files(cache_dir):
     """A value file younger than min_age may be a write in progress: kept. Lock files: never removed."""
-    model, (x,) = make("transformer")
+    model, (x,) = make("projected")
     run(model, x, cache_dir)
     (orphan_dir := cache_dir / "ab" / "cd").mkdir(parents=True)
     (orphan_dir / ("0" * 28 + ".val")).write_bytes(b"partial")
@@ -416,7 +415,7 @@ def test_corrupt_artifact_never_reaches_torch_jit_load(cache_dir, monkeypatch, w
     torch.jit.load, evicted, one warning, recompiled, correct."""
     import jitfreeze.pipeline as pipeline
 
-    name = "transformer" if where == "file" else "mlp"
+    name = "projected" if where == "file" else "mlp"
     model, (x,) = make(name)
     run(model, x, cache_dir)
     _corrupt_entry(cache_dir, where, how)
@@ -731,12 +730,12 @@ def test_disk_full_tmpfs(tmpfs):
     entries already there still load (reads take no write lock), even with not a byte left."""
     mnt = tmpfs.mount("1m")
     cache_dir = mnt / "jf"
-    kept, (kx,) = make("transformer", seed=0)                               # ~43 KB: a value file
+    kept, (kx,) = make("projected", seed=0)                                 # ~48 KB: a value file
     run(kept, kx, cache_dir)
     st = os.statvfs(mnt)
     with open(mnt / "filler", "wb") as f:
         f.write(bytes(st.f_bavail * st.f_frsize - 24 * 1024))               # leave less than an entry
-    model, (x,) = make("transformer", seed=1)
+    model, (x,) = make("projected", seed=1)
     with recorded() as caught:
         fast, out = run(model, x, cache_dir)
     assert_same(out, eager(model, x), atol=1e-4)
@@ -753,11 +752,11 @@ def test_disk_full_tmpfs(tmpfs):
     assert warm.cache_info().loads == 1
     # A process that starts on the full disk reads the index without writing anything (diskcache,
     # which writes its settings when it opens, is not opened to read): it loads, with no warning.
-    late, _ = child(cache_dir, model="transformer", seed=0)
+    late, _ = child(cache_dir, model="projected", seed=0)
     assert late["ok"] and late["info"]["loads"] == 1 and late["info"]["compiles"] == 0
     assert late["warnings"] == []
     # A new signature there compiles, can't be stored, and says so once.
-    late, _ = child(cache_dir, model="transformer", seed=1)
+    late, _ = child(cache_dir, model="projected", seed=1)
     assert late["ok"] and late["info"]["compiles"] == 1
     assert len(late["warnings"]) == 1 and "cannot write" in late["warnings"][0]
 
@@ -772,7 +771,7 @@ def test_disk_full_injected(cache_dir, monkeypatch, fault):
 
     from jitfreeze import artifact
 
-    kept_model, (kx,) = make("transformer", seed=0)
+    kept_model, (kx,) = make("projected", seed=0)
     run(kept_model, kx, cache_dir)
     fresh_process_state()
 
@@ -809,7 +808,7 @@ def test_disk_full_injected(cache_dir, monkeypatch, fault):
         def insert(self, *a, **k):
             raise sqlite3.OperationalError("database or disk is full")
         monkeypatch.setattr(diskcache.Cache, "_row_insert", insert)
-    model, (x,) = make("transformer", seed=1)
+    model, (x,) = make("projected", seed=1)
     with recorded() as caught:
         fast, out = run(model, x, cache_dir)
         fast2, out2 = run(model, x[:1], cache_dir)                          # no retry: no second warning
@@ -819,7 +818,7 @@ def test_disk_full_injected(cache_dir, monkeypatch, fault):
     assert len(value_files(cache_dir)) == 1
     monkeypatch.undo()
     fresh_process_state()
-    warm, _ = run(make("transformer", seed=0)[0], kx, cache_dir)
+    warm, _ = run(make("projected", seed=0)[0], kx, cache_dir)
     assert warm.cache_info().loads == 1
     assert DiskStore(cache_dir, 2**30).check() == []
 

@@ -1,12 +1,9 @@
 """Issue 5: the trace-free warm path (fingerprint index), verify=True, discard_parameters."""
 
-import json
-import textwrap
-
 import pytest
 import torch
 
-from jitfreeze import JitFreezeWarning, ParametersDiscardedError, jitfreeze
+from jitfreeze import ParametersDiscardedError, jitfreeze
 
 from .conftest import run_script
 from .models import make
