@@ -13,9 +13,9 @@ Per architecture, each start-up figure in a fresh process (``python -m benchmark
   jitfreeze`` included), with every warning recorded: whether it compiled or fell back, and
   the ``JitFreezeWarning`` text when it fell back;
 * ``warm``: jitfreeze in a fresh process reading the cache the cold process filled;
-* ``limit``: ``torch.jit.load`` of the frozen function with its weights inside (jitfreeze's stored
-  graph bound to the weights, frozen and saved to a file before the timer) + the post-load passes
-  jitfreeze runs + the first call: the floor for loading a frozen artifact;
+* ``limit``: ``torch.jit.load`` of the same stored artifact (written to a file before the timer) +
+  the post-load passes (binding and freezing, for artifacts that bind the module's weights;
+  ``optimize_for_inference`` where jitfreeze runs it) + the first call: the floor for a warm start;
 * ``steady``: eager, jitfreeze (warm cache) and torch.compile in one process, first calls
   untimed, then blocks of calls taking turns (``benchmarks.worker.measure_steady``). Its
   ratios hold up on a busy machine and torch.compile's compile makes it the longest figure:
@@ -176,10 +176,11 @@ def worker(args) -> dict:
 
         from jitfreeze.pipeline import TorchScriptBackend
 
-        from .systems import frozen_artifact_file
+        from .systems import InPlaceFile, artifact_file, module_weights
 
         info: dict = {}
-        path = frozen_artifact_file(args.cache_dir, model, info)     # written before the timer
+        path = artifact_file(args.cache_dir, info)        # verified, written to a file before the timer
+        weights = module_weights(model)
         call = signature.describe((), kw, signature.call_mode(model))
         leaves = pytree.tree_leaves(((), kw))
         tensors = [leaves[i] for i in call.tensor_idx]
@@ -188,7 +189,7 @@ def worker(args) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t0 = time.perf_counter()
-            module = backend.post_load(torch.jit.load(path), None)
+            module = backend.load(InPlaceFile(path), None, weights)
             run = backend.runner(module)
             run(*tensors)
             first = time.perf_counter() - t0
@@ -385,7 +386,7 @@ def write_table(path: Path, summary, meta, machine) -> str:
          f"vocabulary {z['vocab']}, inputs {z['batch']}x{z['seq']} tokens (attention mask of ones; decoders "
          f"`use_cache=False`), images {z['batch']}x3x{z['image']}x{z['image']}; seeded, built from configs. "
          "Cold: jitfreeze with an empty cache; warm: a fresh process reading the cache the cold one filled; "
-         "limit: `torch.jit.load` of the frozen function (weights inside, saved before the timer) + the post-load passes + the first call. "
+         "limit: `torch.jit.load` of the same artifact (from a file) + the post-load passes + the first call. "
          "Steady: eager, jitfreeze and torch.compile taking turns in one process.",
          "",
          "| architecture | compiled or fallback (reason) | steady jf/eager | steady jf/torch.compile | "

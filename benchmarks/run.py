@@ -86,7 +86,7 @@ TARGETS = {
     "steady": "steady: jitfreeze <= 1.05x the best of eager and jit.trace+freeze+ofi",
     "overhead": "wrapper overhead <= 5 us per call (median) over the compiled function, tiny function",
     "cnn_passes": "cnn: conv-BN folding and MKLDNN passes in effect after loading from the cache",
-    "warm_limit": "warm: jitfreeze first call <= 1.3x the limit (jit.load of the frozen function + post-load passes "
+    "warm_limit": "warm: jitfreeze first call <= 1.3x the limit (jit.load of the same artifact + post-load passes "
                   "+ first call), cnn and bert",
     "warm_compile": "warm: jitfreeze first call >= 10x faster than torch.compile with a warm cache "
                     "(ratio <= 0.10x), cnn and bert",

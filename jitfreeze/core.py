@@ -697,14 +697,15 @@ class JitFreezeFunction:
 
     def _bindings(self, traced) -> dict:
         """{graph attribute: the module's name for it} for the traced constants that are the bound
-        module's own tensors: left out of the artifact, bound again when it loads."""
+        module's own tensors, left out of the artifact and bound again when it loads -- when the
+        backend binds them (large weights) rather than freezing them in."""
         weights = self._weights()
         if not weights:
             return {}
         names: dict = {}
         for name, t in weights.items():
             names.setdefault(id(t), name)
-        return {attr: names[id(t)] for attr, t in traced.constants if id(t) in names}
+        return self._backend.bindings(traced, {attr: names[id(t)] for attr, t in traced.constants if id(t) in names})
 
     def _load(self, cache, key, payload, call):
         device = call.devices[0] if call.devices else None

@@ -302,7 +302,9 @@ def test_artifacts_bind_the_module_weights_instead_of_storing_them(name, cache_d
     # the frozen graph's unfolded constants are the module's own storage (one copy in memory),
     # binding and freezing change nothing in the module, and conv graphs get optimize_for_inference
     # after loading (MKLDNN) while others keep their linear ops (no transposed copies).
-    # optimize=False is another key.
+    # optimize=False is another key. (Binding is for large weights: here every size binds.)
+    from jitfreeze.pipeline import TorchScriptBackend
+    monkeypatch.setattr(TorchScriptBackend, "BIND_MIN_BYTES", 0)
     graphs = _stored_graphs(monkeypatch)
     model, inputs = make(name)
     before = {n: (t.clone(), t._version) for n, t in model.state_dict(keep_vars=True).items()}
@@ -334,9 +336,29 @@ def test_artifacts_bind_the_module_weights_instead_of_storing_them(name, cache_d
         assert "mkldnn" in loaded.lower() and "mkldnn" not in str(unoptimized).lower()
 
 
+def test_small_weights_are_stored_frozen(cache_dir, monkeypatch, no_jf_warnings):
+    # Below BIND_MIN_BYTES the artifact is the frozen function, weights inside (loading a few MB
+    # costs less than freezing at load); the loaded graph still runs on its own copy, correctly.
+    graphs = _stored_graphs(monkeypatch)
+    model, (x,) = make("mlp")
+    fast = jitfreeze(model, cache_dir=cache_dir)
+    with torch.no_grad():
+        assert_same(fast(x), model(x), atol=1e-5)
+    (stored,) = graphs
+    assert "prim::GetAttr" not in stored and "aten::linear" in stored
+    fresh = jitfreeze(model, cache_dir=cache_dir)
+    with torch.no_grad():
+        assert_same(fresh(x), model(x), atol=1e-5)
+    assert fresh.cache_info().loads == 1
+    module_ptrs = {t.data_ptr() for t in model.parameters()}
+    graph = next(iter(fresh._table.values())).fwd.graph
+    assert not any(c.data_ptr() in module_ptrs for c in _tensor_constants(graph))
+
+
 def test_binding_errors_are_clear_and_a_plain_miss(cache_dir, monkeypatch, no_jf_warnings):
     from jitfreeze.pipeline import BindingError, TorchScriptBackend
 
+    monkeypatch.setattr(TorchScriptBackend, "BIND_MIN_BYTES", 0)
     model, (x,) = make("mlp")
     fast = jitfreeze(model, cache_dir=cache_dir)
     with torch.no_grad():

@@ -177,7 +177,13 @@ print(json.dumps({"traces": f.traces, "out": out.tolist()}))
     assert a["out"] == b["out"] == [3.0] * 3 and c["out"] == [7.0] * 3 and d["out"] == [4.0] * 3
 
 
-def test_discard_parameters_releases_and_errors_clearly(cache_dir):
+@pytest.mark.parametrize("bind", [False, True], ids=["frozen-in", "bound"])
+def test_discard_parameters_releases_and_errors_clearly(cache_dir, monkeypatch, bind):
+    # bound: the frozen graph's constants are the module's storage; discarding the module's
+    # parameters must leave the graph's references (and its answers) intact
+    if bind:
+        from jitfreeze.pipeline import TorchScriptBackend
+        monkeypatch.setattr(TorchScriptBackend, "BIND_MIN_BYTES", 0)
     model, (x,) = make("mlp")
     ref = model(x).detach()
     fast = jitfreeze(model, cache_dir=cache_dir, discard_parameters=True)
