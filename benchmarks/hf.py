@@ -176,14 +176,12 @@ def worker(args) -> dict:
 
         from jitfreeze import signature
 
-        from jitfreeze.pipeline import TorchScriptBackend
+        from jitfreeze.pipeline import TorchScriptBackend, module_weights
 
-        from .systems import InPlaceFile, artifact_file, module_weights
+        from .systems import InPlaceFile, artifact_file
 
         info: dict = {}
-        path = artifact_file(args.cache_dir, info)        # verified, written to a file before the timer
-        with open(path, "rb") as f:
-            payload = f.read()                            # the same bytes, in memory before the timer
+        path, payload = artifact_file(args.cache_dir, info)   # verified, in a file and in memory before the timer
         weights = module_weights(model)
         call = signature.describe((), kw, signature.call_mode(model))
         leaves = pytree.tree_leaves(((), kw))

@@ -166,7 +166,9 @@ def _limit(fn, inputs, ctx):
     call as jitfreeze makes it. This is the floor for a warm start, with no import of jitfreeze's
     cache, no fingerprint, no lookup, no verification.
     """
-    path = artifact_file(ctx.cache_dir, ctx.info)
+    from jitfreeze.pipeline import module_weights
+
+    path, _ = artifact_file(ctx.cache_dir, ctx.info)
     weights = module_weights(fn)
 
     def build(args):
@@ -175,8 +177,7 @@ def _limit(fn, inputs, ctx):
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
         with _quiet():
             module = backend.load(InPlaceFile(path), device, weights)
-        run = backend.runner(module)
-        return lambda *a: run(*a)
+        return backend.runner(module)
 
     return _Lazy(build)
 
@@ -188,25 +189,16 @@ class InPlaceFile:
         self.path = path
 
 
-def module_weights(fn) -> dict | None:
-    """A module's tensors by name, as jitfreeze binds them (None for a plain function)."""
-    if not isinstance(fn, torch.nn.Module):
-        return None
-    weights = dict(fn.named_parameters(remove_duplicate=False))
-    weights.update(fn.named_buffers(remove_duplicate=False))
-    return weights
-
-
-def artifact_file(cache_dir, info: dict | None = None) -> str:
+def artifact_file(cache_dir, info: dict | None = None) -> tuple[str, bytes]:
     """The one artifact in ``cache_dir`` (verified), written to a file next to the cache directory
-    (removed with it by the runner)."""
+    (removed with it by the runner): (the file's path, its bytes)."""
     import os
 
     payload = read_artifact(cache_dir, info)
     path = os.path.join(os.path.dirname(os.path.abspath(cache_dir)), "limit-artifact.pt")
     with open(path, "wb") as f:
         f.write(payload)
-    return path
+    return path, payload
 
 
 def read_artifact(cache_dir, info: dict | None = None) -> bytes:

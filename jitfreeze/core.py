@@ -36,7 +36,8 @@ from .digest import digest_tensors
 from .dynamic import Guards, dynamic_texts
 from .errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
 from .key import KeyParts, device_text, environment_parts
-from .pipeline import BindingError, TorchScriptBackend, graph_text, outputs_match, tensor_layout, trace
+from .pipeline import (BindingError, TorchScriptBackend, graph_text, module_weights, outputs_match, tensor_layout,
+                       trace)
 
 __all__ = ["jitfreeze", "JitFreezeFunction", "CacheInfo"]
 
@@ -688,12 +689,7 @@ class JitFreezeFunction:
 
     def _weights(self) -> dict | None:
         """The bound module's tensors by name (what stored graphs bind), or None."""
-        module = self.module
-        if module is None:
-            return None
-        weights = dict(module.named_parameters(remove_duplicate=False))
-        weights.update(module.named_buffers(remove_duplicate=False))
-        return weights
+        return module_weights(self.module)
 
     def _bindings(self, traced) -> dict:
         """{graph attribute: the module's name for it} for the traced constants that are the bound

@@ -29,8 +29,8 @@ from torch.utils import _pytree as pytree
 from .errors import NO_RESULT, FallbackReason
 from .signature import CallSpec
 
-__all__ = ["Traced", "trace", "graph_text", "TorchScriptBackend", "BindingError", "tensor_layout",
-           "outputs_match"]
+__all__ = ["Traced", "trace", "graph_text", "TorchScriptBackend", "BindingError", "module_weights",
+           "tensor_layout", "outputs_match"]
 
 log = logging.getLogger("jitfreeze")
 
@@ -321,6 +321,15 @@ class BindingError(RuntimeError):
 
 # The artifact's record of which graph attributes are the module's own weights.
 _BINDINGS_FILE = "jitfreeze-bindings.json"
+
+
+def module_weights(module) -> dict | None:
+    """A module's tensors by name -- what bound artifacts bind -- or None for anything else."""
+    if not isinstance(module, torch.nn.Module):
+        return None
+    weights = dict(module.named_parameters(remove_duplicate=False))
+    weights.update(module.named_buffers(remove_duplicate=False))
+    return weights
 
 
 def tensor_layout(t: torch.Tensor) -> list:
