@@ -48,6 +48,8 @@ CacheInfo = collections.namedtuple("CacheInfo", "hits loads compiles fallbacks e
 _TABLE_LIMIT = 4096          # concrete signatures kept in one function's in-process table
 _Tensor = torch.Tensor
 _fast_key = sig_mod.fast_key
+_tensor_guards = sig_mod.tensor_guards
+_grad_enabled = torch.is_grad_enabled
 _call_mode = sig_mod.call_mode
 
 # Bumped whenever any module registers a parameter or buffer (e.g. ``m.weight = Parameter(...)``):
@@ -120,6 +122,19 @@ class _Watch:
 
 def _module_tensor_ids(module) -> tuple:
     return tuple(id(t) for t in module.parameters()) + tuple(id(t) for t in module.buffers())
+
+
+class _Last:
+    """The hot path's first try: the C++ check of one tensors-only signature and its entry.
+
+    A call with as many arguments that passes ``guards`` (types, dtypes, devices, shapes,
+    strides, requires_grad, dispatch keys incl. autocast), in the same grad mode, with the
+    module (if any) in eval mode, has the fast key ``key``: it is served by ``entry``."""
+
+    __slots__ = ("guards", "n", "grad", "module", "entry")
+
+    def __init__(self, guards, n, grad, module, entry):
+        self.guards, self.n, self.grad, self.module, self.entry = guards, n, grad, module, entry
 
 
 class _Entry:
@@ -199,6 +214,8 @@ class JitFreezeFunction:
         self._parent = _parent
         self._bound = weakref.WeakKeyDictionary()
         self._table: dict = {}
+        self._last: _Last | None = None      # the hot path's first try
+        self._lasts: dict = {}               # fast key -> its _Last
         self._fallbacks: dict = {}
         self._signatures = 0
         self._hits = self._loads = self._compiles = 0
@@ -239,6 +256,17 @@ class JitFreezeFunction:
 
     def __call__(self, *args, **kwargs):
         if not kwargs:
+            # 1. The signature of the last tensors-only hit, checked in C++ (_Last).
+            last = self._last
+            if (last is not None and len(args) == last.n and last.guards.check(*args)
+                    and _grad_enabled() is last.grad and (last.module is None or not last.module.training)):
+                entry = last.entry
+                watch = entry.watch
+                if watch is None or watch.fresh():
+                    self._hits += 1
+                    outs = entry.fwd(*args)
+                    return outs if entry.out_kind == 0 else entry.rebuild(outs)
+            # 2. The in-process table, by the fast key.
             key = _fast_key(args, self.module)
             if key is not None:
                 entry = self._table.get(key)
@@ -247,9 +275,24 @@ class JitFreezeFunction:
                     if watch is None or watch.fresh():
                         self._hits += 1
                         idx = entry.fast_idx
-                        outs = entry.fwd(*args) if idx is None else entry.fwd(*[args[i] for i in idx])
+                        if idx is None:
+                            last = self._lasts.get(key)
+                            self._last = last if last is not None and last.entry is entry else \
+                                self._remember(key, args, entry)
+                            outs = entry.fwd(*args)
+                        else:
+                            outs = entry.fwd(*[args[i] for i in idx])
                         return outs if entry.out_kind == 0 else entry.rebuild(outs)
         return self._call_slow(args, kwargs)
+
+    def _remember(self, key, args, entry):
+        """The first hit of a tensors-only signature: its C++ check, for the calls after it."""
+        module = self.module
+        guards = _tensor_guards(args) if module is None or not module.training else None
+        if guards is None:
+            return self._last
+        last = self._lasts[key] = _Last(guards, len(args), key[0], module, entry)
+        return last
 
     # -- introspection --------------------------------------------------------------------------
 
@@ -260,6 +303,7 @@ class JitFreezeFunction:
     def cache_clear(self) -> None:
         """Empty the in-process table (and forget remembered fallbacks); the persistent cache stays."""
         with self._lock:
+            self._forget_lasts()
             self._table.clear()
             self._fallbacks.clear()
             self._dyn.clear()
@@ -313,6 +357,10 @@ class JitFreezeFunction:
         else:
             log.info("%s runs eagerly for this signature: %s", self.name, reason)
 
+    def _forget_lasts(self):
+        self._last = None
+        self._lasts = {}
+
     def _call_slow(self, args, kwargs):
         if self._config is None:
             with self._lock:
@@ -352,6 +400,7 @@ class JitFreezeFunction:
                     return reason.result      # the trace ran the function: don't run it twice
                 return self._eager(args, kwargs)
             if len(self._table) >= _TABLE_LIMIT:
+                self._forget_lasts()
                 self._table.clear()
             if new:
                 self._signatures += 1

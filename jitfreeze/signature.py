@@ -1,7 +1,10 @@
 """Input signatures: what about a call changes the trace.
 
-Two forms of one thing:
+Forms of one thing:
 
+* :func:`tensor_guards` — for a call of positional tensors only, a check in C++ that a later
+  call's tensors match these ones: what the hot path tries first (about 0.3 us against about
+  1.5 us for :func:`fast_key`).
 * :func:`fast_key` — the hot path's key for the common call (positional tensors
   and plain scalars, no containers): a tuple built without a pytree walk, or
   ``None`` when the call needs the full description.
@@ -23,13 +26,18 @@ from torch.utils import _pytree as pytree
 
 from .errors import FallbackReason
 
-__all__ = ["CallSpec", "describe", "fast_key", "tensor_text"]
+__all__ = ["CallSpec", "describe", "fast_key", "tensor_guards", "tensor_text"]
 
 _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
 _TENSOR_TYPES = (_Tensor, _Parameter)
 _grad_enabled = torch.is_grad_enabled
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: False)
+
+try:        # torch's own C++ tensor check (what torch.compile's guards use); private, so optional
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:                                        # pragma: no cover - other torch builds
+    _TensorGuards = None
 
 # Plain constants that a trace bakes in; their repr is stable across processes.
 _CONST_TYPES = (type(None), bool, int, str, bytes, complex, torch.dtype, torch.device,
@@ -68,6 +76,27 @@ def fast_key(args: tuple, module):
     except RuntimeError:
         return None
     return tuple(parts)
+
+
+def tensor_guards(args: tuple):
+    """A C++ check that a call's positional arguments match ``args`` (all plain tensors), or None.
+
+    ``guards.check(*other)`` is True only when ``other`` has the same Python types, dtypes,
+    devices, shapes, strides, ``requires_grad`` and dispatch keys (layout, conjugate/negative
+    bits, autocast state) as ``args`` had now: everything :func:`fast_key` compares, and more.
+    It raises TypeError for another number of arguments: compare ``len`` first. Grad mode and a
+    module's training flag are not in it: the caller compares them.
+    """
+    if _TensorGuards is None or _any_autocast():
+        return None
+    for a in args:
+        t = type(a)
+        if t is not _Tensor and t is not _Parameter:
+            return None
+    try:
+        return _TensorGuards(*args, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+    except (TypeError, RuntimeError):                      # pragma: no cover - another torch's signature
+        return None
 
 
 def call_mode(module) -> tuple:
