@@ -36,8 +36,8 @@ from .digest import digest_tensors
 from .dynamic import Guards, dynamic_texts
 from .errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
 from .key import KeyParts, device_text, environment_parts
-from .pipeline import (BindingError, TorchScriptBackend, graph_text, module_weights, outputs_match, tensor_layout,
-                       trace)
+from .pipeline import (HOISTED_PREFIX, BindingError, TorchScriptBackend, graph_text, module_weights, outputs_match,
+                       tensor_layout, trace)
 
 __all__ = ["jitfreeze", "JitFreezeFunction", "CacheInfo"]
 
@@ -124,19 +124,6 @@ def _module_tensor_ids(module) -> tuple:
     return tuple(id(t) for t in module.parameters()) + tuple(id(t) for t in module.buffers())
 
 
-class _Last:
-    """The hot path's first try: the C++ check of one tensors-only signature and its entry.
-
-    A call with as many arguments that passes ``guards`` (types, dtypes, devices, shapes,
-    strides, requires_grad, dispatch keys incl. autocast), in the same grad mode, with the
-    module (if any) in eval mode, has the fast key ``key``: it is served by ``entry``."""
-
-    __slots__ = ("guards", "n", "grad", "module", "entry")
-
-    def __init__(self, guards, n, grad, module, entry):
-        self.guards, self.n, self.grad, self.module, self.entry = guards, n, grad, module, entry
-
-
 class _Entry:
     """A compiled function for one signature, plus how to feed it and rebuild its output."""
 
@@ -214,8 +201,8 @@ class JitFreezeFunction:
         self._parent = _parent
         self._bound = weakref.WeakKeyDictionary()
         self._table: dict = {}
-        self._last: _Last | None = None      # the hot path's first try
-        self._lasts: dict = {}               # fast key -> its _Last
+        self._last: tuple | None = None      # the hot path's first try (see _remember)
+        self._lasts: dict = {}               # fast key -> its _remember tuple
         self._fallbacks: dict = {}
         self._signatures = 0
         self._hits = self._loads = self._compiles = 0
@@ -256,16 +243,17 @@ class JitFreezeFunction:
 
     def __call__(self, *args, **kwargs):
         if not kwargs:
-            # 1. The signature of the last tensors-only hit, checked in C++ (_Last).
+            # 1. The last tensors-only signature served, checked in C++ (see _remember).
             last = self._last
-            if (last is not None and len(args) == last.n and last.guards.check(*args)
-                    and _grad_enabled() is last.grad and (last.module is None or not last.module.training)):
-                entry = last.entry
-                watch = entry.watch
-                if watch is None or watch.fresh():
-                    self._hits += 1
-                    outs = entry.fwd(*args)
-                    return outs if entry.out_kind == 0 else entry.rebuild(outs)
+            if last is not None:
+                n, check, grad, module, entry = last
+                if (len(args) == n and check(*args) and _grad_enabled() is grad
+                        and (module is None or not module.training)):
+                    watch = entry.watch
+                    if watch is None or watch.fresh():
+                        self._hits += 1
+                        outs = entry.fwd(*args)
+                        return outs if entry.out_kind == 0 else entry.rebuild(outs)
             # 2. The in-process table, by the fast key.
             key = _fast_key(args, self.module)
             if key is not None:
@@ -277,7 +265,7 @@ class JitFreezeFunction:
                         idx = entry.fast_idx
                         if idx is None:
                             last = self._lasts.get(key)
-                            self._last = last if last is not None and last.entry is entry else \
+                            self._last = last if last is not None and last[4] is entry else \
                                 self._remember(key, args, entry)
                             outs = entry.fwd(*args)
                         else:
@@ -286,12 +274,17 @@ class JitFreezeFunction:
         return self._call_slow(args, kwargs)
 
     def _remember(self, key, args, entry):
-        """The first hit of a tensors-only signature: its C++ check, for the calls after it."""
+        """The first hit of a tensors-only signature (fast key ``key``): the hot path's first try
+        from now on, ``(len(args), check, grad mode, module, entry)``. ``check`` is torch's C++
+        tensor check (types, dtypes, devices, shapes, strides, requires_grad, dispatch keys incl.
+        autocast); with the same grad mode and the module (if any) in eval mode, a call that
+        passes it has this fast key. One flat tuple: the hot path's cost here is mostly cache
+        misses (each object it touches after a TorchScript call), not instructions."""
         module = self.module
         guards = _tensor_guards(args) if module is None or not module.training else None
         if guards is None:
             return self._last
-        last = self._lasts[key] = _Last(guards, len(args), key[0], module, entry)
+        last = self._lasts[key] = (len(args), guards.check, key[0], module, entry)
         return last
 
     # -- introspection --------------------------------------------------------------------------
@@ -779,13 +772,13 @@ class JitFreezeFunction:
 
     def _first_call(self, module, tensors):
         """Call a freshly loaded module once: (its outputs, the function to call it with from now on)."""
-        t0 = time.perf_counter()
-        outs = self._backend.runner(module)(*tensors)
-        return outs, self._backend.runner(module, first_call_s=time.perf_counter() - t0)
+        fwd = self._backend.runner(module)
+        return fwd(*tensors), fwd
 
     def _entry(self, fwd, key, call, traced, source):
         """``fwd``: a loaded module's runner (:meth:`TorchScriptBackend.runner`)."""
-        watch_tensors = [t for _, t in traced.constants]
+        # The weights to watch: the function's and module's, not the numbers the pipeline hoisted.
+        watch_tensors = [t for name, t in traced.constants if not name.startswith(HOISTED_PREFIX)]
         watch = _Watch(watch_tensors, self.module, check_grad=call.mode[0]) \
             if watch_tensors or self.module is not None else None
         return _Entry(fwd, key, call, traced.out_spec, traced.out_tensor_idx, traced.out_consts, watch, source)

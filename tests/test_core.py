@@ -389,10 +389,9 @@ def test_binding_errors_are_clear_and_a_plain_miss(cache_dir, monkeypatch, no_jf
     assert failed and again.traces == 1 and info.loads == 1 and info.compiles == 0
 
 
-def test_loaded_graphs_run_unprofiled_unless_their_calls_are_tiny(cache_dir, no_jf_warnings):
-    """Real graphs run with TorchScript's executor optimization off (no profiling run on the first
-    calls), set around each call and restored, even when the call raises; graphs whose first call
-    took under SMALL_CALL_S keep the optimized plan."""
+def test_loaded_graphs_run_unprofiled(cache_dir, no_jf_warnings):
+    """Graphs run with TorchScript's executor optimization off (no profiling run on the first
+    calls), set around each call and restored, even when the call raises."""
     from jitfreeze.pipeline import TorchScriptBackend
 
     model, (x,) = make("mlp")
@@ -402,8 +401,7 @@ def test_loaded_graphs_run_unprofiled_unless_their_calls_are_tiny(cache_dir, no_
     entry = next(iter(fast._table.values()))
     backend = TorchScriptBackend()
     module = backend.load(fast._cache_for().get(entry.key)[1], None, fast._weights())
-    assert isinstance(backend.runner(module, first_call_s=1e-5), torch._C.ScriptMethod)
-    run = backend.runner(module, first_call_s=0.5)
+    run = backend.runner(module)
     assert not isinstance(run, torch._C.ScriptMethod) and run.graph is module.forward.graph
     assert torch._C._get_graph_executor_optimize()
     with torch.no_grad():
@@ -419,3 +417,109 @@ def test_loaded_graphs_run_unprofiled_unless_their_calls_are_tiny(cache_dir, no_
         assert not torch._C._get_graph_executor_optimize()
     finally:
         torch._C._set_graph_executor_optimize(True)
+
+
+def _hoist_cases():
+    f32, f64 = torch.randn(7), torch.randn(3, 4, dtype=torch.float64)
+    return [
+        # (function, inputs, operands hoisted)
+        (lambda x: torch.relu(x) * 2.0 + 1.0, (f32,), 2),
+        (lambda x: x / 3.0 - 0.1, (f32,), 2),
+        (lambda x: (x * (1 / 3)).add(0.7, alpha=2) / 10, (f32,), 3),       # alpha kept; an int divisor
+        (lambda x: x * 1e300 + float("nan") * 0 - (-0.0), (f32,), 3),       # overflow to inf, nan, -0.0
+        (lambda x: x * 16777217 + 3, (f32,), 2),                            # an int the float32 cast rounds
+        (lambda x: x * 0.1 + 2.5, (f64,), 2),
+        (lambda x: x.t() * 0.3, (f64,), 1),                                 # a non-contiguous operand
+        (lambda x: x.sum() * 0.1, (f32,), 1),                               # a 0-dim operand
+        # left alone: integer and reduced-precision tensors, promotion to another dtype
+        (lambda x: x * 2 + 1, (torch.arange(6),), 0),
+        (lambda x: x + 1.5, (torch.arange(6),), 0),
+        (lambda x: x * 0.1 + 0.3, (torch.randn(5).half(),), 0),
+        (lambda x: x.bool() * 2.0, (f32,), 0),
+        (lambda x: x * True, (f32,), 0),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_hoist_cases())))
+def test_hoisted_scalar_operands_give_the_same_bits(case, cache_dir, no_jf_warnings):
+    """``x * 2.0``: the number becomes a 0-dim constant of x's dtype (converted once, as every
+    call would convert it): the results are bit for bit eager's, also after a reload; where that
+    would not hold exactly (int, half, promotion, bool) nothing is hoisted."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from jitfreeze.pipeline import _hoist_scalars
+
+    fn, inputs, expected = _hoist_cases()[case]
+    assert _hoist_scalars(make_fx(fn, pre_dispatch=True)(*inputs)) == expected
+    fast = jitfreeze(fn, cache_dir=cache_dir)
+    ref = fn(*inputs)
+    for _ in range(3):                       # compile, then the table, then the C++-checked path
+        out = fast(*inputs)
+        assert out.dtype == ref.dtype and torch.equal(out.isnan(), ref.isnan())
+        assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(ref))
+        assert torch.equal(out.signbit(), ref.signbit())
+    again = jitfreeze(fn, cache_dir=cache_dir)
+    assert torch.equal(torch.nan_to_num(again(*inputs)), torch.nan_to_num(ref)) and again.cache_info().loads == 1
+    (entry,) = {id(e): e for e in fast._table.values()}.values()
+    assert entry.watch is None               # hoisted numbers are not weights to watch
+
+
+def test_hoisted_scalars_with_convolutions_and_optimize(cache_dir, no_jf_warnings):
+    """A conv graph goes through optimize_for_inference (MKLDNN layouts) with hoisted constants."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+
+    def fn(x):
+        return model(x) * 0.5 + 1.0 - model(x) / 3.0
+
+    x = torch.randn(2, 3, 16, 16)
+    fast = jitfreeze(fn, cache_dir=cache_dir)
+    with torch.no_grad():
+        ref = fn(x)
+        for _ in range(3):
+            torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_the_hot_path_checks_every_call(cache_dir, no_jf_warnings):
+    """After a tensors-only signature has been served, the next calls are checked in C++
+    (TensorGuards) first: any other shape, dtype, strides, requires_grad, grad mode, autocast or
+    training flag goes to the full path and gets the right answer; hits are counted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5)).eval()
+    fast = jitfreeze(model, cache_dir=cache_dir)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        ref = model(x)
+        for _ in range(3):
+            assert_same(fast(x), ref)
+        assert fast._last is not None and fast.cache_info().hits == 2
+        for other in [torch.randn(5, 8), torch.randn(8, 4).t(), x.clone().requires_grad_()]:
+            assert_same(fast(other), model(other))
+            assert_same(fast(x), ref)
+        # another shape and other strides compiled (they were not taken for x's signature);
+        # requires_grad under no_grad is x's signature again
+        assert fast.cache_info().compiles == 3 and fast.cache_info().hits == 2 + 4
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(JitFreezeWarning, match="autocast"):
+            auto = fast(x)
+        assert auto.dtype == torch.bfloat16
+        model.train()
+        with pytest.warns(JitFreezeWarning):
+            trained = fast(x)
+        assert not torch.equal(trained, ref)         # dropout ran: the eager module in training mode
+        model.eval()
+        assert_same(fast(x), ref)
+    out = fast(x)                                    # grad mode: weights require grad -> eager, with grad
+    assert out.requires_grad
+    with torch.no_grad():
+        assert_same(fast(x), ref)
+        hits = fast.cache_info().hits
+        fast(x)
+        assert fast.cache_info().hits == hits + 1
+        fast.cache_clear()
+        assert fast._last is None
+        assert_same(fast(x), ref)
+    double = jitfreeze(lambda t: t * 3.0 - 1.0, cache_dir=cache_dir)
+    for t in [x, x, x, x.double(), x, x.half(), x.double()]:
+        out = double(t)
+        assert out.dtype == t.dtype and torch.equal(out, t * 3.0 - 1.0)
+    assert double.cache_info().compiles == 3
