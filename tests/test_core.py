@@ -523,3 +523,68 @@ def test_the_hot_path_checks_every_call(cache_dir, no_jf_warnings):
         out = double(t)
         assert out.dtype == t.dtype and torch.equal(out, t * 3.0 - 1.0)
     assert double.cache_info().compiles == 3
+
+
+def _in_place_cases():
+    lin = nn.Linear(6, 6).eval()
+    return [
+        # (function, ops turned in place)
+        (lambda x: torch.relu(x) * 2.0 + 1.0, 2),
+        (lambda x: (torch.relu(x) * x - x) / 4.0, 3),
+        (lambda x: lin(x) * 0.5, 1),
+        (lambda x: x * 2.0, 0),                                      # the input itself: never
+        (lambda x: nn.functional.dropout(x, 0.5, False) * 2.0, 0),   # eval dropout returns its input
+        (lambda x: (torch.relu(x) * 2.0, torch.relu(x)), 1),         # the second relu is another tensor
+        (lambda x: torch.relu(x).t() * 2.0, 0),                      # a view of it
+        (lambda x: torch.relu(x) * x.sum(), 1),                      # a 0-dim tensor operand
+        (lambda x: torch.relu(x[:1]) + x, 0),                        # broadcast: another shape
+        (lambda x: torch.relu(x).double() * 2.0, 0),
+        (lambda x: [y := torch.relu(x), y * 2.0, y], 0),             # used twice
+        (lambda x: lin.weight * 2.0, 0),                             # a weight
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_in_place_cases())))
+def test_in_place_ops_only_on_tensors_nothing_else_sees(case, cache_dir, no_jf_warnings):
+    """``relu(x) * 2.0`` -> ``relu(x).mul_(c)``: only on a tensor the graph just made and uses
+    nowhere else, same dtype, shape and strides; inputs, weights and other outputs are never
+    written; results are eager's bit for bit."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from jitfreeze.pipeline import _hoist_scalars, _in_place
+
+    fn, expected = _in_place_cases()[case]
+    torch.manual_seed(0)
+    x = torch.randn(6, 6)
+    with torch.no_grad():
+        gm = make_fx(fn, pre_dispatch=True)(x)
+        _hoist_scalars(gm)
+        assert _in_place(gm) == expected
+        fast = jitfreeze(fn, cache_dir=cache_dir)
+        keep = x.clone()
+        for _ in range(3):
+            ref = fn(x)
+            out = fast(x)
+            assert torch.equal(x, keep)                              # the input is untouched
+            for o, r in zip(pytree_leaves(out), pytree_leaves(ref)):
+                assert o.dtype == r.dtype and torch.equal(o, r)
+
+
+def pytree_leaves(out):
+    from torch.utils import _pytree as pytree
+    return pytree.tree_leaves(out)
+
+
+def test_in_place_leaves_weights_and_symbolic_sizes_alone(cache_dir, no_jf_warnings):
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU()).eval()
+    before = [p.clone() for p in model.parameters()]
+
+    def fn(x):
+        return model(x) * 2.0 + model[0].weight.sum()
+
+    fast = jitfreeze(fn, cache_dir=cache_dir, dynamic={0: [0]})
+    with torch.no_grad():
+        for n in (3, 5, 7):
+            x = torch.randn(n, 6)
+            assert torch.equal(fast(x), fn(x))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
