@@ -284,7 +284,7 @@ class JitFreezeFunction:
         guards = _tensor_guards(args) if module is None or not module.training else None
         if guards is None:
             return self._last
-        last = self._lasts[key] = (len(args), guards.check, key[0], module, entry)
+        last = self._lasts[key] = (len(args), guards.check, _grad_enabled(), module, entry)
         return last
 
     # -- introspection --------------------------------------------------------------------------

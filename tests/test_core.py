@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils import _pytree as pytree
 
 import jitfreeze as jf
 from jitfreeze import CacheInfo, JitFreezeWarning, jitfreeze
@@ -566,13 +567,8 @@ def test_in_place_ops_only_on_tensors_nothing_else_sees(case, cache_dir, no_jf_w
             ref = fn(x)
             out = fast(x)
             assert torch.equal(x, keep)                              # the input is untouched
-            for o, r in zip(pytree_leaves(out), pytree_leaves(ref)):
+            for o, r in zip(pytree.tree_leaves(out), pytree.tree_leaves(ref)):
                 assert o.dtype == r.dtype and torch.equal(o, r)
-
-
-def pytree_leaves(out):
-    from torch.utils import _pytree as pytree
-    return pytree.tree_leaves(out)
 
 
 def test_in_place_leaves_weights_and_symbolic_sizes_alone(cache_dir, no_jf_warnings):
