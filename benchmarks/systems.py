@@ -140,6 +140,21 @@ def _bare(fn, inputs, ctx):
     return _Lazy(build)
 
 
+@system("floor", "make_fx floor")
+def _make_fx_floor(fn, inputs, ctx):
+    """What any pipeline that traces with ``make_fx`` pays before its own work: the process's
+    first pre-dispatch ``make_fx`` trace, of a function that copies its inputs. In torch 2.13,
+    ``make_fx`` imports ``torch._inductor.config`` and its trace imports ``torch._dynamo``."""
+
+    def build(args):
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        make_fx(lambda *xs: [x.clone() for x in xs], pre_dispatch=True)(*args)
+        return lambda *xs: None
+
+    return _Lazy(build)
+
+
 @system("compile", "torch.compile", needs=("inductor",))
 def _compile(fn, inputs, ctx):
     return _Lazy(lambda args: torch.compile(fn))      # torch.compile() imports dynamo: timed too

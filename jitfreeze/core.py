@@ -772,8 +772,7 @@ class JitFreezeFunction:
 
     def _first_call(self, module, tensors):
         """Call a freshly loaded module once: (its outputs, the function to call it with from now on)."""
-        fwd = self._backend.runner(module)
-        return fwd(*tensors), fwd
+        return self._backend.first_call(module, tensors)
 
     def _entry(self, fwd, key, call, traced, source):
         """``fwd``: a loaded module's runner (:meth:`TorchScriptBackend.runner`)."""

@@ -5,8 +5,10 @@ in ``torch._dynamo`` (about a second of imports), so it is imported lazily, on
 the first trace; loading a stored artifact needs none of it.
 
 The backend seam: :class:`TorchScriptBackend` turns a traced graph into bytes
-and bytes into a callable. Another backend would implement the same three
-methods (``name``, ``compile``, ``load``).
+and bytes into a loaded module, and makes a loaded module's first call (which
+returns the function later calls use). Another backend would implement the
+same methods (``name``, ``bindings``, ``compile``, ``load``, ``first_call``,
+``runner``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = ["Traced", "trace", "HOISTED_PREFIX", "graph_text", "TorchScriptBacken
 log = logging.getLogger("jitfreeze")
 
 _TRACE_LOCK = threading.RLock()
+_PLAN_LOCK = threading.Lock()
 
 # Plain constants allowed among a function's outputs (returned as they were traced).
 _OUT_CONST_TYPES = (type(None), bool, int, float, str, bytes, complex)
@@ -508,18 +511,42 @@ class TorchScriptBackend:
             code = 400 * len(traced.graph_module.graph.nodes)
             return _save(scripted, path, extra, estimate=stored + stored // 16 + code + 64 * 1024)
 
-    def runner(self, module):
-        """The function that calls ``module``: tensors in, its outputs out.
+    def first_call(self, module, tensors):
+        """Call a freshly loaded ``module`` once: ``(its outputs, the function to call it with)``.
 
-        It runs with TorchScript's graph-executor optimization off (a thread-local flag, set around
-        each call and restored). The default (profiling) executor spends a graph's first call
-        recording it and the second optimizing it; on CPU, with no fuser there, the optimized plan
-        is no faster than the plain one for graphs of real operators (measured per call, side by
-        side: BERT-base 0.98-1.02x, conv+BN net 1.00x, transformer encoder 1.00-1.02x, MLP 1.00x),
-        while those two calls cost 3-6 calls' time (first call after loading: BERT-base 0.6 s vs
-        0.43 s, conv+BN net 125 vs 57 ms, transformer encoder 90 vs 23 ms). On small graphs the
-        optimized plan also turns the 0-dim constants of :func:`_hoist_scalars` back into numbers
-        (a few elementwise operators on 16 floats: 27 us optimized vs 16 us plain, eager 20 us)."""
+        TorchScript's default (profiling) executor spends a graph's first call recording it and the
+        second optimizing it; on CPU, with no fuser there, the optimized plan is no faster per call
+        than the plain one for graphs of real operators (measured side by side: BERT-base
+        0.98-1.02x, conv+BN net 1.00x, transformer encoder 1.00-1.02x, MLP 1.00x), while those two
+        calls cost 3-6 calls' time (first call after loading: BERT-base 0.6 s vs 0.43 s, conv+BN
+        net 125 vs 57 ms, transformer encoder 90 vs 23 ms). So this call plans the graph once with
+        the executor's simple mode (a bailout depth of 0 while the plan is made): its
+        profiling-insensitive passes, no profiling runs. When those passes leave the graph as it
+        is (checked on the plan itself), later calls go straight to the ``ScriptMethod``. They do
+        not when the graph has out-of-place add/sub/mul/div of a 0-dim tensor constant: their
+        canonicalization turns it back into a number (undoing :func:`_hoist_scalars`: a few
+        elementwise operators on 16 floats, 20 us vs 16 us). Then, or when the caller runs with
+        executor optimization off, calls go through :meth:`runner`."""
+        fwd = module.forward
+        if torch._C._get_graph_executor_optimize() and not _canonicalized_scalars(fwd.graph):
+            with _PLAN_LOCK:             # the bailout depth is process-wide: our plans take turns
+                strategy = torch._C._jit_set_fusion_strategy([("STATIC", 0)])
+                try:
+                    outs = fwd(*tensors)
+                finally:
+                    torch._C._jit_set_fusion_strategy(strategy)
+            if _planned_as_is(module, fwd.graph):
+                return outs, fwd
+            log.debug("jitfreeze: TorchScript's plan changed the graph; calls run it unprofiled")
+            fwd._debug_flush_compilation_cache()
+        run = self.runner(module)
+        return run(*tensors), run
+
+    def runner(self, module):
+        """The function that calls ``module`` unplanned: tensors in, its outputs out. It runs with
+        TorchScript's graph-executor optimization off (a thread-local flag, set around each call
+        and restored), so the executor runs the graph as it is, with no profiling runs (see
+        :meth:`first_call`)."""
         return _unprofiled(module.forward)
 
     def load(self, data, device: torch.device | None, weights: dict | None = None):
@@ -590,6 +617,61 @@ def _unprofiled(fwd):
 
     call.graph = fwd.graph
     return call
+
+
+_CANONICALIZED = frozenset({"aten::add", "aten::sub", "aten::mul", "aten::div"})
+
+
+def _canonicalized_scalars(graph) -> bool:
+    """Whether TorchScript's CanonicalizeOps pass would turn a 0-dim tensor constant of this graph
+    back into a number: the ``other`` of an out-of-place add/sub/mul/div."""
+    for node in graph.findAllNodes("prim::Constant"):
+        value = node.output().toIValue()
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            for use in node.output().uses():
+                if use.user.kind() in _CANONICALIZED and use.offset == 1:
+                    return True
+    return False
+
+
+def _structure(graph) -> list:
+    """A graph's nodes as (kind, inputs), each input named by what makes it: constants by value
+    (tensors by storage and layout), other values by their node's position. Equal for a graph and
+    a copy the executor's passes left alone, whatever the values' names."""
+    named = {v.unique(): ("input", i) for i, v in enumerate(graph.inputs())}
+    nodes: list = []
+
+    def walk(block):
+        for i, v in enumerate(block.inputs()):
+            named.setdefault(v.unique(), ("block input", len(nodes), i))
+        for node in block.nodes():
+            if node.kind() == "prim::Constant":
+                value = node.output().toIValue()
+                if isinstance(value, torch.Tensor):
+                    value = (value.data_ptr(), tuple(value.shape), tuple(value.stride()), value.dtype)
+                named[node.output().unique()] = ("constant", repr(value))
+                continue
+            here = len(nodes)
+            nodes.append((node.kind(), [named.get(v.unique()) for v in node.inputs()]))
+            for i, out in enumerate(node.outputs()):
+                named[out.unique()] = ("node", here, i)
+            for sub in node.blocks():
+                nodes.append(("block", here))
+                walk(sub)
+                nodes.append(("block return", [named.get(v.unique()) for v in sub.returnNode().inputs()]))
+
+    walk(graph.block())
+    nodes.append(("return", [named.get(v.unique()) for v in graph.return_node().inputs()]))
+    return nodes
+
+
+def _planned_as_is(module, graph) -> bool:
+    """Whether the executor's plan for ``module.forward`` runs ``graph`` as it is."""
+    try:
+        plans = list(module._c.get_debug_state().execution_plans.values())
+    except RuntimeError:          # no plan made (the executor ran unoptimized)
+        return False
+    return len(plans) == 1 and _structure(plans[0].graph) == _structure(graph)
 
 
 def _node_kinds(block):

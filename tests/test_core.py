@@ -481,6 +481,81 @@ def test_hoisted_scalars_with_convolutions_and_optimize(cache_dir, no_jf_warning
             torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-5)
 
 
+def _relu_scale(x):
+    return torch.relu(x) * 2.0 + 1.0          # hoisted numbers, in place on relu's result
+
+
+def _scale(x):
+    return x / 8.0                            # out of place: a hoisted number TorchScript would undo
+
+
+def _fusion_strategy():
+    strategy = torch._C._jit_set_fusion_strategy([("STATIC", 0)])
+    torch._C._jit_set_fusion_strategy(strategy)
+    return strategy
+
+
+def test_first_call_plans_the_graph_once_as_it_is(cache_dir, no_jf_warnings):
+    """A loaded graph is planned on its first call by TorchScript's simple executor (no profiling
+    runs); when that plan is the graph as it is, later calls go straight to the ScriptMethod."""
+    from jitfreeze.pipeline import TorchScriptBackend, _structure
+
+    strategy = _fusion_strategy()
+    x = torch.randn(16)
+    for source in ("compiled", "index"):
+        f = jitfreeze(_relu_scale, cache_dir=cache_dir)
+        assert_same(f(x), _relu_scale(x))
+        entry = next(iter(f._table.values()))
+        assert entry.source == source and isinstance(entry.fwd, torch._C.ScriptMethod)
+        plans = list(entry.fwd.owner.get_debug_state().execution_plans.values())
+        assert len(plans) == 1 and _structure(plans[0].graph) == _structure(entry.fwd.graph)
+        assert "aten::mul_" in str(plans[0].graph) and "prim::Constant[value={2}]" in str(plans[0].graph)
+        assert_same(f(x), _relu_scale(x))
+        assert torch._C._get_graph_executor_optimize() and _fusion_strategy() == strategy
+    backend = TorchScriptBackend()                  # a first call that raises restores the strategy
+    module = backend.load(f._cache_for().get(entry.key)[1], None)
+    with pytest.raises(RuntimeError):
+        backend.first_call(module, [torch.randn(3), torch.randn(3)])
+    assert _fusion_strategy() == strategy
+
+
+def test_first_call_leaves_graphs_the_plan_would_change_unplanned(cache_dir, no_jf_warnings, monkeypatch):
+    """Out-of-place arithmetic with a hoisted number: TorchScript's plan would turn the 0-dim
+    constant back into a number, so the graph runs unprofiled, as it is. When the prediction
+    misses a change, the plan itself is checked: dropped, and the graph runs unprofiled."""
+    from jitfreeze import pipeline
+
+    x = torch.randn(16)
+    f = jitfreeze(_scale, cache_dir=cache_dir)
+    assert_same(f(x), _scale(x))
+    entry = next(iter(f._table.values()))
+    assert not isinstance(entry.fwd, torch._C.ScriptMethod)
+    assert "prim::Constant[value={8}]" in str(entry.fwd.graph)
+
+    checked = []
+    real, predict = pipeline._planned_as_is, pipeline._canonicalized_scalars
+
+    def spy(module, graph):
+        checked.append(real(module, graph))
+        return checked[-1]
+
+    monkeypatch.setattr(pipeline, "_canonicalized_scalars", lambda graph: False)
+    monkeypatch.setattr(pipeline, "_planned_as_is", spy)
+    again = jitfreeze(_scale, cache_dir=cache_dir)
+    assert_same(again(x), _scale(x))
+    assert checked == [False]
+    entry = next(iter(again._table.values()))
+    assert entry.source == "index" and not isinstance(entry.fwd, torch._C.ScriptMethod)
+    assert_same(again(x), _scale(x))
+
+    monkeypatch.setattr(pipeline, "_canonicalized_scalars", predict)
+    off = jitfreeze(_relu_scale, cache_dir=cache_dir)       # the caller runs unoptimized: no plan made
+    with torch.jit.optimized_execution(False):
+        assert_same(off(x), _relu_scale(x))
+    assert not isinstance(next(iter(off._table.values())).fwd, torch._C.ScriptMethod)
+    assert_same(off(x), _relu_scale(x))
+
+
 def test_the_hot_path_checks_every_call(cache_dir, no_jf_warnings):
     """After a tensors-only signature has been served, the next calls are checked in C++
     (TensorGuards) first: any other shape, dtype, strides, requires_grad, grad mode, autocast or
