@@ -538,6 +538,8 @@ class TorchScriptBackend:
                     torch._C._jit_set_fusion_strategy(strategy)
             if _planned_as_is(module, fwd.graph):
                 return outs, fwd
+            # A change the test above did not foresee: drop the plan and run the graph as it is
+            # (this call again too: it costs one call, so the test should foresee what it can).
             log.debug("jitfreeze: TorchScript's plan changed the graph; calls run it unprofiled")
             fwd._debug_flush_compilation_cache()
         run = self.runner(module)
