@@ -17,7 +17,7 @@ Per architecture, each start-up figure in a fresh process (``python -m benchmark
   and frozen, for artifacts that bind the module's weights) + ``optimize_for_inference`` + the
   first call: the target's definition;
 * ``floor``: ``torch.jit.load`` of the same artifact from a file + the post-load passes jitfreeze
-  runs + the first call as jitfreeze makes it (unprofiled): jitfreeze's backend alone;
+  runs + the first call as jitfreeze makes it: jitfreeze's backend alone;
 * ``steady``: eager, jitfreeze (warm cache) and torch.compile in one process, first calls
   untimed, then blocks of calls taking turns (``benchmarks.worker.measure_steady``). Its
   ratios hold up on a busy machine and torch.compile's compile makes it the longest figure:
@@ -394,7 +394,7 @@ def write_table(path: Path, summary, meta, machine) -> str:
          "Cold: jitfreeze with an empty cache; warm: a fresh process reading the cache the cold one filled; "
          "limit: `torch.jit.load` of the same artifact bytes + `optimize_for_inference` + the first call (the "
          "target's definition); floor: `torch.jit.load` of the same artifact from a file + the post-load passes "
-         "jitfreeze runs + the first call as jitfreeze makes it (unprofiled): what is left over it is jitfreeze's "
+         "jitfreeze runs + the first call as jitfreeze makes it: what is left over it is jitfreeze's "
          "own import, fingerprint, lookup and verification. "
          "Steady: eager, jitfreeze and torch.compile taking turns in one process.",
          "",
