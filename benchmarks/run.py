@@ -283,8 +283,8 @@ def evaluate(summary: dict, records: list[dict], models: list[str]) -> dict:
         if r is not None:
             out["cold_compile"][m] = {"ratio": r, "pass": r <= 0.10}
             floor = _ratio(_get(summary, "cold", m, "floor"), compile_s)
-            if floor is not None and r > 0.10 and floor > 0.10:
-                out["cold_compile"][m]["bound"] = floor      # make_fx alone takes more than the target
+            if floor is not None:
+                out["cold_compile"][m]["floor"] = floor      # make_fx alone, against torch.compile
         best = [v for v in (_get(summary, "steady", m, "eager", "per_call_s"),
                             _get(summary, "steady", m, "trace", "per_call_s")) if v is not None]
         r = _ratio(_get(summary, "steady", m, "jitfreeze", "per_call_s"), min(best) if best else None)
@@ -413,7 +413,8 @@ def _pf(t) -> str:
         return "n/a"
     if t["pass"]:
         return "PASS"
-    return "**MISS**" + (f" (bound: make_fx alone {t['bound']:.2f}x)" if "bound" in t else "")
+    bound = t.get("floor", 0) > 0.10                  # a cold target make_fx alone already misses
+    return "**MISS**" + (f" (bound: make_fx alone {t['floor']:.2f}x)" if bound else "")
 
 
 def _label(system):
@@ -460,7 +461,7 @@ def write_table(path: Path, summary, targets, notes, machine, meta, models, reco
                      f"{_cell(st['floor'])} | "
                      f"{_x(targets.get('cold_bare', {}).get(m, {}).get('ratio'))} | {_pf(targets.get('cold_bare', {}).get(m))} | "
                      f"{_x(targets.get('cold_compile', {}).get(m, {}).get('ratio'))} | {_pf(targets.get('cold_compile', {}).get(m))} | "
-                     f"{_x(_ratio(_get(summary, 'cold', m, 'floor'), _get(summary, 'cold', m, 'compile')))} |")
+                     f"{_x(targets.get('cold_compile', {}).get(m, {}).get('floor'))} |")
         L.append("")
     if present("warm"):
         L.append("### Warm first call in a fresh process (cache filled by an earlier process)\n")

@@ -622,7 +622,7 @@ def _unprofiled(fwd):
     return call
 
 
-_CANONICALIZED = frozenset({"aten::add", "aten::sub", "aten::mul", "aten::div"})
+_CANONICALIZED = frozenset(f"aten::{name}" for name in _HOISTED_OPS)   # out of place: hoisting's ops
 
 
 def _canonicalized_scalars(graph) -> bool:
