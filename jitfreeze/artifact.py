@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import mmap
 import os
 import struct
 
@@ -190,26 +191,51 @@ def unpack_file(path: str | os.PathLike, key: str, hmac_key: bytes | None = None
             f.seek(size - _TRAILER)
             meta_len, payload_len, flags, algorithm, lens, digest, signature = \
                 _parse_trailer(f.read(_TRAILER), size)
-            f.seek(0)
             h = _hasher(algorithm)
             mac = hmac.new(hmac_key, digestmod=hashlib.sha256) if hmac_key is not None else None
-            body_len, pos, meta_parts = payload_len + meta_len, 0, []
-            for chunk in _chunks(f, body_len):
-                h.update(chunk)
-                if mac is not None:
-                    mac.update(chunk)
-                if pos + len(chunk) > payload_len:           # the chunk reaches into the metadata
-                    meta_parts.append(bytes(chunk[max(0, payload_len - pos):]))
-                pos += len(chunk)
-            if pos < body_len:
-                raise BadEntry("entry truncated while reading")
-            meta_bytes = b"".join(meta_parts)
+            meta_bytes = _hash_mapped(f, payload_len, meta_len, h, mac)
+            if meta_bytes is None:
+                meta_bytes = _hash_read(f, payload_len, meta_len, h, mac)
     except FileNotFoundError:
         raise          # evicted or replaced since it was looked up: a miss, not a bad entry
     except OSError as exc:
         raise BadEntry(f"unreadable entry file: {exc}") from None
     _check(h, mac, lens, digest, signature, flags, hmac_key)
     return _meta(meta_bytes, key), payload_len
+
+
+def _hash_mapped(f, payload_len: int, meta_len: int, h, mac) -> bytes | None:
+    """Hash the body of an entry file through a read-only mapping: the metadata bytes, or None
+    where the file can't be mapped. The hash reads the page cache in place: 22 MB in 2.5 ms
+    where copying it out in chunks (:func:`_hash_read`) takes 5-17 ms. Value files are never
+    truncated or rewritten in place (a new value gets a new file, removal unlinks it, which
+    leaves a mapping valid), so the mapping cannot lose pages under the hash."""
+    body_len = payload_len + meta_len
+    try:
+        mapped = mmap.mmap(f.fileno(), body_len, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):       # an empty body, a file system without mmap
+        return None
+    with mapped:
+        h.update(mapped)
+        if mac is not None:
+            mac.update(mapped)
+        return mapped[payload_len:body_len]
+
+
+def _hash_read(f, payload_len: int, meta_len: int, h, mac) -> bytes:
+    """Hash the body of an entry file read in chunks: the metadata bytes."""
+    f.seek(0)
+    body_len, pos, meta_parts = payload_len + meta_len, 0, []
+    for chunk in _chunks(f, body_len):
+        h.update(chunk)
+        if mac is not None:
+            mac.update(chunk)
+        if pos + len(chunk) > payload_len:           # the chunk reaches into the metadata
+            meta_parts.append(bytes(chunk[max(0, payload_len - pos):]))
+        pos += len(chunk)
+    if pos < body_len:
+        raise BadEntry("entry truncated while reading")
+    return b"".join(meta_parts)
 
 
 def peek_meta(data: bytes) -> dict:

@@ -33,6 +33,7 @@ from typing import Iterator
 
 from diskcache.core import DBNAME, MODE_BINARY, MODE_RAW
 
+from . import touches
 from .store import UnsafeEntry
 
 log = logging.getLogger("jitfreeze")
@@ -373,6 +374,7 @@ def read_meta(reader) -> dict:
 
 def _disk_rows(store):
     """(key, mode, size, value length, store_time, access_time) of a DiskStore's raw rows."""
+    touches.drain(store.timeout)
     return store._cache._sql("SELECT key, mode, size, length(value), store_time, access_time FROM Cache "
                              "WHERE raw = 1 ORDER BY rowid").fetchall()
 

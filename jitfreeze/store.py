@@ -6,7 +6,7 @@ one warning) is the caller's job (:mod:`jitfreeze.cache`).
 
 What :class:`DiskStore` adds to diskcache (each one a trap found in its source):
 
-* raw bytes only (:class:`RawOnlyDisk`): a row in pickle or text mode, a pickled
+* raw bytes only (:class:`~jitfreeze.rawdisk.RawOnlyDisk`): a row in pickle or text mode, a pickled
   key, or a value file outside the cache's own ``xx/yy/<hex>.val`` layout is
   refused, never deserialized, opened or deleted;
 * reads take no write lock: diskcache's LRU ``get`` reads the value file inside a
@@ -36,23 +36,35 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
-import diskcache
+if TYPE_CHECKING:
+    import diskcache
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not on Windows
     fcntl = None
-from diskcache.core import MODE_BINARY, MODE_RAW, UNKNOWN
 
-__all__ = ["Store", "MemoryStore", "DiskStore", "RawOnlyDisk", "UnsafeEntry", "CorruptStore",
+from . import touches
+
+__all__ = ["Store", "MemoryStore", "DiskStore", "UnsafeEntry", "CorruptStore",
            "set_aside_index"]
 
 # diskcache's own value files: two levels of two hex digits, then a random hex name.
 _VALUE_FILE = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{8,64}\.val$")
 _SIDE_FILES = ("-wal", "-shm", "-journal")
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+# diskcache's row modes and index name (checked against diskcache.core by the tests). diskcache
+# itself is imported when something is written or maintained: a warm process only reads rows
+# through a plain SQLite connection and never needs it (5-8 ms of a warm start's imports).
+MODE_RAW, MODE_BINARY = 1, 2
+DB_NAME = "cache.db"
+
+
+def _diskcache():
+    import diskcache
+    return diskcache
 
 
 class UnsafeEntry(Exception):
@@ -210,76 +222,18 @@ class Adopt:
         self.size = size
 
 
-class RawOnlyDisk(diskcache.Disk):
-    """A diskcache Disk that stores and returns raw bytes only.
-
-    diskcache unpickles any row whose mode column says pickle, whatever the
-    application stored: a planted row would be code execution. This Disk never
-    pickles or unpickles, keys included; reads and deletes only value files in
-    diskcache's own layout (never a path a row names outside the directory, never
-    through a symlink); and removes a partly written file when a write fails (a
-    full disk).
-    """
-
-    def put(self, key):
-        if type(key) is not str:
-            raise TypeError(f"keys are str, not {type(key).__name__}")
-        return key, True
-
-    def get(self, key, raw):
-        if not raw:
-            raise UnsafeEntry("pickled key in the cache index")
-        return bytes(key) if type(key) is sqlite3.Binary else key
-
-    def store(self, value, read, key=UNKNOWN):
-        if type(value) is Adopt and not read:
-            # A value file written in place (DiskStore.put_file): the row takes it as it is.
-            self.written = value.filename
-            return value.size, MODE_BINARY, value.filename, None
-        if read or type(value) is not bytes:
-            raise TypeError(f"jitfreeze stores raw bytes only, not {type(value).__name__}")
-        if len(value) < self.min_file_size:
-            return 0, MODE_RAW, None, sqlite3.Binary(value)
-        filename, full_path = self.filename(key, value)
-        try:
-            self._write(full_path, _chunks(value), "xb")   # not io.BytesIO: iterating it yields lines
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(full_path)
-            raise
-        self.written = filename
-        return len(value), MODE_BINARY, filename, None
-
-    @property
-    def written(self):
-        """The value file this thread's last ``store`` wrote (DiskStore removes it if the row fails)."""
-        return getattr(self._local(), "written", None)
-
-    @written.setter
-    def written(self, filename):
-        self._local().written = filename
-
-    def _local(self):
-        local = self.__dict__.get("_thread_local")
-        if local is None:
-            local = self.__dict__.setdefault("_thread_local", threading.local())
-        return local
-
-    def fetch(self, mode, filename, value, read):
-        if mode not in (MODE_RAW, MODE_BINARY) or read:
-            raise UnsafeEntry(f"cache row in mode {mode} (only raw bytes are accepted)")
-        if mode == MODE_RAW:
-            data = bytes(value) if type(value) in (sqlite3.Binary, memoryview, bytearray) else value
-        else:
-            data = _read_value_file(self._directory, filename)
-        if type(data) is not bytes:
-            raise UnsafeEntry(f"cache row holds {type(data).__name__}, not bytes")
-        return data
-
-    def remove(self, file_path):
-        if file_path is None or not _VALUE_FILE.match(str(file_path)):
-            return      # a row naming a path outside the cache's layout: never delete it
-        super().remove(file_path)
+def _fetch(directory: str, mode, filename, value) -> bytes:
+    """The bytes of a row (inline value or value file), raw bytes only: never unpickled, never a
+    file outside the cache's layout or through a symlink."""
+    if mode not in (MODE_RAW, MODE_BINARY):
+        raise UnsafeEntry(f"cache row in mode {mode} (only raw bytes are accepted)")
+    if mode == MODE_RAW:
+        data = bytes(value) if type(value) in (sqlite3.Binary, memoryview, bytearray) else value
+    else:
+        data = _read_value_file(directory, filename)
+    if type(data) is not bytes:
+        raise UnsafeEntry(f"cache row holds {type(data).__name__}, not bytes")
+    return data
 
 
 def _read_value_file(directory: str, filename) -> bytes:
@@ -299,9 +253,8 @@ def _read_value_file(directory: str, filename) -> bytes:
 class DiskStore:
     """diskcache.Cache at ``directory`` with raw bytes only and LRU eviction."""
 
-    DB_NAME = diskcache.core.DBNAME
+    DB_NAME = DB_NAME
     _BUSY_TRIES = 3             # BEGIN attempts (each waits up to `timeout` in SQLite's busy handler)
-    _TOUCH_BUSY_MS = 100        # the access-time touch after a read waits at most this long
 
     def __init__(self, directory: str | os.PathLike, size_limit: int, *, timeout: float = 30.0,
                  readonly: bool = False):
@@ -320,9 +273,9 @@ class DiskStore:
         self._swap = threading.Lock()            # setting a corrupt index aside
         self._open_lock = threading.Lock()       # opening diskcache on first need
         self._read_lock = threading.Lock()       # the reader connection, shared by threads
-        self._disk = RawOnlyDisk(str(self.directory), min_file_size=settings["disk_min_file_size"])
+        self._db_path = os.path.abspath(self.directory / self.DB_NAME)    # for touches (cwd may change)
         self._opened = None                      # diskcache.Cache: opened for writes and maintenance
-        self._reader = None                      # plain SQLite connection: row reads and touches
+        self._reader = None                      # plain SQLite connection: row reads
         if not readonly and os.path.exists(self.directory / self.DB_NAME):
             # A warm process only reads: a plain connection costs well under a millisecond where
             # diskcache's open (a dozen PRAGMAs, its settings rewritten in a write transaction)
@@ -370,7 +323,7 @@ class DiskStore:
             return None
         rowid, mode, filename, value = row
         try:
-            data = self._disk.fetch(mode, filename, value, False)
+            data = _fetch(self.location, mode, filename, value)
         except FileNotFoundError:
             return None          # evicted or replaced since the SELECT: a miss
         if not self.readonly:
@@ -407,7 +360,7 @@ class DiskStore:
         if self.readonly:
             raise PermissionError(f"{self.location} is a read-only layer")
         self._write(lambda c: self._set(c, key, value))
-        with contextlib.suppress(diskcache.Timeout, sqlite3.OperationalError):
+        with contextlib.suppress(_diskcache().Timeout, sqlite3.OperationalError):
             self._cull(self._cache, keep=key)   # best effort: the entry is stored either way
 
     def new_file(self) -> "NewFile":
@@ -479,6 +432,7 @@ class DiskStore:
         """Evict least recently used rows until the volume is under the limit (never ``keep``)."""
         if cache.volume() <= self.size_limit:
             return 0
+        touches.drain(self.timeout)         # this process's reads count as recent
         removed = []
         with cache.transact(retry=False):
             sql = cache._sql
@@ -513,6 +467,7 @@ class DiskStore:
                 yield key
 
     def info(self, key):
+        touches.drain(self.timeout)
         rows = self._cache._sql(
             "SELECT store_time, access_time, access_count, size, mode FROM Cache WHERE key = ? AND raw = 1",
             (key,)).fetchall()
@@ -526,6 +481,7 @@ class DiskStore:
         return {"entries": len(self._cache), "bytes": self._cache.volume(), "size_limit": self.size_limit}
 
     def close(self):
+        touches.drain(self.timeout)
         for handle in (self._reader, self._opened):
             if handle is not None:
                 handle.close()
@@ -537,7 +493,7 @@ class DiskStore:
             cache = self._cache
             try:
                 return op(cache)
-            except diskcache.Timeout:
+            except _diskcache().Timeout:
                 # BEGIN IMMEDIATE failed (busy past SQLite's own wait, or not writable at all).
                 if attempt + 1 == self._BUSY_TRIES:
                     raise sqlite3.OperationalError(
@@ -549,25 +505,8 @@ class DiskStore:
                 raise
 
     def _touch(self, rowid) -> None:
-        """LRU bookkeeping after a read: best effort, never waits long, never fails the read."""
-        reader = self._reader
-        try:
-            if reader is not None:
-                with self._read_lock:
-                    self._touch_on(reader, rowid, self.timeout)
-            else:
-                self._touch_on(self._cache._con, rowid, self.timeout)
-        except sqlite3.Error:
-            pass
-
-    @classmethod
-    def _touch_on(cls, con, rowid, timeout) -> None:
-        con.execute(f"PRAGMA busy_timeout = {cls._TOUCH_BUSY_MS}")
-        try:
-            con.execute("UPDATE Cache SET access_time = ?, access_count = access_count + 1 WHERE rowid = ?",
-                        (time.time(), rowid))
-        finally:
-            con.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        """LRU bookkeeping after a read: queued, written off this thread (:mod:`jitfreeze.touches`)."""
+        touches.add(self._db_path, rowid, time.time())
 
     def _raise_corrupt(self, exc: BaseException, handle) -> None:
         """Set a corrupt index aside (once, across processes) and raise CorruptStore; else return.
@@ -789,7 +728,6 @@ def _connect_reader(db: Path, timeout: float):
     con = sqlite3.connect(str(db), timeout=timeout, isolation_level=None, check_same_thread=False)
     try:
         con.execute("SELECT rowid FROM Cache LIMIT 0").fetchall()
-        con.execute("PRAGMA synchronous = NORMAL")     # its only writes are access-time touches: no fsync
     except sqlite3.OperationalError:
         con.close()
         return None
@@ -801,6 +739,8 @@ def _connect_reader(db: Path, timeout: float):
 
 def _open_with_retry(directory: Path, timeout: float, settings: dict) -> diskcache.Cache:
     """Open (and maybe create) the cache; concurrent first opens can see "database is locked"."""
+    diskcache = _diskcache()
+    from .rawdisk import RawOnlyDisk
     deadline = time.monotonic() + max(timeout, 1.0)
     delay = 0.01
     while True:

@@ -29,7 +29,8 @@ import torch
 import jitfreeze.store as jf_store
 from jitfreeze import JitFreezeWarning, jitfreeze
 from jitfreeze.cache import maintain
-from jitfreeze.store import DiskStore, MemoryStore, RawOnlyDisk
+from jitfreeze.rawdisk import RawOnlyDisk
+from jitfreeze.store import DiskStore, MemoryStore
 
 from .conftest import ROOT, assert_same, run_script
 from .models import make
@@ -328,7 +329,7 @@ KILL_IN_WRITE = {
     """,
     # the file complete, killed before the row is inserted
     "before-row": """
-        from jitfreeze.store import RawOnlyDisk
+        from jitfreeze.rawdisk import RawOnlyDisk
         _store = RawOnlyDisk.store
         def _then_die(self, *a, **k):
             out = _store(self, *a, **k)
@@ -435,6 +436,41 @@ def test_corrupt_artifact_never_reaches_torch_jit_load(cache_dir, monkeypatch, w
     fresh_process_state()
     warm, _ = run(make(name)[0], x, cache_dir)
     assert warm.cache_info().loads == 1
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_entry_files_verify_the_same_mapped_or_read(tmp_path, monkeypatch, mapped):
+    """unpack_file hashes a file through a read-only mapping, or in chunks where it can't be
+    mapped: the same metadata either way, and a flipped bit in the payload or the metadata, a
+    truncation, another key or a wrong HMAC key are refused either way."""
+    import mmap
+
+    from jitfreeze import artifact
+
+    if not mapped:
+        def no_mmap(*args, **kwargs):
+            raise OSError("no mmap here")
+        monkeypatch.setattr(mmap, "mmap", no_mmap)
+    payload = os.urandom(3 * 2**20 + 123)             # more than one read chunk
+    for hmac_key in (None, b"secret"):
+        data = artifact.pack("a/k", {"n": 1}, payload, hmac_key)
+        path = tmp_path / "entry.val"
+        path.write_bytes(data)
+        meta, payload_len = artifact.unpack_file(path, "a/k", hmac_key)
+        assert meta == {"n": 1, "key": "a/k"} and payload_len == len(payload)
+        with pytest.raises(artifact.BadEntry, match="another key"):
+            artifact.unpack_file(path, "a/other", hmac_key)
+        with pytest.raises(artifact.BadEntry):
+            artifact.unpack_file(path, "a/k", b"wrong")
+        for at in (len(payload) // 2, len(payload) + 3):    # the payload, then the metadata
+            flipped = bytearray(data)
+            flipped[at] ^= 0x01
+            path.write_bytes(bytes(flipped))
+            with pytest.raises(artifact.BadEntry, match="checksum|signature"):
+                artifact.unpack_file(path, "a/k", hmac_key)
+        path.write_bytes(data[:-1])
+        with pytest.raises(artifact.BadEntry):
+            artifact.unpack_file(path, "a/k", hmac_key)
 
 
 # -- 7: corrupt cache.db ----------------------------------------------------------------------------
@@ -560,6 +596,87 @@ def test_raw_only_disk_refuses_pickle_on_write(cache_dir):
     with pytest.raises(TypeError):
         store._cache.set(("tuple", "key"), b"x")
     assert store.stats()["entries"] == 0
+
+
+def test_store_constants_are_diskcaches():
+    """The store reads rows without importing diskcache: its copies of diskcache's row modes and
+    index name must be diskcache's."""
+    import diskcache.core
+
+    assert (jf_store.MODE_RAW, jf_store.MODE_BINARY, jf_store.DB_NAME) == \
+        (diskcache.core.MODE_RAW, diskcache.core.MODE_BINARY, diskcache.core.DBNAME)
+
+
+def test_reads_touch_access_times_off_the_reading_thread(cache_dir, monkeypatch):
+    """A read queues its LRU touch for the touches thread (the first write after the index was
+    closed syncs a new write-ahead log: milliseconds of disk flush a warm start must not wait
+    for). The touch is written there, eviction and info() see it, a busy index drops it, and an
+    index removed in the meantime is not created again."""
+    from jitfreeze import touches
+
+    threads = []
+    real_write = touches._write
+    monkeypatch.setattr(touches, "_write", lambda batch: threads.append(threading.current_thread()) or
+                        real_write(batch))
+    store = DiskStore(cache_dir, 2**30)
+    store.put("a/old", b"a" * 40_000)
+    store.put("a/mid", b"b" * 40_000)
+    limit = store._cache.volume() + 20_000          # room for the two, not for a third
+    store.close()
+    store = DiskStore(cache_dir, limit)                # a warm process: the plain reader connection
+    assert store._reader is not None
+    assert store.get("a/old") == b"a" * 40_000
+    assert store.info("a/old")["access_count"] == 1    # info() waits for queued touches
+    assert threads and all(t is not threading.main_thread() for t in threads)
+    store.put("a/new", b"c" * 40_000)                    # over the limit: the least recently read goes
+    assert store.get("a/mid") is None and store.get("a/old") is not None
+    # A writer holding the index past the touch's wait: the touch is dropped, the read is not.
+    busy = sqlite3.connect(cache_dir / "cache.db", isolation_level=None)
+    busy.execute("BEGIN IMMEDIATE")
+    try:
+        before = store.info("a/new")["access_count"]
+        assert store.get("a/new") == b"c" * 40_000
+        assert touches.drain(timeout=30)
+    finally:
+        busy.execute("ROLLBACK")
+        busy.close()
+    assert store.info("a/new")["access_count"] == before
+    store.close()
+    # The index removed between a read and its touch: not created again.
+    store = DiskStore(cache_dir, limit)
+    gate = threading.Event()
+    monkeypatch.setattr(touches, "_write", lambda batch: gate.wait(30) and real_write(batch))
+    assert store.get("a/old") is not None
+    for name in ("cache.db", "cache.db-wal", "cache.db-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(cache_dir / name)
+    gate.set()
+    assert touches.drain(timeout=30)
+    assert not (cache_dir / "cache.db").exists()
+    store.close()
+
+
+def test_a_forked_child_writes_its_own_touches(cache_dir):
+    """fork() waits for queued touches (no thread is cut off inside SQLite), and the child, which
+    has no touches thread, starts its own."""
+    from jitfreeze import touches
+
+    store = DiskStore(cache_dir, 2**30)
+    store.put("a/k", b"x" * 100)
+    store.get("a/k")
+    pid = os.fork()
+    if pid == 0:                                       # the child: no assertions, an exit code
+        code = 1
+        try:
+            child = DiskStore(cache_dir, 2**30)
+            if child.get("a/k") == b"x" * 100 and touches.drain(timeout=30):
+                code = 0 if child.info("a/k")["access_count"] == 2 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.info("a/k")["access_count"] == 2
+    store.close()
 
 
 def test_adopted_value_files_are_entries_like_put_ones(cache_dir):

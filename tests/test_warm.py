@@ -71,7 +71,7 @@ with warnings.catch_warnings(record=True) as caught:
 print(json.dumps({"info": fast.cache_info()._asdict(), "traces": fast.traces,
                   "ok": bool(torch.allclose(out, ref, atol=1e-5)),
                   "warnings": [str(w.message) for w in caught if "JitFreeze" in w.category.__name__],
-                  "dynamo": "torch._dynamo" in sys.modules}))
+                  "dynamo": "torch._dynamo" in sys.modules, "diskcache": "diskcache" in sys.modules}))
 """
 
 
@@ -106,6 +106,8 @@ def test_index_hit_in_fresh_process_does_not_trace(user_code, cache_dir):
     assert warm["info"]["loads"] == 1 and warm["info"]["compiles"] == 0
     assert warm["traces"] == 0 and warm["ok"] and warm["warnings"] == []
     assert warm["dynamo"] is False           # the tracing machinery was never imported
+    assert warm["diskcache"] is False        # nor diskcache: a read goes through a plain SQLite connection
+    assert cold["diskcache"] is True
 
 
 @pytest.mark.parametrize("edit", [
