@@ -32,5 +32,5 @@ def test_benchmark_harness_smoke(tmp_path):
     for system in ("jitfreeze", "jitfreeze-discard"):
         warm = [r for r in records if r["case"] == "warm" and r["system"] == system]
         assert warm[0]["cache_info"]["loads"] == 1, warm   # the warm process really read the cache
-    assert "discard_parameters=True" in table and "make_fx floor" in table
+    assert "discard_parameters=True" in table and "make_fx floor" in table and "bare / torch.compile" in table
     assert not (out / "tmp").exists()
