@@ -16,7 +16,7 @@ under, so an entry copied under another key is refused.
 The payload comes first so that a file-backed entry *is* a loadable archive: zip readers find
 their central directory from the end and skip up to 64 KiB of trailing bytes (the metadata and
 trailer are kept under 48 KiB), so ``torch.jit.load(path)`` reads the file in place after
-:func:`unpack_file` verified it in a streaming pass — no copy of the artifact in memory.
+:func:`unpack_file` verified it in one pass (a read-only mapping) — no copy of the artifact in memory.
 """
 
 from __future__ import annotations
@@ -182,7 +182,8 @@ def unpack(data: bytes, key: str, hmac_key: bytes | None = None) -> tuple[dict, 
 
 
 def unpack_file(path: str | os.PathLike, key: str, hmac_key: bytes | None = None) -> tuple[dict, int]:
-    """(meta, payload length) of a verified entry in a file, read in a streaming pass."""
+    """(meta, payload length) of a verified entry in a file, hashed in one pass (through a
+    read-only mapping, or read in chunks where the file can't be mapped)."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size

@@ -122,7 +122,7 @@ class PersistentCache:
             return None
 
     def _get_file_from(self, store, key: str, ns: str, location: str):
-        """(meta, FilePayload) for a file-backed entry, verified in a streaming pass; else None."""
+        """(meta, FilePayload) for a file-backed entry, verified in one pass over the file; else None."""
         try:
             path = store.get_file(ns + key)
             if path is None:

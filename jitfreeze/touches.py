@@ -58,6 +58,8 @@ class _Touches:
                 self._busy = True
             try:
                 _write(batch)
+            except Exception:  # noqa: BLE001 - bookkeeping: the thread must outlive any batch
+                pass
             finally:
                 with self._cond:
                     self._busy = False
