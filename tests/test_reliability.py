@@ -630,6 +630,7 @@ def test_reads_touch_access_times_off_the_reading_thread(cache_dir, monkeypatch)
     assert threads and all(t is not threading.main_thread() for t in threads)
     store.put("a/new", b"c" * 40_000)                    # over the limit: the least recently read goes
     assert store.get("a/mid") is None and store.get("a/old") is not None
+    assert touches.drain(timeout=30)
     # A batch that fails in an unforeseen way does not stop the thread: the next one is written.
     monkeypatch.setattr(touches, "_write", lambda batch: (_ for _ in ()).throw(RuntimeError("boom")))
     assert store.get("a/old") is not None and touches.drain(timeout=30)
