@@ -143,16 +143,16 @@ def finalize_layer(directory) -> None:
     """Make a cache directory a read-only layer: no WAL left, readable by all, writable by its owner only."""
     import sqlite3
 
-    from diskcache.core import DBNAME
+    from .store import DB_NAME
 
     directory = Path(directory)
-    con = sqlite3.connect(str(directory / DBNAME), timeout=30)
+    con = sqlite3.connect(str(directory / DB_NAME), timeout=30)
     try:
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         con.execute("PRAGMA journal_mode=DELETE")
     finally:
         con.close()
-    for name in (DBNAME + "-wal", DBNAME + "-shm"):
+    for name in (DB_NAME + "-wal", DB_NAME + "-shm"):
         if (directory / name).exists() and (directory / name).stat().st_size == 0:
             (directory / name).unlink()
     for root, dirs, files in os.walk(directory):

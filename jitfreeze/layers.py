@@ -31,10 +31,8 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from diskcache.core import DBNAME, MODE_BINARY, MODE_RAW
-
 from . import touches
-from .store import UnsafeEntry
+from .store import DB_NAME, MODE_BINARY, MODE_RAW, UnsafeEntry
 
 log = logging.getLogger("jitfreeze")
 
@@ -77,7 +75,7 @@ def check_layer(path: Path) -> None:
 
     one(path, "read-only cache layer")
     if path.is_dir():
-        for name in (DBNAME, DBNAME + "-wal"):
+        for name in (DB_NAME, DB_NAME + "-wal"):
             if os.path.lexists(path / name):
                 one(path / name, "cache file")
 
@@ -105,7 +103,7 @@ class ReadOnlyDirStore:
     def __init__(self, directory):
         self.directory = Path(directory).resolve()
         self.location = str(self.directory)
-        db = self.directory / DBNAME
+        db = self.directory / DB_NAME
         if not db.is_file():
             raise FileNotFoundError(f"{db} does not exist (not a jitfreeze cache directory)")
         self._lock = threading.Lock()
