@@ -286,7 +286,8 @@ def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None)
                 gm = make_fx(flat_fn, tracing_mode="symbolic", _allow_non_fake_inputs=True,
                              pre_dispatch=True)(*fakes)
             else:
-                gm = make_fx(flat_fn, pre_dispatch=True)(*tensors)
+                with compat.one_fake_mode():
+                    gm = make_fx(flat_fn, pre_dispatch=True)(*tensors)
     except FallbackReason as reason:
         if dims:
             reason.result = NO_RESULT      # a symbolic trace ran on fake inputs: no real result
