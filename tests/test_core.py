@@ -718,3 +718,30 @@ def test_real_traces_make_their_metadata_in_one_fake_mode(cache_dir, monkeypatch
             x = torch.randn(n, 3, 8, 8)
             assert_same(fast(x), model(x))
     assert seen == [] and fast.cache_info().compiles == 1
+
+
+
+@pytest.mark.parametrize("bound", [True, False])
+def test_artifacts_carry_the_graph_not_fx_bookkeeping(bound, cache_dir, monkeypatch, no_jf_warnings):
+    """Scripting ignores the GraphModule's own attributes (its code text, line map, graph object):
+    the artifact holds the forward and the tensors it reads, and nothing else."""
+    from jitfreeze.pipeline import TorchScriptBackend
+    if bound:
+        monkeypatch.setattr(TorchScriptBackend, "BIND_MIN_BYTES", 0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    fast = jitfreeze(model, cache_dir=cache_dir)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert_same(fast(x), model(x))
+    entry = fast._cache_for().get(next(iter(fast._table.values())).key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        artifact = torch.jit.load(io.BytesIO(entry[1]) if isinstance(entry[1], bytes) else entry[1].path)
+    for attr in ("_code", "_lineno_map", "_prologue_start", "meta", "_graph", "_tracer_cls"):
+        assert not artifact._c.hasattr(attr), attr
+    if bound:                      # scripted, not frozen: the module's attributes are all there
+        assert artifact._c.hasattr("training") and any("_param_constant" in k for k in artifact.state_dict())
+    again = jitfreeze(model, cache_dir=cache_dir)
+    with torch.no_grad():
+        assert_same(again(x), model(x))
+    assert again.cache_info().compiles == 0
