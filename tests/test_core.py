@@ -297,6 +297,14 @@ def _tensor_constants(graph) -> list:
             if n.kind() == "prim::Constant" and isinstance(n.output().type(), torch._C.TensorType)]
 
 
+def _stored_artifact(fast):
+    """The artifact stored for ``fast``'s (one) compiled signature, loaded as torch.jit.load loads it."""
+    entry = fast._cache_for().get(next(iter(fast._table.values())).key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(io.BytesIO(entry[1]) if isinstance(entry[1], bytes) else entry[1].path)
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_artifacts_bind_the_module_weights_instead_of_storing_them(name, cache_dir, monkeypatch, no_jf_warnings):
     # The stored graph leaves the module's weights out (placeholders) and binds them when it loads;
@@ -320,10 +328,7 @@ def test_artifacts_bind_the_module_weights_instead_of_storing_them(name, cache_d
         assert torch.equal(t, before[n][0]) and t._version == before[n][1], n
     for stored in graphs:
         assert stored.count("prim::GetAttr") >= len(list(model.parameters()))
-    entry = fast._cache_for().get(next(iter(fast._table.values())).key)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        artifact = torch.jit.load(io.BytesIO(entry[1]) if isinstance(entry[1], bytes) else entry[1].path)
+    artifact = _stored_artifact(fast)
     attrs = [v for k, v in artifact.state_dict().items() if "_param_constant" in k or "_tensor_constant" in k]
     assert attrs and all(v.numel() == 0 for v in attrs)          # placeholders only
     loaded = str(next(iter(fast._table.values())).fwd.graph)
@@ -661,7 +666,6 @@ def test_in_place_leaves_weights_and_symbolic_sizes_alone(cache_dir, no_jf_warni
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
-
 def test_real_traces_make_their_metadata_in_one_fake_mode(cache_dir, monkeypatch, no_jf_warnings):
     """A real-tensor trace's per-value metadata comes from one FakeTensorMode (torch would make one
     per traced value, ~1 ms each): the same graph, no context left afterwards (also after a failed
@@ -720,7 +724,6 @@ def test_real_traces_make_their_metadata_in_one_fake_mode(cache_dir, monkeypatch
     assert seen == [] and fast.cache_info().compiles == 1
 
 
-
 @pytest.mark.parametrize("bound", [True, False])
 def test_artifacts_carry_the_graph_not_fx_bookkeeping(bound, cache_dir, monkeypatch, no_jf_warnings):
     """Scripting ignores the GraphModule's own attributes (its code text, line map, graph object):
@@ -733,10 +736,7 @@ def test_artifacts_carry_the_graph_not_fx_bookkeeping(bound, cache_dir, monkeypa
     x = torch.randn(3, 4)
     with torch.no_grad():
         assert_same(fast(x), model(x))
-    entry = fast._cache_for().get(next(iter(fast._table.values())).key)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        artifact = torch.jit.load(io.BytesIO(entry[1]) if isinstance(entry[1], bytes) else entry[1].path)
+    artifact = _stored_artifact(fast)
     for attr in ("_code", "_lineno_map", "_prologue_start", "meta", "_graph", "_tracer_cls"):
         assert not artifact._c.hasattr(attr), attr
     if bound:                      # scripted, not frozen: the module's attributes are all there
