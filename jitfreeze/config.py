@@ -29,6 +29,7 @@ ENV_VARS = {
     "JITFREEZE_CACHE_PATH": "Layered cache: `ro1:ro2:...:writable`. Read-only layers (cache directories or bundle files) first, the writable directory last; overrides `JITFREEZE_CACHE_DIR`. Read-only layers are never modified.",
     "JITFREEZE_REMOTE_CACHE": "`redis://host:port/db`: a shared Redis behind the local cache (needs `redis`); entries are verified, and published after each compile. Needs `JITFREEZE_CACHE_KEY` (or `JITFREEZE_ALLOW_UNSAFE_CACHE_DIR=1`).",
     "JITFREEZE_REMOTE_TIMEOUT": "Seconds one Redis operation may take (default `1`); past it, one warning and the process carries on locally.",
+    "JITFREEZE_TRACER": "`make_fx`: trace every miss with `make_fx` (imports Dynamo, 2-3 s, on the first miss); default `auto`: jitfreeze's pre-dispatch recorder where it applies (same graph, no Dynamo), `make_fx` elsewhere.",
     "JITFREEZE_REMOTE_LOCK_TTL": "Expiry in seconds of the fleet-wide compile lock in Redis (default `60`; renewed while the compile runs).",
 }
 
@@ -91,6 +92,7 @@ class Config:
     remote_url: str | None = None
     remote_timeout: float = 1.0
     remote_lock_ttl: float = 60.0
+    tracer: str = "auto"                # JITFREEZE_TRACER: auto (the recorder where it applies) or make_fx
 
     @classmethod
     def from_env(cls, env=None) -> "Config":
@@ -105,6 +107,9 @@ class Config:
         if writable is not None:
             cache_dir = writable
         remote = env.get("JITFREEZE_REMOTE_CACHE", "").strip() or None
+        tracer = env.get("JITFREEZE_TRACER", "").strip().lower() or "auto"
+        if tracer not in ("auto", "make_fx"):
+            raise ValueError(f"JITFREEZE_TRACER={tracer!r}: expected auto or make_fx")
         if remote is not None and not remote.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"JITFREEZE_REMOTE_CACHE={remote!r}: expected redis://host:port/db")
         return cls(
@@ -123,6 +128,7 @@ class Config:
             remote_url=remote,
             remote_timeout=_seconds(env, "JITFREEZE_REMOTE_TIMEOUT", 1.0),
             remote_lock_ttl=_seconds(env, "JITFREEZE_REMOTE_LOCK_TTL", 60.0),
+            tracer=tracer,
         )
 
 

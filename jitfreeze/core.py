@@ -466,7 +466,7 @@ class JitFreezeFunction:
         copies = [t.detach().clone() for t in tensors]
         t0 = time.perf_counter()
         self.traces += 1
-        traced = trace(self.fn, call, tensors, dims)
+        traced = trace(self.fn, call, tensors, dims, recorder=self._config.tracer == "auto")
         t_trace = time.perf_counter() - t0
         try:
             if dims:

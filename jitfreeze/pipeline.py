@@ -106,6 +106,10 @@ def _clean(gm) -> None:
                     raise FallbackReason(
                         f"the function mutates module state in place ({node.target}); "
                         "a frozen graph cannot keep state between calls")
+    # Dead code goes while targets are overloads: an overload's schema tells FX which ops write
+    # to their inputs (impure: kept, e.g. `mask[:, 1] = True`); an overload packet has none, and
+    # FX would take the unused result of an in-place op on an intermediate for dead code.
+    graph.eliminate_dead_code()
     for node in graph.nodes:
         # Strip op overloads (aten.add.Tensor -> aten.add), as torch._functorch.compilers'
         # strip_overloads does (without importing that module and what it imports).
@@ -113,7 +117,6 @@ def _clean(gm) -> None:
             node.target = node.target.overloadpacket
         if any(isinstance(v, torch.device) for v in node.kwargs.values()):
             node.kwargs = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in node.kwargs.items()}
-    graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
 
@@ -151,10 +154,10 @@ def _hoist_scalars(gm) -> int:
         t, number = node.args
         if not isinstance(t, torch.fx.Node) or type(number) not in (float, int) or set(node.kwargs) - {"alpha"}:
             continue
-        tv, out = t.meta.get("val"), node.meta.get("val")
+        (tv, t_device), (out, out_device) = _value(t), _value(node)
         if not (isinstance(tv, torch.Tensor) and isinstance(out, torch.Tensor)):
             continue
-        if tv.dtype not in _HOISTED_DTYPES or out.dtype != tv.dtype or tv.device.type != "cpu" or out.device.type != "cpu":
+        if tv.dtype not in _HOISTED_DTYPES or out.dtype != tv.dtype or t_device.type != "cpu" or out_device.type != "cpu":
             continue
         key = (tv.dtype, type(number), float.hex(number) if type(number) is float else number)
         name = made.get(key)
@@ -185,8 +188,17 @@ def _fresh_result(node) -> bool:
             and node.target._overloadname in ("default", "Tensor"))
 
 
-def _static_layout(v) -> tuple | None:
-    if not isinstance(v, torch.Tensor) or v.device.type != "cpu":
+def _value(node) -> tuple:
+    """A traced node's value metadata and the device of its value: ``(val, device)``. make_fx's
+    fake values carry their device; the recorder's are ``meta`` tensors, with the device beside
+    them in ``node.meta["device"]``."""
+    val = node.meta.get("val")
+    return val, node.meta.get("device", getattr(val, "device", None))
+
+
+def _static_layout(node) -> tuple | None:
+    v, device = _value(node)
+    if not isinstance(v, torch.Tensor) or device.type != "cpu":
         return None
     shape, stride = tuple(v.shape), tuple(v.stride())
     if not all(type(d) is int for d in shape + stride):
@@ -215,9 +227,9 @@ def _in_place(gm) -> int:
             continue
         if node.target in ops and node.args and isinstance(node.args[0], torch.fx.Node):
             t = node.args[0]
-            layout = _static_layout(node.meta.get("val"))
+            layout = _static_layout(node)
             if (t in fresh and len(t.users) == 1 and layout is not None
-                    and _static_layout(t.meta.get("val")) == layout):
+                    and _static_layout(t) == layout):
                 node.target = ops[node.target]
                 fresh.add(node)
                 turned += 1
@@ -244,8 +256,11 @@ def _split_output(out, hint: Callable[[Any], str | None] | None):
     return leaves, spec, tuple(tensor_idx), tuple(consts)
 
 
-def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None) -> Traced:
+def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None, recorder: bool = True) -> Traced:
     """Trace ``fn`` at the pre-dispatch level for one signature; non-tensor leaves are baked in.
+
+    A real-tensor trace goes to :mod:`jitfreeze.record` first (``recorder``; the same graph as
+    ``make_fx``, without importing Dynamo), and to ``make_fx`` where the recorder declines.
 
     ``dims`` ({tensor leaf number: dims}) makes those dims symbolic: the trace then runs on fake
     inputs (weights stay real), computes no real output, and records shape guards.
@@ -286,8 +301,10 @@ def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None)
                 gm = make_fx(flat_fn, tracing_mode="symbolic", _allow_non_fake_inputs=True,
                              pre_dispatch=True)(*fakes)
             else:
-                with compat.one_fake_mode():
-                    gm = make_fx(flat_fn, pre_dispatch=True)(*tensors)
+                gm = _record(flat_fn, tensors) if recorder else None
+                if gm is None:
+                    with compat.one_fake_mode():
+                        gm = make_fx(flat_fn, pre_dispatch=True)(*tensors)
     except FallbackReason as reason:
         if dims:
             reason.result = NO_RESULT      # a symbolic trace ran on fake inputs: no real result
@@ -326,6 +343,24 @@ def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None)
             if isinstance(value, torch.Tensor):
                 constants.append((node.target, value))
     return Traced(gm, constants, out_spec, out_tensor_idx, out_consts, real, out, guards)
+
+
+def _record(flat_fn: Callable, tensors: list):
+    """The recorder's graph of ``flat_fn``, or None where it declines (then ``make_fx`` traces;
+    an exception of the function's own is left for ``make_fx`` to meet and word, too)."""
+    from .record import NotRecorded, can_record, record
+
+    if not can_record():
+        return None
+    try:
+        return record(flat_fn, tensors)[0]
+    except FallbackReason:
+        raise                            # jitfreeze's own verdict on the function's output
+    except NotRecorded as exc:
+        log.debug("recorder declined: %s; tracing with make_fx", exc)
+    except Exception as exc:  # noqa: BLE001 - make_fx traces it again and decides
+        log.debug("recorder stopped on %s: %s; tracing with make_fx", type(exc).__name__, exc)
+    return None
 
 
 def graph_text(traced: Traced) -> str:

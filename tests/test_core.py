@@ -667,9 +667,9 @@ def test_in_place_leaves_weights_and_symbolic_sizes_alone(cache_dir, no_jf_warni
 
 
 def test_real_traces_make_their_metadata_in_one_fake_mode(cache_dir, monkeypatch, no_jf_warnings):
-    """A real-tensor trace's per-value metadata comes from one FakeTensorMode (torch would make one
-    per traced value, ~1 ms each): the same graph, no context left afterwards (also after a failed
-    trace), and symbolic traces keep their inputs' mode."""
+    """A real-tensor make_fx trace's per-value metadata comes from one FakeTensorMode (torch would make
+    one per traced value, ~1 ms each): the same graph, no context left afterwards (also after a failed
+    trace), and symbolic traces keep their inputs' mode. The recorder (the default) makes none."""
     from contextlib import nullcontext
 
     from torch._guards import TracingContext
@@ -693,7 +693,9 @@ def test_real_traces_make_their_metadata_in_one_fake_mode(cache_dir, monkeypatch
     x = torch.randn(2, 3, 8, 8)
     call = describe((x,), {}, call_mode(model))
     made.clear()
-    ours = trace(model, call, [x])
+    recorded = trace(model, call, [x])
+    assert made == [] and TracingContext.try_get() is None
+    ours = trace(model, call, [x], recorder=False)
     assert len(made) == 1, f"{len(made)} fake modes for one real trace"
     assert TracingContext.try_get() is None
     metas = {n.meta["val"].fake_mode for n in ours.graph_module.graph.nodes
@@ -702,17 +704,19 @@ def test_real_traces_make_their_metadata_in_one_fake_mode(cache_dir, monkeypatch
     with monkeypatch.context() as m:
         m.setattr(compat, "one_fake_mode", nullcontext)
         made.clear()
-        theirs = trace(model, call, [x])
+        theirs = trace(model, call, [x], recorder=False)
         assert len(made) > 10                    # what it saves: torch makes one per traced value
-    assert ours.graph_module.code == theirs.graph_module.code
+    assert recorded.graph_module.code == ours.graph_module.code == theirs.graph_module.code
     assert all(torch.equal(a, b) for a, b in zip(ours.real_outputs, theirs.real_outputs))
 
     def data_dependent(x):
         return x + 1 if x.sum() > 0 else x - 1
 
+    monkeypatch.setenv("JITFREEZE_TRACER", "make_fx")
     with pytest.warns(JitFreezeWarning, match="data-dependent"):
         jitfreeze(data_dependent, cache_dir=cache_dir / "dd")(torch.ones(3))
     assert TracingContext.try_get() is None
+    monkeypatch.delenv("JITFREEZE_TRACER")
     # Symbolic traces run without it (their fake mode is the symbolic inputs').
     seen = []
     monkeypatch.setattr(compat, "one_fake_mode", lambda: seen.append(1) or nullcontext())
@@ -745,3 +749,19 @@ def test_artifacts_carry_the_graph_not_fx_bookkeeping(bound, cache_dir, monkeypa
     with torch.no_grad():
         assert_same(again(x), model(x))
     assert again.cache_info().compiles == 0
+
+
+def test_in_place_writes_into_intermediates_are_kept(cache_dir, no_jf_warnings):
+    """`mask[:, 1] = True` is an in-place op whose result nothing uses: dead code only to a pass that
+    cannot see it writes (an overload packet has no schema), so dead code goes before overloads are
+    stripped. It used to be dropped, the load-back check caught the disagreement, and the call ran eagerly."""
+    def masked(x):
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        mask[:, 1] = True
+        return torch.where(mask, x, -x)
+
+    fast = jitfreeze(masked, cache_dir=cache_dir)
+    for _ in range(2):
+        x = torch.randn(3, 4)
+        assert_same(fast(x), masked(x))
+    assert fast.cache_info().compiles == 1
