@@ -2,26 +2,34 @@
 
 ``make_fx`` imports ``torch._dynamo`` on every trace (its entry point, its proxy mode's
 constructor, its trace loop, and every ``FakeTensorMode`` it makes for node metadata do):
-1.8-2.5 s in a fresh process here, most of a small model's cold start. For the common case
--- a real-tensor trace of plain tensors -- this module records the same graph with one dispatch mode at the same level (``PreDispatch``,
-where ``conv2d``, ``linear``, ``batch_norm``, ``layer_norm`` and
-``scaled_dot_product_attention`` arrive whole) and nothing else:
+1.8-2.5 s in a fresh process here, most of a small model's cold start. For the common case --
+a real-tensor trace of plain tensors -- this module records the same graph with one dispatch
+mode at the same level (``PreDispatch``, where ``conv2d``, ``linear``, ``batch_norm``,
+``layer_norm`` and ``scaled_dot_product_attention`` arrive whole) and nothing else:
 
 * each op runs on the real tensors once, as eagerly; its node takes the op's name, as in
-  ``make_fx`` (``linear``, ``linear_1``, ...);
+  ``make_fx`` (``linear``, ``linear_1``, ...); ``lift_fresh`` is recorded as ``lift_fresh_copy``;
 * inputs are placeholders ``arg0_1``, ``arg1_1``, ...; a tensor the function reaches that is
   neither an input nor computed in the trace is a constant: ``_param_constant<n>`` for a
-  ``Parameter``, ``_tensor_constant<n>`` otherwise, as ``make_fx`` names them;
+  ``Parameter``, ``_tensor_constant<n>`` otherwise, read by one ``get_attr`` node per use, as
+  ``make_fx`` names and reads them;
 * ``node.meta["val"]`` holds a ``meta``-device tensor with the value's dtype, shape and strides,
   and ``node.meta["device"]`` its device (what the pipeline's passes read).
 
-It declines -- :class:`NotRecorded`, and the caller traces with ``make_fx`` -- wherever ``make_fx``
-would record more than ops on plain tensors, or where it cannot be sure it saw everything:
-autocast, ``torch.vmap``/``torch.func`` transforms, higher-order ops, tensor subclasses, nested or
-sparse tensors, ops returning anything but tensors (``.item()``, ``bool(tensor)``: data-dependent;
-``make_fx`` then gives the precise refusal), and ``torch._dynamo`` imported during the trace. A
-refusal is remembered even if the traced code catches the exception it raised: the graph of a
-code path that only ran because of our exception is never used.
+It **declines** -- :class:`NotRecorded`, and the caller traces with ``make_fx`` -- wherever
+``make_fx`` would record more than ops on plain tensors, or could fold what the recorder cannot:
+autocast, ``torch.vmap``/``torch.func`` transforms, higher-order ops, tensor subclasses, nested,
+sparse or quantized tensors, ops returning anything but tensors, reads of constants' values
+(``torch.tensor([2.0])[0].item()``), and ``torch._dynamo`` imported during the trace.
+
+It **refuses** -- :class:`~jitfreeze.errors.FallbackReason`: no tracer may compile this -- a read
+of a value computed from the inputs (``.item()``, ``bool(t)``, ``t.tolist()``: data-dependent)
+and memory of an input or of a traced value reaching an op untraced (``.data``, ``.numpy()``),
+which would be baked in as a constant holding this call's numbers (``make_fx`` bakes it).
+
+A decline or refusal is remembered even when the traced code catches the exception it raised:
+the graph of a code path that only ran because of that exception is never used (``make_fx``
+records such a path as if it were the function's own).
 
 While it records, a pass-through torch-function mode is active, as ``make_fx``'s pre-dispatch
 torch-function modes are: library code that asks ``has_torch_function`` (e.g. the
@@ -256,8 +264,8 @@ def record(fn: Callable[..., Any], tensors: list) -> tuple[Any, Any]:
     """Run ``fn(*tensors)`` once, recording it: ``(GraphModule, fn's return value)``.
 
     ``fn`` returns a tensor or a list of tensors (the graph's outputs). Raises
-    :class:`NotRecorded` where the recorder declines (``fn`` may have run, partly or wholly);
-    exceptions from ``fn`` itself propagate as they are.
+    :class:`NotRecorded` where the recorder declines and ``FallbackReason`` where it refuses (``fn``
+    may have run, partly or wholly, in both cases); other exceptions from ``fn`` propagate as they are.
     """
     if not can_record():
         raise NotRecorded("Dynamo is compiling the caller" if _Recorder is not None

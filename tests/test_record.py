@@ -1,6 +1,5 @@
 """Issue 3: the pre-dispatch recorder (jitfreeze.record) -- make_fx's graph without Dynamo's imports."""
 
-import json
 import warnings
 
 import pytest
