@@ -135,7 +135,9 @@ def _bare(fn, inputs, ctx):
 
         module = fn if isinstance(fn, torch.nn.Module) else None
         call = signature.describe(args, {}, signature.call_mode(module))
-        traced = trace(fn, call, list(args))          # make_fx (pre-dispatch) + strip_overloads
+        # The pre-dispatch trace a jitfreeze miss runs (its recorder: make_fx's graph without Dynamo;
+        # make_fx where the recorder declines) + strip_overloads: jf / bare is what the cache costs.
+        traced = trace(fn, call, list(args))
         gm = traced.graph_module
         old = torch._C._jit_set_autocast_mode(False)     # ts_compile's _disable_jit_autocast
         try:
@@ -154,7 +156,8 @@ def _bare(fn, inputs, ctx):
 def _make_fx_floor(fn, inputs, ctx):
     """What any pipeline that traces with ``make_fx`` pays before its own work: the process's
     first pre-dispatch ``make_fx`` trace, of a function that copies its inputs. In torch 2.13,
-    ``make_fx`` imports ``torch._inductor.config`` and its trace imports ``torch._dynamo``."""
+    ``make_fx`` imports ``torch._inductor.config`` and its trace imports ``torch._dynamo``.
+    jitfreeze's recorder (and so the bare pipeline here) does not pay it."""
 
     def build(args):
         from torch.fx.experimental.proxy_tensor import make_fx
