@@ -29,8 +29,8 @@ ENV_VARS = {
     "JITFREEZE_CACHE_PATH": "Layered cache: `ro1:ro2:...:writable`. Read-only layers (cache directories or bundle files) first, the writable directory last; overrides `JITFREEZE_CACHE_DIR`. Read-only layers are never modified.",
     "JITFREEZE_REMOTE_CACHE": "`redis://host:port/db`: a shared Redis behind the local cache (needs `redis`); entries are verified, and published after each compile. Needs `JITFREEZE_CACHE_KEY` (or `JITFREEZE_ALLOW_UNSAFE_CACHE_DIR=1`).",
     "JITFREEZE_REMOTE_TIMEOUT": "Seconds one Redis operation may take (default `1`); past it, one warning and the process carries on locally.",
-    "JITFREEZE_TRACER": "`make_fx`: trace every miss with `make_fx` (imports Dynamo, 2-3 s, on the first miss); default `auto`: jitfreeze's pre-dispatch recorder where it applies (same graph, no Dynamo), `make_fx` elsewhere.",
     "JITFREEZE_REMOTE_LOCK_TTL": "Expiry in seconds of the fleet-wide compile lock in Redis (default `60`; renewed while the compile runs).",
+    "JITFREEZE_TRACER": "`make_fx`: trace every miss with `make_fx` (imports Dynamo, 2-3 s, on the first miss); default `auto`: jitfreeze's pre-dispatch recorder where it applies (same graph, no Dynamo), `make_fx` elsewhere.",
 }
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -83,10 +83,12 @@ def _describe(node, t: torch.Tensor) -> None:
     node.meta["device"] = t.device
 
 
+_is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
 def _functorch_wrapped(t: torch.Tensor) -> bool:
-    functorch = getattr(torch._C, "_functorch", None)
-    check = getattr(functorch, "is_functorch_wrapped_tensor", None)
-    return bool(check is not None and check(t))
+    """A tensor inside a ``torch.vmap``/``torch.func`` transform (batched or grad-tracking)."""
+    return bool(_is_wrapped is not None and _is_wrapped(t))
 
 
 def _build():
