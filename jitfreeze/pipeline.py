@@ -348,10 +348,8 @@ def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None,
 def _record(flat_fn: Callable, tensors: list):
     """The recorder's graph of ``flat_fn``, or None where it declines (then ``make_fx`` traces;
     an exception of the function's own is left for ``make_fx`` to meet and word, too)."""
-    from .record import NotRecorded, can_record, record
+    from .record import NotRecorded, record
 
-    if not can_record():
-        return None
     try:
         return record(flat_fn, tensors)[0]
     except FallbackReason:

@@ -129,7 +129,6 @@ def _build():
             TorchDispatchMode.__init__(self, pre_dispatch)
             self.graph = graph
             self.root = root
-            self.enter_stack: list = []
             self.op = None
             # tensor -> node, held weakly as make_fx holds them: a strong reference would keep every
             # intermediate alive for the whole trace, and makes factory functions (torch.zeros...)
@@ -291,10 +290,8 @@ def record(fn: Callable[..., Any], tensors: list) -> tuple[Any, Any]:
             outs = [out] if isinstance(out, torch.Tensor) else list(out)
             nodes = [recorder.node_of(o) for o in outs]
     except Exception:
-        if recorder.refused is None and recorder.declined is not None:
-            raise NotRecorded(recorder.declined) from None
-        if recorder.refused is None:
-            raise
+        if recorder.refused is None and recorder.declined is None:
+            raise                        # the function's own exception
     if recorder.refused is not None:
         raise FallbackReason(recorder.refused)
     if recorder.declined is not None:
