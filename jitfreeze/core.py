@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from torch.utils import _pytree as pytree
 
+from . import gcpause
 from . import signature as sig_mod
 from . import treespec
 from .cache import DECISION, INDEX, open_cache
@@ -386,7 +387,8 @@ class JitFreezeFunction:
                 self._hits += 1
                 return entry.call_leaves(pytree.tree_leaves((args, kwargs)))
             try:
-                entry, result, new = self._resolve(call, args, kwargs)
+                with gcpause.paused():
+                    entry, result, new = self._resolve(call, args, kwargs)
             except FallbackReason as reason:
                 self._fallback(key, str(reason))
                 if reason.result is not NO_RESULT:
