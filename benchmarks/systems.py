@@ -168,6 +168,50 @@ def _make_fx_floor(fn, inputs, ctx):
     return _Lazy(build)
 
 
+@system("cachefloor", "cache floor (filelock + diskcache)")
+def _cache_floor(fn, inputs, ctx):
+    """What any cache built on ``filelock`` and ``diskcache`` adds to a miss in a fresh process
+    before doing anything of its own: importing filelock, taking and releasing one lock,
+    importing diskcache, creating its database in an empty directory and writing one small row.
+    jitfreeze pays these (and then saves the artifact, loads it back and checks it against the
+    trace), so jf / bare cannot go below (bare + this floor) / bare. The collector is paused as
+    jitfreeze pauses it on a miss. Each part is reported (``parts``)."""
+    import os
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(ctx.cache_dir)) if ctx.cache_dir else None
+    directory = tempfile.mkdtemp(prefix="cachefloor-", dir=parent if parent and os.path.isdir(parent) else None)
+
+    def build(args):
+        import gc
+        import time
+
+        parts, clock = {}, time.perf_counter
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            t = clock()
+            import filelock
+            parts["import filelock"], t = clock() - t, clock()
+            with filelock.FileLock(os.path.join(directory, "key.lock")):
+                parts["lock"], t = clock() - t, clock()
+                import diskcache
+                parts["import diskcache"], t = clock() - t, clock()
+                with diskcache.Cache(os.path.join(directory, "cache")) as cache:
+                    parts["create the database"], t = clock() - t, clock()
+                    cache.set("key", b"x" * 512)
+                    parts["write a row"], t = clock() - t, clock()
+        finally:
+            if enabled:
+                gc.enable()
+            import shutil
+            shutil.rmtree(directory, ignore_errors=True)
+        ctx.info["parts"] = parts
+        return lambda *xs: None
+
+    return _Lazy(build)
+
+
 @system("compile", "torch.compile", needs=("inductor",))
 def _compile(fn, inputs, ctx):
     return _Lazy(lambda args: torch.compile(fn))      # torch.compile() imports dynamo: timed too

@@ -26,11 +26,16 @@ def test_benchmark_harness_smoke(tmp_path):
     failed = [r for r in records if not r.get("ok")]
     assert not failed, failed
     cases = {(r["case"], r["system"]) for r in records}
-    for case_system in [("cold", "jitfreeze"), ("cold", "bare"), ("cold", "floor"), ("warm", "jitfreeze"), ("warm", "limit"),
+    for case_system in [("cold", "jitfreeze"), ("cold", "bare"), ("cold", "floor"), ("cold", "cachefloor"),
+                        ("warm", "jitfreeze"), ("warm", "limit"),
                         ("warm", "jitfreeze-discard"), ("steady", "jitfreeze"), ("steady", "eager")]:
         assert case_system in cases
     for system in ("jitfreeze", "jitfreeze-discard"):
         warm = [r for r in records if r["case"] == "warm" and r["system"] == system]
         assert warm[0]["cache_info"]["loads"] == 1, warm   # the warm process really read the cache
     assert "discard_parameters=True" in table and "make_fx floor" in table and "bare / torch.compile" in table
+    floor = [r for r in records if r["system"] == "cachefloor"]
+    assert set(floor[0]["parts"]) == {"import filelock", "lock", "import diskcache", "create the database",
+                                      "write a row"}
+    assert "(bare + cache floor) / bare" in table and "Cache floor, part by part" in table
     assert not (out / "tmp").exists()
