@@ -701,7 +701,7 @@ class JitFreezeFunction:
             file = cache.new_file() if held else None
             with file if file is not None else contextlib.nullcontext():     # closed once stored
                 try:
-                    saved = self._backend.compile(traced, file.path if file else None, bindings)
+                    saved = self._backend.compile(traced, file.path if file else None, bindings, copies)
                 except BaseException:
                     if file is not None:
                         file.discard()

@@ -23,6 +23,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 import warnings
 from typing import Any, Callable
 
@@ -504,12 +505,17 @@ class TorchScriptBackend:
     def __init__(self, optimize: bool = True):
         self.optimize = optimize
         # The backend's part of every key: what compile() and load() produce depends on ``optimize``.
-        self.name = "torchscript-bind-freeze-1" + ("+optimize" if optimize else "")
+        self.name = "torchscript-bind-freeze-2" + ("+optimize" if optimize else "")
 
     # Module weights below this size are frozen into the artifact instead of bound at load:
     # freezing at load costs 16-30 ms (conv-BN folding included), while loading frozen weights costs
     # ~1 ms per MB (1.5 with a cold page cache): binding pays from a few tens of MB.
     BIND_MIN_BYTES = 32 * 2**20
+
+    # The linear-layout choice (:meth:`_linear_layout`) times a few calls: only where one costs
+    # less than this, and a layout must win by this factor to be taken.
+    TUNE_MAX_CALL_S = 5e-3
+    TUNE_MARGIN = 0.95
 
     def bindings(self, traced: Traced, names: dict) -> dict:
         """The bindings to use: ``names`` ({graph attribute: the module's name for that tensor},
@@ -518,12 +524,15 @@ class TorchScriptBackend:
         size = sum(t.untyped_storage().nbytes() for a, t in traced.constants if a in names)
         return dict(names) if names and size >= self.BIND_MIN_BYTES else {}
 
-    def compile(self, traced: Traced, path: str | None = None, bindings: dict | None = None) -> SavedArtifact:
+    def compile(self, traced: Traced, path: str | None = None, bindings: dict | None = None,
+                example: list | None = None) -> SavedArtifact:
         """The scripted function saved to ``path`` (or a temporary file: see :func:`_save`).
 
         ``bindings`` ({graph attribute: the module's name for that tensor}, from :meth:`bindings`)
         are left out of the artifact and recorded in it, to be bound and frozen at :meth:`load`.
-        Without bindings the function is frozen now and stored frozen, weights inside."""
+        Without bindings the function is frozen now and stored frozen, weights inside, its linear
+        layers in the layout that ran faster on ``example`` (the call's inputs, not modified; see
+        :meth:`_linear_layout`)."""
         bindings = bindings or {}
         with _quiet_torchscript(), _no_jit_autocast():
             try:
@@ -537,6 +546,8 @@ class TorchScriptBackend:
                     scripted._c.setattr(attr, torch.empty(0, dtype=tensor.dtype))
             if not bindings:
                 scripted = _freeze(scripted)
+                if example is not None:
+                    scripted = self._linear_layout(scripted, example)
             extra = {_BINDINGS_FILE: json.dumps({"format": 1, "frozen": not bindings, "bindings": record})}
             # Through a file, not a BytesIO: torch.jit.save/load through Python file objects is
             # 4-6x slower (434 MB BERT-size artifact: save 3.6 s vs 0.8 s, load 1.7 s vs 0.3 s).
@@ -545,6 +556,51 @@ class TorchScriptBackend:
             stored = sum(t.untyped_storage().nbytes() + 64 for a, t in traced.constants if a not in bindings)
             code = 400 * len(traced.graph_module.graph.nodes)
             return _save(scripted, path, extra, estimate=stored + stored // 16 + code + 64 * 1024)
+
+    def _linear_layout(self, frozen, example):
+        """``frozen``, or a copy with each linear layer's weight transposed once, at compile time
+        (``matmul`` + ``add``: what ``optimize_for_inference``'s FrozenLinearTranspose makes),
+        whichever ran faster on ``example``.
+
+        Which is faster depends on the CPU and the shapes: on the benchmark MLP (batch 64,
+        256-512-512-10) the transposed graph ran at 0.82x on one machine and within 2% on another;
+        single linears measured 0.56-1.33x (one-row inputs gain most, wide outputs can lose). So
+        both are timed, taking turns, on the call's own inputs (copies), with the executor's
+        optimization off as calls run, and the transposed one is kept only if its median is under
+        ``TUNE_MARGIN`` of the other's. CPU graphs with ``aten::linear`` and no convolution only
+        (graphs with convolutions get ``optimize_for_inference``, which transposes too, after
+        loading), and only where a call costs under ``TUNE_MAX_CALL_S``: the timing costs about
+        ten calls. The transposed weights replace the originals in the artifact (no second
+        copy), which is why bound artifacts, whose weights are the module's own, keep theirs."""
+        if not self.optimize or not example or any(t.device.type != "cpu" for t in example):
+            return frozen
+        kinds = set(_node_kinds(frozen.graph.block()))
+        if "aten::linear" not in kinds or any("conv" in k for k in kinds):
+            return frozen
+        args = [t.clone() for t in example]
+        # No autograd, and the caller's random stream as it was (a graph may draw random numbers).
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), torch.jit.optimized_execution(False):
+            try:
+                frozen(*args)
+                t0 = time.perf_counter()
+                frozen(*args)
+                once = time.perf_counter() - t0
+                if once > self.TUNE_MAX_CALL_S:
+                    return frozen
+                buffer = io.BytesIO()            # an independent copy: deepcopy shares the graph
+                torch.jit.save(frozen, buffer)
+                buffer.seek(0)
+                transposed = torch.jit.load(buffer)
+                torch._C._jit_pass_transpose_frozen_linear(transposed.graph)
+                transposed(*args)
+                as_is_s, transposed_s = _medians_side_by_side([frozen, transposed], args, once)
+            except Exception as exc:  # noqa: BLE001 - a choice of speed: the frozen graph stands
+                log.debug("jitfreeze: linear layers as traced (timing them failed: %s)", exc)
+                return frozen
+        chosen = transposed if transposed_s < self.TUNE_MARGIN * as_is_s else frozen
+        log.debug("jitfreeze: linear layers %s (per call: as traced %.1f us, transposed %.1f us)",
+                  "transposed" if chosen is transposed else "as traced", as_is_s * 1e6, transposed_s * 1e6)
+        return chosen
 
     def first_call(self, module, tensors):
         """Call a freshly loaded ``module`` once: ``(its outputs, the function to call it with)``.
@@ -645,6 +701,22 @@ def _scriptable(gm):
         name for name, value in vars(gm).items()
         if name not in used and name != "training" and not isinstance(value, (torch.Tensor, torch.nn.Module))]
     return gm
+
+
+def _medians_side_by_side(fns, args, once: float, rounds: int = 5) -> list:
+    """Median seconds per call of each of ``fns``, timed in turns (order alternating each round)
+    in blocks of about half a millisecond (``once``: one call's time)."""
+    n = max(1, int(5e-4 / max(once, 1e-7)))
+    samples: list = [[] for _ in fns]
+    clock = time.perf_counter
+    for r in range(rounds):
+        for i in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
+            fn = fns[i]
+            t0 = clock()
+            for _ in range(n):
+                fn(*args)
+            samples[i].append((clock() - t0) / n)
+    return [sorted(s)[len(s) // 2] for s in samples]
 
 
 def _freeze(module):

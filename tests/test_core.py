@@ -351,7 +351,8 @@ def test_small_weights_are_stored_frozen(cache_dir, monkeypatch, no_jf_warnings)
     with torch.no_grad():
         assert_same(fast(x), model(x), atol=1e-5)
     (stored,) = graphs
-    assert "prim::GetAttr" not in stored and "aten::linear" in stored
+    # (its linear layers as traced or pre-transposed, whichever ran faster: tests/test_layout.py)
+    assert "prim::GetAttr" not in stored and ("aten::linear" in stored or "aten::matmul" in stored)
     fresh = jitfreeze(model, cache_dir=cache_dir)
     with torch.no_grad():
         assert_same(fresh(x), model(x), atol=1e-5)
@@ -662,7 +663,7 @@ def test_in_place_leaves_weights_and_symbolic_sizes_alone(cache_dir, no_jf_warni
     with torch.no_grad():
         for n in (3, 5, 7):
             x = torch.randn(n, 6)
-            assert torch.equal(fast(x), fn(x))
+            torch.testing.assert_close(fast(x), fn(x))     # (the linear layer may be stored transposed)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
