@@ -63,8 +63,7 @@ class Case:
 
 CASES = {
     "cold": Case("cold", "Cold first call, empty caches", ("jitfreeze", "bare", "compile", "floor", "cachefloor"),
-                 "first_s",
-                 fills=True),
+                 "first_s", fills=True),
     "warm": Case("warm", "Warm first call in a fresh process (caches filled by an earlier process)",
                  ("jitfreeze", "jitfreeze-discard", "compile", "limit", "eager"), "first_s"),
     "steady": Case("steady", "Steady per-call latency", ("eager", "trace", "compile", "jitfreeze"), "per_call_s",

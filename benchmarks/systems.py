@@ -177,6 +177,7 @@ def _cache_floor(fn, inputs, ctx):
     trace), so jf / bare cannot go below (bare + this floor) / bare. The collector is paused as
     jitfreeze pauses it on a miss. Each part is reported (``parts``)."""
     import os
+    import shutil
     import tempfile
 
     parent = os.path.dirname(os.path.abspath(ctx.cache_dir)) if ctx.cache_dir else None
@@ -204,7 +205,6 @@ def _cache_floor(fn, inputs, ctx):
         finally:
             if enabled:
                 gc.enable()
-            import shutil
             shutil.rmtree(directory, ignore_errors=True)
         ctx.info["parts"] = parts
         return lambda *xs: None
