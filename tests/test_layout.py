@@ -9,6 +9,8 @@ from jitfreeze.pipeline import TorchScriptBackend
 
 from .conftest import assert_same
 
+_REAL_MEDIANS = pipeline._medians_side_by_side       # before conftest's autouse fixture replaces it
+
 
 class MLP(nn.Module):
     def __init__(self):
@@ -61,9 +63,10 @@ def test_the_faster_layout_is_stored_and_served_warm(cache_dir, timings, transpo
     assert len(seen) == 1                                   # loading does not time anything
 
 
-def test_real_timing_keeps_outputs_right_and_the_random_stream(cache_dir):
+def test_real_timing_keeps_outputs_right_and_the_random_stream(cache_dir, monkeypatch):
     """The timing itself (not faked) runs the graph on copies: the inputs are untouched, and the
     caller's random stream is where it would be without the timing."""
+    monkeypatch.setattr(pipeline, "_medians_side_by_side", _REAL_MEDIANS)     # conftest forces a layout
     model = MLP().eval()
 
     def f(x):
