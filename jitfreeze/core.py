@@ -47,6 +47,9 @@ log = logging.getLogger("jitfreeze")
 CacheInfo = collections.namedtuple("CacheInfo", "hits loads compiles fallbacks entries")
 
 _TABLE_LIMIT = 4096          # concrete signatures kept in one function's in-process table
+# Part of every index key. 4: index entries written before symbolic traces guarded the sizes they
+# turned into numbers (and sizes 0/1) hold no guard for them: never served.
+_INDEX_VERSION = "4"
 _Tensor = torch.Tensor
 _fast_key = sig_mod.fast_key
 _tensor_guards = sig_mod.tensor_guards
@@ -619,7 +622,7 @@ class JitFreezeFunction:
                 devices.append(t.device)
         parts = KeyParts(environment_parts())
         parts.add("backend", self._backend.name)
-        parts.add("index", "3")
+        parts.add("index", _INDEX_VERSION)
         parts.add("device", ",".join(device_text(d) for d in devices) or "none")
         parts.add("signature", call.spec_text() + "\n" + "\n".join(texts))
         parts.add("code+weights", digest)
