@@ -202,13 +202,14 @@ def _specializations(placeholder_values, dims: dict) -> tuple[list[str], dict]:
 _COMPOSITE_VALUE_SHAPED = ("where.default", "nonzero_numpy.default", "argwhere.default")
 
 
-def value_shaped_op(target, args, kwargs, value: Callable) -> bool:
-    """Does op ``target`` give a result whose shape depends on its inputs' values (``nonzero``,
-    boolean-mask indexing, ``masked_select``, ``unique``, ...) or read a value as a number
-    (``.item()``)? torch's op tags say so (``dynamic_output_shape``, ``data_dependent_output``),
-    but for integer indexing (``aten.index.Tensor`` with no boolean index) and ``one_hot`` with
-    its number of classes given, whose shapes follow from their inputs' shapes. ``value(arg)``:
-    an argument's tensor (or its metadata), or None where unknown."""
+def value_shaped_op(target, args, kwargs, value: Callable, varies: Callable) -> bool:
+    """Does op ``target``, run on values computed from the inputs, give a result whose shape
+    depends on those values (``nonzero``, boolean-mask indexing, ``masked_select``, ``unique``, ...)
+    or read a value as a number (``.item()``)? torch's op tags say so (``dynamic_output_shape``,
+    ``data_dependent_output``), but for ``aten.index.Tensor`` with no boolean index computed from
+    the inputs (integer indexing, a constant mask) and ``one_hot`` with its number of classes
+    given, whose shapes follow from their inputs' shapes. ``value(arg)``: an argument's tensor (or
+    its metadata), or None where unknown; ``varies(arg)``: whether it is computed from the inputs."""
     if not isinstance(target, torch._ops.OpOverload):
         return False
     tags = target.tags
@@ -225,7 +226,7 @@ def value_shaped_op(target, args, kwargs, value: Callable) -> bool:
             if index is None:
                 continue
             t = value(index)
-            if not isinstance(t, torch.Tensor) or t.dtype in (torch.bool, torch.uint8):
+            if varies(index) and (not isinstance(t, torch.Tensor) or t.dtype in (torch.bool, torch.uint8)):
                 return True
         return False
     if target is torch.ops.aten.one_hot.default:

@@ -368,7 +368,7 @@ def _value_shaped(gm) -> str | None:
         if not (seeded or any(n in varies for n in node.all_input_nodes)):
             continue
         varies.add(node)
-        if node.op == "call_function" and value_shaped_op(node.target, node.args, node.kwargs, value):
+        if node.op == "call_function" and value_shaped_op(node.target, node.args, node.kwargs, value, varies.__contains__):
             return (f"{node.target} gives a result whose shape (or value as a number) depends on the input's "
                     "values (data-dependent); a traced graph would keep this call's shapes for every later call")
     return None

@@ -328,6 +328,10 @@ def constant_mask(x):
     return x[:, torch.nonzero(_MASK).squeeze(1)] * 2          # the function's own constant: same shape every call
 
 
+def constant_bool_mask(x):
+    return x[:, _MASK] + 1          # a boolean mask, but the function's own: same shape every call
+
+
 def integer_index(x):
     return x[torch.tensor([2, 0, 1])] + x[:, torch.arange(x.shape[1] - 1)].sum()
 
@@ -336,8 +340,11 @@ def one_hot_given(x):
     return torch.nn.functional.one_hot((x.abs() * 2).long().clamp(max=3).flatten(), 4) * 2
 
 
-@pytest.mark.parametrize("fn", [constant_mask, integer_index, one_hot_given], ids=lambda f: f.__name__)
-def test_shapes_that_follow_input_shapes_still_compile(fn, cache_dir, no_jf_warnings):
+@pytest.mark.parametrize("fn", [constant_mask, constant_bool_mask, integer_index, one_hot_given],
+                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize("tracer", ["auto", "make_fx"])
+def test_shapes_that_follow_input_shapes_still_compile(fn, tracer, cache_dir, monkeypatch, no_jf_warnings):
+    monkeypatch.setenv("JITFREEZE_TRACER", tracer)
     fast = jf(fn, cache_dir=cache_dir)
     torch.manual_seed(5)
     for _ in range(3):
