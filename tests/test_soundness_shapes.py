@@ -56,6 +56,10 @@ def plus_new_tensor(x):
     return x * x.new_tensor([x.shape[0], 2.0]).sum()
 
 
+def branch_on_equal_size(x):
+    return x * 2 if x.shape[0] == 3 else x - 1     # true at 3: the trace replaces the size by 3
+
+
 def plus_weight(x):
     return x + _W                 # eager broadcasts a batch of 1 against the (4, 3) weight
 
@@ -64,7 +68,8 @@ def rows_flattened(x):
     return x.reshape(x.shape[0], -1) * 2      # symbolic at sizes >= 2; a size-1 graph says (1, -1)
 
 
-SIZE_AS_NUMBER = [scale_float, scale_int, scale_sqrt, weighted_rows, plus_tensor_of_size, plus_new_tensor]
+SIZE_AS_NUMBER = [scale_float, scale_int, scale_sqrt, weighted_rows, plus_tensor_of_size, plus_new_tensor,
+                  branch_on_equal_size]
 SIZES = (3, 5, 1, 7, 0, 2, 5, 4, 9)
 
 
