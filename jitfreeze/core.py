@@ -48,6 +48,9 @@ log = logging.getLogger("jitfreeze")
 CacheInfo = collections.namedtuple("CacheInfo", "hits loads compiles fallbacks entries")
 
 _TABLE_LIMIT = 4096          # concrete signatures kept in one function's in-process table
+# Part of every index key. 4: index entries written before symbolic traces guarded the sizes they
+# turned into numbers (and sizes 0/1) hold no guard for them: never served.
+_INDEX_VERSION = "4"
 _Tensor = torch.Tensor
 _fast_key = sig_mod.fast_key
 _tensor_guards = sig_mod.tensor_guards
@@ -198,7 +201,7 @@ class JitFreezeFunction:
             raise TypeError("dynamic must be None (automatic), True, False or a dict {argument: dims}")
         self.dynamic = dynamic
         self._dyn: dict = {}         # (structure, mode, dynamic texts) -> [(Guards, entry)]
-        self._auto: dict = {}        # automatic dynamic: shape class -> {"shapes", "dims"}
+        self._auto: dict = {}        # automatic dynamic: shape class -> {"shapes", "dims", "static"}
         self.traces = 0          # how many times this function was traced (tests assert warm paths trace nothing)
         self.name = name or _qualname(fn, module)
         self._parent = _parent
@@ -475,6 +478,8 @@ class JitFreezeFunction:
         self.traces += 1
         traced = trace(self.fn, call, tensors, dims, recorder=self._config.tracer == "auto")
         t_trace = time.perf_counter() - t0
+        if traced.specialized and self.dynamic is None:
+            self._pin_static(call, tensors, traced.specialized)
         try:
             if dims:
                 # A symbolic trace computed nothing real: run eagerly once for this call's answer
@@ -530,29 +535,50 @@ class JitFreezeFunction:
                 if spec:
                     dims[j] = frozenset(d % tensors[j].dim() for d in spec) if tensors[j].dim() else frozenset()
             return {j: d for j, d in dims.items() if d}
-        # automatic: static first; dims whose size changes between calls become dynamic, once.
-        shape_class = (call.in_spec, call.mode,
-                       tuple(call.texts[i] for i, _ in call.consts),
-                       tuple((t.dtype, t.device, t.dim()) for t in tensors))
+        # automatic: static first; dims whose size changes between calls become dynamic, once,
+        # unless the function specialized them (see _pin_static).
+        shape_class = self._shape_class(call, tensors)
         shapes = tuple(tuple(t.shape) for t in tensors)
         state = self._auto.get(shape_class)
         if state is None:
-            decided = self._load_decision(call, tensors)
-            self._auto[shape_class] = {"shapes": shapes, "dims": decided}
+            decided, static = self._load_decision(call, tensors)
+            self._auto[shape_class] = {"shapes": shapes, "dims": decided, "static": static}
             if decided:
                 log.info("%s: using the stored dynamic-shape decision %s", self.name, _dims_text(decided))
             return decided
         changed = {j: frozenset(d for d, (a, b) in enumerate(zip(shape, state["shapes"][j])) if a != b)
                    for j, shape in enumerate(shapes)}
-        merged = {j: state["dims"].get(j, frozenset()) | changed.get(j, frozenset()) for j in range(len(shapes))}
+        merged = {j: (state["dims"].get(j, frozenset()) | changed.get(j, frozenset()))
+                  - state["static"].get(j, frozenset()) for j in range(len(shapes))}
         merged = {j: d for j, d in merged.items() if d}
         if merged != state["dims"]:
             log.info("%s: recompiling: %s changed size (%s vs %s); marking them dynamic", self.name,
                      _dims_text({j: d - state["dims"].get(j, frozenset()) for j, d in merged.items()}),
                      _shapes_text(shapes), _shapes_text(state["shapes"]))
             state["dims"] = merged
-            self._store_decision(call, tensors, merged)
+            self._store_decision(call, tensors, merged, state["static"])
         return state["dims"]
+
+    def _shape_class(self, call, tensors) -> tuple:
+        return (call.in_spec, call.mode, tuple(call.texts[i] for i, _ in call.consts),
+                tuple((t.dtype, t.device, t.dim()) for t in tensors))
+
+    def _pin_static(self, call, tensors, specialized: dict) -> None:
+        """Automatic dynamic shapes: the function turned these dims' sizes into numbers in a
+        symbolic trace (``float(x.shape[0])``, ``range(n)``, ...). That trace's entry is guarded on
+        their sizes; from now on they are traced statically (one graph per size), in this process
+        and, through the stored decision, in later ones."""
+        state = self._auto.get(self._shape_class(call, tensors))
+        if state is None:
+            return
+        static = dict(state["static"])
+        for j, d in specialized.items():
+            static[j] = static.get(j, frozenset()) | d
+        dims = {j: d - static.get(j, frozenset()) for j, d in state["dims"].items()}
+        state["static"], state["dims"] = static, {j: d for j, d in dims.items() if d}
+        log.info("%s: the function uses the size of %s as a number; tracing %s statically from now on",
+                 self.name, _dims_text(specialized), "them" if sum(map(len, specialized.values())) > 1 else "it")
+        self._store_decision(call, tensors, state["dims"], static)
 
     def _decision_key(self, call, tensors) -> str:
         parts = KeyParts(environment_parts())
@@ -562,18 +588,27 @@ class JitFreezeFunction:
             call.texts[i] for i, _ in call.consts))
         return parts.key(self.name + " (dynamic decision)")
 
-    def _load_decision(self, call, tensors) -> dict:
+    def _load_decision(self, call, tensors) -> tuple[dict, dict]:
+        """The stored decision: ({leaf: dynamic dims}, {leaf: dims kept static}), or two empty dicts."""
         found = self._cache_for().get(self._decision_key(call, tensors), ns=DECISION)
         if found is None:
-            return {}
+            return {}, {}
         try:
-            dims = {int(j): frozenset(int(d) for d in ds) for j, ds in found[0]["dims"].items()}
+            dims, static = ({int(j): frozenset(int(d) for d in ds) for j, ds in found[0].get(part, {}).items()}
+                            for part in ("dims", "static"))
         except (KeyError, TypeError, ValueError, AttributeError):
-            return {}
-        return {j: d for j, d in dims.items() if j < len(tensors) and all(x < tensors[j].dim() for x in d)}
+            return {}, {}
 
-    def _store_decision(self, call, tensors, dims) -> None:
-        meta = {"dims": {str(j): sorted(d) for j, d in dims.items()}, "qualname": self.name}
+        def fits(d: dict) -> dict:
+            return {j: ds for j, ds in d.items() if j < len(tensors) and all(x < tensors[j].dim() for x in ds)}
+
+        static = fits(static)
+        dims = {j: ds - static.get(j, frozenset()) for j, ds in fits(dims).items()}
+        return {j: ds for j, ds in dims.items() if ds}, static
+
+    def _store_decision(self, call, tensors, dims, static) -> None:
+        meta = {"dims": {str(j): sorted(d) for j, d in dims.items()},
+                "static": {str(j): sorted(d) for j, d in static.items()}, "qualname": self.name}
         self._cache_for().put(self._decision_key(call, tensors), meta, b"", ns=DECISION)
 
     # -- the trace-free index -------------------------------------------------------------------
@@ -592,7 +627,7 @@ class JitFreezeFunction:
                 devices.append(t.device)
         parts = KeyParts(environment_parts())
         parts.add("backend", self._backend.name)
-        parts.add("index", "3")
+        parts.add("index", _INDEX_VERSION)
         parts.add("device", ",".join(device_text(d) for d in devices) or "none")
         parts.add("signature", call.spec_text() + "\n" + "\n".join(texts))
         parts.add("code+weights", digest)
