@@ -360,15 +360,16 @@ def _set_aside(db: Path) -> None:
 
 def _open_store(path: Path, config: Config):
     prepare_directory(path, allow_unsafe=config.allow_unsafe_dir)
+    check = not config.allow_unsafe_dir
     try:
-        return DiskStore(path, config.size_limit)
+        return DiskStore(path, config.size_limit, check_trust=check)
     except sqlite3.DatabaseError as exc:
         if "not a database" not in str(exc) and "malformed" not in str(exc):
             raise
         trouble(f"the jitfreeze cache index {path / DiskStore.DB_NAME} is corrupt; set it aside and "
                 "starting an empty one", exc, strict=config.strict, once=("corrupt", str(path)))
         _set_aside(path / DiskStore.DB_NAME)
-        return DiskStore(path, config.size_limit)
+        return DiskStore(path, config.size_limit, check_trust=check)
 
 
 def open_cache(cache_dir, config: Config) -> PersistentCache:
@@ -492,15 +493,15 @@ def maintain(cache_dir=None, *, verify: bool = False, min_age: float = 600.0) ->
         raise FileNotFoundError(f"no jitfreeze cache in {path}")
     if not config.allow_unsafe_dir:
         check_directory(path)
-    set_aside = 0
+    set_aside, check = 0, not config.allow_unsafe_dir
     try:
-        store = DiskStore(path, config.size_limit)
+        store = DiskStore(path, config.size_limit, check_trust=check)
     except sqlite3.DatabaseError as exc:
         if not is_corrupt(exc):
             raise
         set_aside_index(path)
         set_aside = 1
-        store = DiskStore(path, config.size_limit)
+        store = DiskStore(path, config.size_limit, check_trust=check)
 
     def validate(key: str, data: bytes) -> None:
         artifact.unpack(data, key, config.hmac_key)
