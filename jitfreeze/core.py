@@ -17,6 +17,7 @@ import collections
 import contextlib
 import functools
 import inspect
+import itertools
 import logging
 import os
 import re
@@ -67,6 +68,7 @@ _HOOKS_INSTALLED = False
 # Every JitFreezeFunction, so that a forked child gets fresh locks: a fork taken while another
 # thread holds one (compiling) would otherwise leave the child blocked on it forever.
 _live: "weakref.WeakSet[JitFreezeFunction]" = weakref.WeakSet()
+_serials = itertools.count()
 
 
 def _after_fork_in_child() -> None:
@@ -208,6 +210,9 @@ class JitFreezeFunction:
         self._signatures = 0
         self._hits = self._loads = self._compiles = 0
         self._lock = threading.RLock()
+        # Names this function in once-per-function warnings: never its id(), which a new function
+        # reuses once this one is gone (and would then not warn).
+        self._serial = next(_serials)
         _live.add(self)
         self._config: Config | None = None
         self._disabled = False
@@ -350,10 +355,10 @@ class JitFreezeFunction:
             trouble(f"jitfreeze: {self.name} runs eagerly (no compiled graph) while grad is enabled: {reason}. "
                     "Call it under torch.no_grad() or torch.inference_mode() to use the frozen graph "
                     "(or filter this warning if the gradients are wanted)", None,
-                    strict=self._config.strict, once=(id(self), "grad"), error=FallbackReason)
+                    strict=self._config.strict, once=(self._serial, "grad"), error=FallbackReason)
         else:
             trouble(f"jitfreeze: {self.name} runs eagerly for this signature: {reason}", None,
-                    strict=self._config.strict, once=(id(self), key), error=FallbackReason)
+                    strict=self._config.strict, once=(self._serial, key), error=FallbackReason)
 
     def _forget_lasts(self):
         self._last = None
@@ -372,7 +377,7 @@ class JitFreezeFunction:
             call = sig_mod.describe(args, kwargs, mode, self._names())
         except FallbackReason as reason:
             trouble(f"jitfreeze: {self.name} runs eagerly: {reason}", None, strict=self._config.strict,
-                    once=(id(self), str(reason)), error=FallbackReason)
+                    once=(self._serial, str(reason)), error=FallbackReason)
             return self._eager(args, kwargs)
         key = call.key
         if key in self._fallbacks:
@@ -490,7 +495,7 @@ class JitFreezeFunction:
                 trouble(f"jitfreeze: {self.name}: stale fingerprint index entry (the traced graph differs from "
                         "the indexed one: something the fingerprint cannot see changed, e.g. a helper in "
                         "another module); replacing it", None, strict=self._config.strict,
-                        once=(id(self), "stale", fp[0]))
+                        once=(self._serial, "stale", fp[0]))
             entry, result = self._load_or_compile(call, traced, copies, t0, t_trace, texts)
         except _GradFallback:
             raise      # the result must carry autograd history: run eagerly
