@@ -471,9 +471,10 @@ def maintain(cache_dir=None, *, verify: bool = False, min_age: float = 600.0) ->
     """Repair a cache directory after crashes or tampering; returns counts of what was done.
 
     Removes rows that are not raw bytes (planted pickle rows, pickled keys, rows naming files
-    outside the cache), rows whose value file is missing or has the wrong size, and value files
-    no row refers to (left by a process killed mid-write; only those older than ``min_age``
-    seconds, younger ones may belong to a write in progress). A corrupt index is set aside and
+    outside the cache) or whose value file others could have written (both ``unsafe_rows``),
+    rows whose value file is missing or has the wrong size, and value files no row refers to
+    (left by a process killed mid-write; only those older than ``min_age`` seconds, younger ones
+    may belong to a write in progress). A corrupt index is set aside and
     an empty one started. ``verify=True`` also reads every entry and checks its checksum (and
     its signature when ``JITFREEZE_CACHE_KEY`` is set), removing the bad ones. Lock files are
     never touched.

@@ -657,6 +657,24 @@ class DiskStore:
                     out.append(rowid)
         return out
 
+    def untrusted_files(self) -> list[int]:
+        """rowids whose value file, or a directory holding it, fails the trust rule (another owner,
+        writable by group or others): refused by every read (none when ``check_trust`` is off)."""
+        if not self.check_trust:
+            return []
+        out = []
+        for rowid, filename in self._cache._sql(
+                "SELECT rowid, filename FROM Cache WHERE filename IS NOT NULL").fetchall():
+            if type(filename) is not str or not _VALUE_FILE.match(filename):
+                continue        # unsafe_rows handles these
+            try:
+                check_value_file(self.location, filename, os.lstat(self.directory / filename))
+            except UnsafeEntry:
+                out.append(rowid)
+            except OSError:
+                pass            # missing_files handles these
+        return out
+
     def check(self, fix: bool = False) -> list[str]:
         """diskcache's consistency check, as a list of messages (empty: consistent).
 
@@ -684,8 +702,9 @@ class DiskStore:
         """Repair what crashes and tampering leave behind; returns counts of what was done.
 
         Removes rows that are not raw bytes (planted pickle rows, pickled keys, rows naming files
-        outside the layout), rows whose value file is missing or has the wrong size, value files
-        no row refers to (older than ``min_age``), and (with ``validate``, which raises for a bad
+        outside the layout) or whose value file others could have written (both ``unsafe_rows``),
+        rows whose value file is missing or has the wrong size, value files no row refers to
+        (older than ``min_age``), and (with ``validate``, which raises for a bad
         entry) entries that fail it; then resets diskcache's count and size bookkeeping.
         """
         counts = {"unsafe_rows": 0, "missing_files": 0, "wrong_size": 0, "bad_entries": 0,
@@ -699,7 +718,7 @@ class DiskStore:
         if result != ["ok"]:
             self._raise_corrupt(sqlite3.DatabaseError(
                 "database disk image is malformed (quick_check: " + "; ".join(map(str, result[:3])) + ")"), cache)
-        unsafe = self.unsafe_rows()
+        unsafe = sorted(set(self.unsafe_rows()) | set(self.untrusted_files()))
         if unsafe:
             self.delete_rows(unsafe)
         counts["unsafe_rows"] = len(unsafe)

@@ -197,3 +197,17 @@ def test_own_value_directory_others_can_write_is_repaired_on_write(tmp_path):
         os.chmod(tmp_path / "c" / "ab" / "cd", 0o777)
         with pytest.raises(UnsafeEntry, match=f"owned by uid {OTHER_UID}"):
             create_value_file(str(tmp_path / "c"), "ab/cd/fedcba9876543210.val")
+
+
+def test_maintain_removes_value_files_others_can_write(cache_dir):
+    """``jitfreeze cache verify`` / ``maintain``: an entry whose value file others could have written
+    is removed (counted as unsafe); the others stay."""
+    from jitfreeze.cache import maintain
+
+    model, x, ref, value = _fill(cache_dir)
+    entries = len(list(DiskStore(cache_dir, 2**30).keys()))
+    os.chmod(value, 0o666)
+    jf_cache.forget_open_caches()
+    counts = maintain(cache_dir)
+    assert counts["unsafe_rows"] == 1 and counts["entries"] == entries - 1 and counts["problems"] == 0
+    assert not value.exists()
