@@ -929,7 +929,8 @@ def jitfreeze(fn: Callable | torch.nn.Module | None = None, /, *, cache_dir=None
     index: use the trace-free fingerprint index on warm starts.
     verify: on index hits, trace anyway and compare graph keys (default ``JITFREEZE_VERIFY``).
     discard_parameters: once a frozen function exists for a module, release the module's
-        parameter storage (eager calls then raise ``ParametersDiscardedError``).
+        parameter storage (eager calls, calling the module or its submodules directly,
+        ``state_dict()`` and ``load_state_dict()`` then raise ``ParametersDiscardedError``).
     dynamic: ``None`` (automatic: static first, then the dims whose sizes change become symbolic,
         a decision remembered in the persistent cache), ``False`` (exact shapes), ``True`` (every
         dim symbolic) or ``{argument name or position: [dims]}``.
