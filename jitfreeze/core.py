@@ -350,14 +350,18 @@ class JitFreezeFunction:
                 self._param_names = []
         return self._param_names
 
-    def _fallback(self, key, reason: str, *, warn: bool = True):
-        """Remember that this signature runs eagerly; warn once per function and signature."""
+    def _fallback(self, key, reason: str, *, grad: bool = False):
+        """Remember that this signature runs eagerly; warn once per function and signature, or,
+        when grad mode is the reason (``grad``), once per function with the fix."""
         self._fallbacks[key] = reason
-        if warn:
+        if grad:
+            trouble(f"jitfreeze: {self.name} runs eagerly (no compiled graph) while grad is enabled: {reason}. "
+                    "Call it under torch.no_grad() or torch.inference_mode() to use the frozen graph "
+                    "(or filter this warning if the gradients are wanted)", None,
+                    strict=self._config.strict, once=(self._serial, "grad"), error=FallbackReason)
+        else:
             trouble(f"jitfreeze: {self.name} runs eagerly for this signature: {reason}", None,
                     strict=self._config.strict, once=(self._serial, key), error=FallbackReason)
-        else:
-            log.info("%s runs eagerly for this signature: %s", self.name, reason)
 
     def _forget_lasts(self):
         self._last = None
@@ -387,7 +391,7 @@ class JitFreezeFunction:
             return entry.call_leaves(pytree.tree_leaves((args, kwargs)))
         reason = self._eager_reason(call, mode)
         if reason is not None:
-            self._fallback(key, reason[0], warn=reason[1])
+            self._fallback(key, reason[0], grad=reason[1])
             return self._eager(args, kwargs)
         with self._lock:
             entry = self._table.get(key)
@@ -398,7 +402,7 @@ class JitFreezeFunction:
                 with gcpause.paused():
                     entry, result, new = self._resolve(call, args, kwargs)
             except FallbackReason as reason:
-                self._fallback(key, str(reason))
+                self._fallback(key, str(reason), grad=isinstance(reason, _GradFallback))
                 if reason.result is not NO_RESULT:
                     return reason.result      # the trace ran the function: don't run it twice
                 return self._eager(args, kwargs)
@@ -419,19 +423,18 @@ class JitFreezeFunction:
         return result
 
     def _eager_reason(self, call, mode):
-        """(why, warn?) when this call must run eagerly before any trace, else None."""
+        """(why, grad mode is the reason?) when this call must run eagerly before any trace, else None."""
         grad, autocast, training = mode
         if training:
             return (f"the module is in training mode; jitfreeze compiles eval-mode inference "
-                    f"(call .eval() on {type(self.module).__name__})", True)
+                    f"(call .eval() on {type(self.module).__name__})", False)
         if autocast:
-            return "autocast is enabled; jitfreeze compiles calls outside autocast", True
+            return "autocast is enabled; jitfreeze compiles calls outside autocast", False
         if grad:
             if call.requires_grad:
-                return "grad is enabled and an input requires grad (frozen graphs are inference-only)", False
+                return "an input requires grad and frozen graphs are inference-only", True
             if self.module is not None and any(p.requires_grad for p in self.module.parameters()):
-                return ("grad is enabled and the module's parameters require grad (frozen graphs are "
-                        "inference-only; call it under torch.no_grad() or torch.inference_mode())", False)
+                return "the module's parameters require grad and frozen graphs are inference-only", True
         return None
 
     def _check_cap(self):
@@ -637,8 +640,7 @@ class JitFreezeFunction:
         """(entry, result, guards) from the fingerprint index, or None. No trace."""
         index_key, fp_tensors, _ = fp
         if call.mode[0] and any(t.requires_grad for t in fp_tensors):
-            raise _GradFallback("grad is enabled and weights the function uses require grad "
-                                "(frozen graphs are inference-only; use torch.no_grad())")
+            raise _GradFallback("weights the function uses require grad and frozen graphs are inference-only")
         cache = self._cache_for()
         found = cache.get(index_key, ns=INDEX)
         if found is None:
@@ -702,6 +704,14 @@ class JitFreezeFunction:
             for t in list(module.parameters()) + list(module.buffers()):
                 t.data = torch.empty(0, dtype=t.dtype, device=t.device)
         object.__setattr__(module, "_jitfreeze_discarded", True)
+        # What is left would save as an empty checkpoint, and compute with empty weights: refused
+        # with ParametersDiscardedError instead, on the module and each of its submodules. Not a
+        # forward served by jitfreeze (a decorated forward method): its compiled path never calls it.
+        for sub in module.modules():
+            sub.register_state_dict_pre_hook(_discarded_state_dict)
+            sub.register_load_state_dict_pre_hook(_discarded_load_state_dict)
+            if not isinstance(getattr(sub, "forward", None), JitFreezeFunction):
+                sub.register_forward_pre_hook(_discarded_forward)
         for entry in self._table.values():
             entry.watch = None          # the weights can no longer change under the frozen copies
         log.info("%s: discarded the module's parameters (discard_parameters=True)", self.name)
@@ -709,8 +719,7 @@ class JitFreezeFunction:
     def _load_or_compile(self, call, traced, copies, t0, t_trace, texts):
         if call.mode[0] and any(t.requires_grad for _, t in traced.constants):
             # The trace ran under no_grad; this call wants a graph for autograd: eager it is.
-            raise _GradFallback("grad is enabled and weights the function uses require grad "
-                                "(frozen graphs are inference-only; use torch.no_grad())")
+            raise _GradFallback("weights the function uses require grad and frozen graphs are inference-only")
         bindings = self._bindings(traced)
         key, parts = self._key(call, traced, texts, bindings)
         cache = self._cache_for()
@@ -862,6 +871,31 @@ class _GradFallback(FallbackReason):
     pass
 
 
+_DISCARDED = ("its parameters and buffers were released by jitfreeze (discard_parameters=True); only the "
+              "frozen graphs hold the weights")
+
+
+def _discarded_state_dict(module, prefix, keep_vars):
+    raise ParametersDiscardedError(
+        f"{type(module).__name__}{' ' + prefix.rstrip('.') if prefix else ''}.state_dict(): {_DISCARDED}, so "
+        "the checkpoint would be empty. Save the state dict before the first call, or create the "
+        "module without discard_parameters=True")
+
+
+def _discarded_load_state_dict(module, state_dict, prefix, *_):
+    # Loading weights back would make the eager module and the frozen graphs (which keep the old
+    # weights, no longer watched) disagree without a word.
+    raise ParametersDiscardedError(
+        f"{type(module).__name__}{' ' + prefix.rstrip('.') if prefix else ''}.load_state_dict(): {_DISCARDED}, "
+        "and they would go on serving the old ones. Load the weights into a fresh module and jitfreeze that")
+
+
+def _discarded_forward(module, args):
+    raise ParametersDiscardedError(
+        f"calling {type(module).__name__} directly: {_DISCARDED}. Call it through its jitfreeze function, "
+        "with signatures compiled before the parameters were discarded")
+
+
 def _dims_text(dims) -> str:
     return ", ".join(f"input {j} dim{'s' if len(d) > 1 else ''} {','.join(map(str, sorted(d)))}"
                      for j, d in sorted(dims.items())) or "no dims"
@@ -930,7 +964,8 @@ def jitfreeze(fn: Callable | torch.nn.Module | None = None, /, *, cache_dir=None
     index: use the trace-free fingerprint index on warm starts.
     verify: on index hits, trace anyway and compare graph keys (default ``JITFREEZE_VERIFY``).
     discard_parameters: once a frozen function exists for a module, release the module's
-        parameter storage (eager calls then raise ``ParametersDiscardedError``).
+        parameter storage (eager calls, calling the module or its submodules directly,
+        ``state_dict()`` and ``load_state_dict()`` then raise ``ParametersDiscardedError``).
     dynamic: ``None`` (automatic: static first, then the dims whose sizes change become symbolic,
         a decision remembered in the persistent cache), ``False`` (exact shapes), ``True`` (every
         dim symbolic) or ``{argument name or position: [dims]}``.
