@@ -4,7 +4,7 @@
     python -m benchmarks.run --quick          # the small models (tiny, mlp), one run: a few minutes
     python -m benchmarks.run --smoke          # harness check: tiny model, 1 run, no torch.compile
     python -m benchmarks.run --models cnn bert --cases steady --repeat 7
-    python -m benchmarks.run --update-readme  # also copy the table into benchmarks/README.md
+    python -m benchmarks.run --update-readme  # also copy the table into docs/performance.md
     python -m benchmarks.run --models cnn --cases varbatch --varbatch-max 4   # a tiny variable-batch run
     python -m benchmarks.run --hf             # the Hugging Face rows instead (benchmarks/hf.py)
 
@@ -713,9 +713,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS / MKL_NUM_THREADS for every worker "
                    "(default: torch's own default; the table records what the workers ran with)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--update-readme", nargs="?", const=str(ROOT / "benchmarks" / "README.md"), metavar="README",
+    p.add_argument("--update-readme", nargs="?", const=str(ROOT / "docs" / "performance.md"), metavar="FILE",
                    help="copy the table and chart between the <!-- benchmarks:start/end --> markers of "
-                        "benchmarks/README.md (or of the file given)")
+                        "docs/performance.md (or of the file given)")
     p.add_argument("--varbatch-max", type=int, default=64, metavar="N",
                    help="varbatch case: batch sizes 1..N (default 64; e.g. 4 for a quick check)")
     p.add_argument("--merge", nargs="+", type=Path, default=[], metavar="RESULTS_JSON",

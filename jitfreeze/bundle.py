@@ -18,6 +18,7 @@ uncompressed bundle can also be used as it is, as a read-only layer in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -30,6 +31,7 @@ from pathlib import Path
 from . import artifact
 from .key import FORMAT_VERSION
 from .layers import BUNDLE_FORMAT, BUNDLE_MANIFEST, read_manifest, scan
+from .trust import create_private_file
 
 __all__ = ["export_bundle", "import_bundle", "finalize_layer", "BUNDLE_VERSION"]
 
@@ -58,8 +60,11 @@ def export_bundle(path, stores, hmac_key: bytes | None, *, select=None) -> dict:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     seen, entries, skipped, total = set(), [], [], 0
     now = time.time()
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()                   # left by a killed export with this pid (a symlink: the link goes)
+    fd = create_private_file(tmp)      # owner-only while written, whatever the umask
     try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for store in stores:
                 for row in scan(store, with_meta=False):
                     if row.key in seen:
@@ -86,6 +91,7 @@ def export_bundle(path, stores, hmac_key: bytes | None, *, select=None) -> dict:
                         "jitfreeze": __version__, "torch": torch.__version__, "created": now,
                         "signed": bool(hmac_key), "entries": entries}
             _add(tar, BUNDLE_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode(), now)
+        os.chmod(tmp, 0o644)           # a bundle is for shipping: readable by all, writable by you only
         os.replace(tmp, path)
     finally:
         if tmp.exists():

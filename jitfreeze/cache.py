@@ -360,15 +360,16 @@ def _set_aside(db: Path) -> None:
 
 def _open_store(path: Path, config: Config):
     prepare_directory(path, allow_unsafe=config.allow_unsafe_dir)
+    check = not config.allow_unsafe_dir
     try:
-        return DiskStore(path, config.size_limit)
+        return DiskStore(path, config.size_limit, check_trust=check)
     except sqlite3.DatabaseError as exc:
         if "not a database" not in str(exc) and "malformed" not in str(exc):
             raise
         trouble(f"the jitfreeze cache index {path / DiskStore.DB_NAME} is corrupt; set it aside and "
                 "starting an empty one", exc, strict=config.strict, once=("corrupt", str(path)))
         _set_aside(path / DiskStore.DB_NAME)
-        return DiskStore(path, config.size_limit)
+        return DiskStore(path, config.size_limit, check_trust=check)
 
 
 def open_cache(cache_dir, config: Config) -> PersistentCache:
@@ -470,9 +471,10 @@ def maintain(cache_dir=None, *, verify: bool = False, min_age: float = 600.0) ->
     """Repair a cache directory after crashes or tampering; returns counts of what was done.
 
     Removes rows that are not raw bytes (planted pickle rows, pickled keys, rows naming files
-    outside the cache), rows whose value file is missing or has the wrong size, and value files
-    no row refers to (left by a process killed mid-write; only those older than ``min_age``
-    seconds, younger ones may belong to a write in progress). A corrupt index is set aside and
+    outside the cache) or whose value file others could have written (both ``unsafe_rows``),
+    rows whose value file is missing or has the wrong size, and value files no row refers to
+    (left by a process killed mid-write; only those older than ``min_age`` seconds, younger ones
+    may belong to a write in progress). A corrupt index is set aside and
     an empty one started. ``verify=True`` also reads every entry and checks its checksum (and
     its signature when ``JITFREEZE_CACHE_KEY`` is set), removing the bad ones. Lock files are
     never touched.
@@ -492,15 +494,15 @@ def maintain(cache_dir=None, *, verify: bool = False, min_age: float = 600.0) ->
         raise FileNotFoundError(f"no jitfreeze cache in {path}")
     if not config.allow_unsafe_dir:
         check_directory(path)
-    set_aside = 0
+    set_aside, check = 0, not config.allow_unsafe_dir
     try:
-        store = DiskStore(path, config.size_limit)
+        store = DiskStore(path, config.size_limit, check_trust=check)
     except sqlite3.DatabaseError as exc:
         if not is_corrupt(exc):
             raise
         set_aside_index(path)
         set_aside = 1
-        store = DiskStore(path, config.size_limit)
+        store = DiskStore(path, config.size_limit, check_trust=check)
 
     def validate(key: str, data: bytes) -> None:
         artifact.unpack(data, key, config.hmac_key)

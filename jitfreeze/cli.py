@@ -446,6 +446,7 @@ def cmd_import(args) -> int:
     from .bundle import finalize_layer, import_bundle
     from .config import Config
     from .store import DiskStore
+    from .trust import make_private_dirs
 
     if not Path(args.bundle).is_file():
         raise CommandError(f"no bundle at {args.bundle}")
@@ -455,7 +456,7 @@ def cmd_import(args) -> int:
         except ValueError as exc:
             raise CommandError(f"bad environment: {exc}") from None
         into = Path(args.into).expanduser()
-        os.makedirs(into, mode=0o755, exist_ok=True)
+        make_private_dirs(into)        # 0700 while filled; finalize_layer opens it for reading (0755)
         target = DiskStore(into, 2**62)
         where = str(into)
     else:

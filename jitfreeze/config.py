@@ -13,24 +13,25 @@ from pathlib import Path
 
 __all__ = ["Config", "parse_size", "default_cache_dir", "ENV_VARS"]
 
-#: name -> one-line description; the README's table is written from this.
+#: name -> one-line description; the README's table is generated from this (scripts/env_table.py --write;
+#: tests/test_docs.py checks that the README matches).
 ENV_VARS = {
     "JITFREEZE_DISABLE": "`1`: plain eager, nothing traced, nothing read or written.",
     "JITFREEZE_CACHE_DIR": "Persistent cache directory (default `$XDG_CACHE_HOME/jitfreeze`, else `~/.cache/jitfreeze`).",
     "JITFREEZE_CLEAR_CACHE": "`1`: clear the persistent cache once per process, before its first lookup.",
-    "JITFREEZE_STRICT": "`1`: failures raise instead of falling back to eager or running uncached.",
-    "JITFREEZE_LOG": "`debug` or `info`: turn on the `jitfreeze` logger's output (to stderr).",
+    "JITFREEZE_STRICT": "`1`: failures raise (`JitFreezeError`) instead of falling back to eager or running uncached.",
+    "JITFREEZE_LOG": "`debug` or `info` (also `warning`, `error`): turn on the `jitfreeze` logger's output (to stderr) at that level. `info`: one line per compile or load; `debug`: every key part.",
     "JITFREEZE_CACHE_SIZE_LIMIT": "Size limit of the cache, e.g. `500MB`, `4GiB` (default `4GiB`); least recently used entries go first.",
     "JITFREEZE_LOCK_TIMEOUT": "Seconds to wait for another process compiling the same key (default `600`); past it, compile without writing.",
     "JITFREEZE_CACHE_KEY": "HMAC key that signs entries; unsigned or wrongly signed entries are refused. Keep it outside the cache directory.",
-    "JITFREEZE_ALLOW_UNSAFE_CACHE_DIR": "`1`: use a cache directory not owned by you or writable by others (you trust everyone who can write it).",
+    "JITFREEZE_ALLOW_UNSAFE_CACHE_DIR": "`1`: use a cache directory not owned by you or writable by others (you trust everyone who can write it); also lets untrusted read-only layers and the remote tier be used without `JITFREEZE_CACHE_KEY`.",
     "JITFREEZE_MAX_SIGNATURES": "Most signatures compiled or loaded per function (default `8`); past it, calls with new signatures run eagerly, with one warning.",
     "JITFREEZE_VERIFY": "`1`: re-trace on fingerprint-index hits and compare graph keys (catches changes the fingerprint cannot see).",
     "JITFREEZE_CACHE_PATH": "Layered cache: `ro1:ro2:...:writable`. Read-only layers (cache directories or bundle files) first, the writable directory last; overrides `JITFREEZE_CACHE_DIR`. Read-only layers are never modified.",
-    "JITFREEZE_REMOTE_CACHE": "`redis://host:port/db`: a shared Redis behind the local cache (needs `redis`); entries are verified, and published after each compile. Needs `JITFREEZE_CACHE_KEY` (or `JITFREEZE_ALLOW_UNSAFE_CACHE_DIR=1`).",
-    "JITFREEZE_REMOTE_TIMEOUT": "Seconds one Redis operation may take (default `1`); past it, one warning and the process carries on locally.",
+    "JITFREEZE_REMOTE_CACHE": "`redis://host:port/db` (or `rediss://`, `unix://`): a shared Redis behind the local cache (needs `redis`); entries are verified, and published after each compile. Needs `JITFREEZE_CACHE_KEY` (or `JITFREEZE_ALLOW_UNSAFE_CACHE_DIR=1`).",
+    "JITFREEZE_REMOTE_TIMEOUT": "Seconds one Redis operation may take (default `1`); past it, one warning and the process carries on locally (retrying Redis 30 s later).",
     "JITFREEZE_REMOTE_LOCK_TTL": "Expiry in seconds of the fleet-wide compile lock in Redis (default `60`; renewed while the compile runs).",
-    "JITFREEZE_TRACER": "`make_fx`: trace every miss with `make_fx` (imports Dynamo, 2-3 s, on the first miss); default `auto`: jitfreeze's pre-dispatch recorder where it applies (same graph, no Dynamo), `make_fx` elsewhere.",
+    "JITFREEZE_TRACER": "`make_fx`: trace every miss with `make_fx` (imports Dynamo, 2–3 s, on the first miss); default `auto`: jitfreeze's pre-dispatch recorder where it applies (the same graph, no Dynamo), `make_fx` elsewhere.",
 }
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -48,6 +48,9 @@ log = logging.getLogger("jitfreeze")
 CacheInfo = collections.namedtuple("CacheInfo", "hits loads compiles fallbacks entries")
 
 _TABLE_LIMIT = 4096          # concrete signatures kept in one function's in-process table
+# Part of every index key. 4: index entries written before symbolic traces guarded the sizes they
+# turned into numbers (and sizes 0/1) hold no guard for them: never served.
+_INDEX_VERSION = "4"
 _Tensor = torch.Tensor
 _fast_key = sig_mod.fast_key
 _tensor_guards = sig_mod.tensor_guards
@@ -198,7 +201,7 @@ class JitFreezeFunction:
             raise TypeError("dynamic must be None (automatic), True, False or a dict {argument: dims}")
         self.dynamic = dynamic
         self._dyn: dict = {}         # (structure, mode, dynamic texts) -> [(Guards, entry)]
-        self._auto: dict = {}        # automatic dynamic: shape class -> {"shapes", "dims"}
+        self._auto: dict = {}        # automatic dynamic: shape class -> {"shapes", "dims", "static"}
         self.traces = 0          # how many times this function was traced (tests assert warm paths trace nothing)
         self.name = name or _qualname(fn, module)
         self._parent = _parent
@@ -347,14 +350,18 @@ class JitFreezeFunction:
                 self._param_names = []
         return self._param_names
 
-    def _fallback(self, key, reason: str, *, warn: bool = True):
-        """Remember that this signature runs eagerly; warn once per function and signature."""
+    def _fallback(self, key, reason: str, *, grad: bool = False):
+        """Remember that this signature runs eagerly; warn once per function and signature, or,
+        when grad mode is the reason (``grad``), once per function with the fix."""
         self._fallbacks[key] = reason
-        if warn:
+        if grad:
+            trouble(f"jitfreeze: {self.name} runs eagerly (no compiled graph) while grad is enabled: {reason}. "
+                    "Call it under torch.no_grad() or torch.inference_mode() to use the frozen graph "
+                    "(or filter this warning if the gradients are wanted)", None,
+                    strict=self._config.strict, once=(self._serial, "grad"), error=FallbackReason)
+        else:
             trouble(f"jitfreeze: {self.name} runs eagerly for this signature: {reason}", None,
                     strict=self._config.strict, once=(self._serial, key), error=FallbackReason)
-        else:
-            log.info("%s runs eagerly for this signature: %s", self.name, reason)
 
     def _forget_lasts(self):
         self._last = None
@@ -384,7 +391,7 @@ class JitFreezeFunction:
             return entry.call_leaves(pytree.tree_leaves((args, kwargs)))
         reason = self._eager_reason(call, mode)
         if reason is not None:
-            self._fallback(key, reason[0], warn=reason[1])
+            self._fallback(key, reason[0], grad=reason[1])
             return self._eager(args, kwargs)
         with self._lock:
             entry = self._table.get(key)
@@ -395,7 +402,7 @@ class JitFreezeFunction:
                 with gcpause.paused():
                     entry, result, new = self._resolve(call, args, kwargs)
             except FallbackReason as reason:
-                self._fallback(key, str(reason))
+                self._fallback(key, str(reason), grad=isinstance(reason, _GradFallback))
                 if reason.result is not NO_RESULT:
                     return reason.result      # the trace ran the function: don't run it twice
                 return self._eager(args, kwargs)
@@ -416,19 +423,18 @@ class JitFreezeFunction:
         return result
 
     def _eager_reason(self, call, mode):
-        """(why, warn?) when this call must run eagerly before any trace, else None."""
+        """(why, grad mode is the reason?) when this call must run eagerly before any trace, else None."""
         grad, autocast, training = mode
         if training:
             return (f"the module is in training mode; jitfreeze compiles eval-mode inference "
-                    f"(call .eval() on {type(self.module).__name__})", True)
+                    f"(call .eval() on {type(self.module).__name__})", False)
         if autocast:
-            return "autocast is enabled; jitfreeze compiles calls outside autocast", True
+            return "autocast is enabled; jitfreeze compiles calls outside autocast", False
         if grad:
             if call.requires_grad:
-                return "grad is enabled and an input requires grad (frozen graphs are inference-only)", False
+                return "an input requires grad and frozen graphs are inference-only", True
             if self.module is not None and any(p.requires_grad for p in self.module.parameters()):
-                return ("grad is enabled and the module's parameters require grad (frozen graphs are "
-                        "inference-only; call it under torch.no_grad() or torch.inference_mode())", False)
+                return "the module's parameters require grad and frozen graphs are inference-only", True
         return None
 
     def _check_cap(self):
@@ -475,6 +481,8 @@ class JitFreezeFunction:
         self.traces += 1
         traced = trace(self.fn, call, tensors, dims, recorder=self._config.tracer == "auto")
         t_trace = time.perf_counter() - t0
+        if traced.specialized and self.dynamic is None:
+            self._pin_static(call, tensors, traced.specialized)
         try:
             if dims:
                 # A symbolic trace computed nothing real: run eagerly once for this call's answer
@@ -530,29 +538,50 @@ class JitFreezeFunction:
                 if spec:
                     dims[j] = frozenset(d % tensors[j].dim() for d in spec) if tensors[j].dim() else frozenset()
             return {j: d for j, d in dims.items() if d}
-        # automatic: static first; dims whose size changes between calls become dynamic, once.
-        shape_class = (call.in_spec, call.mode,
-                       tuple(call.texts[i] for i, _ in call.consts),
-                       tuple((t.dtype, t.device, t.dim()) for t in tensors))
+        # automatic: static first; dims whose size changes between calls become dynamic, once,
+        # unless the function specialized them (see _pin_static).
+        shape_class = self._shape_class(call, tensors)
         shapes = tuple(tuple(t.shape) for t in tensors)
         state = self._auto.get(shape_class)
         if state is None:
-            decided = self._load_decision(call, tensors)
-            self._auto[shape_class] = {"shapes": shapes, "dims": decided}
+            decided, static = self._load_decision(call, tensors)
+            self._auto[shape_class] = {"shapes": shapes, "dims": decided, "static": static}
             if decided:
                 log.info("%s: using the stored dynamic-shape decision %s", self.name, _dims_text(decided))
             return decided
         changed = {j: frozenset(d for d, (a, b) in enumerate(zip(shape, state["shapes"][j])) if a != b)
                    for j, shape in enumerate(shapes)}
-        merged = {j: state["dims"].get(j, frozenset()) | changed.get(j, frozenset()) for j in range(len(shapes))}
+        merged = {j: (state["dims"].get(j, frozenset()) | changed.get(j, frozenset()))
+                  - state["static"].get(j, frozenset()) for j in range(len(shapes))}
         merged = {j: d for j, d in merged.items() if d}
         if merged != state["dims"]:
             log.info("%s: recompiling: %s changed size (%s vs %s); marking them dynamic", self.name,
                      _dims_text({j: d - state["dims"].get(j, frozenset()) for j, d in merged.items()}),
                      _shapes_text(shapes), _shapes_text(state["shapes"]))
             state["dims"] = merged
-            self._store_decision(call, tensors, merged)
+            self._store_decision(call, tensors, merged, state["static"])
         return state["dims"]
+
+    def _shape_class(self, call, tensors) -> tuple:
+        return (call.in_spec, call.mode, tuple(call.texts[i] for i, _ in call.consts),
+                tuple((t.dtype, t.device, t.dim()) for t in tensors))
+
+    def _pin_static(self, call, tensors, specialized: dict) -> None:
+        """Automatic dynamic shapes: the function turned these dims' sizes into numbers in a
+        symbolic trace (``float(x.shape[0])``, ``range(n)``, ...). That trace's entry is guarded on
+        their sizes; from now on they are traced statically (one graph per size), in this process
+        and, through the stored decision, in later ones."""
+        state = self._auto.get(self._shape_class(call, tensors))
+        if state is None:
+            return
+        static = dict(state["static"])
+        for j, d in specialized.items():
+            static[j] = static.get(j, frozenset()) | d
+        dims = {j: d - static.get(j, frozenset()) for j, d in state["dims"].items()}
+        state["static"], state["dims"] = static, {j: d for j, d in dims.items() if d}
+        log.info("%s: the function uses the size of %s as a number; tracing %s statically from now on",
+                 self.name, _dims_text(specialized), "them" if sum(map(len, specialized.values())) > 1 else "it")
+        self._store_decision(call, tensors, state["dims"], static)
 
     def _decision_key(self, call, tensors) -> str:
         parts = KeyParts(environment_parts())
@@ -562,18 +591,27 @@ class JitFreezeFunction:
             call.texts[i] for i, _ in call.consts))
         return parts.key(self.name + " (dynamic decision)")
 
-    def _load_decision(self, call, tensors) -> dict:
+    def _load_decision(self, call, tensors) -> tuple[dict, dict]:
+        """The stored decision: ({leaf: dynamic dims}, {leaf: dims kept static}), or two empty dicts."""
         found = self._cache_for().get(self._decision_key(call, tensors), ns=DECISION)
         if found is None:
-            return {}
+            return {}, {}
         try:
-            dims = {int(j): frozenset(int(d) for d in ds) for j, ds in found[0]["dims"].items()}
+            dims, static = ({int(j): frozenset(int(d) for d in ds) for j, ds in found[0].get(part, {}).items()}
+                            for part in ("dims", "static"))
         except (KeyError, TypeError, ValueError, AttributeError):
-            return {}
-        return {j: d for j, d in dims.items() if j < len(tensors) and all(x < tensors[j].dim() for x in d)}
+            return {}, {}
 
-    def _store_decision(self, call, tensors, dims) -> None:
-        meta = {"dims": {str(j): sorted(d) for j, d in dims.items()}, "qualname": self.name}
+        def fits(d: dict) -> dict:
+            return {j: ds for j, ds in d.items() if j < len(tensors) and all(x < tensors[j].dim() for x in ds)}
+
+        static = fits(static)
+        dims = {j: ds - static.get(j, frozenset()) for j, ds in fits(dims).items()}
+        return {j: ds for j, ds in dims.items() if ds}, static
+
+    def _store_decision(self, call, tensors, dims, static) -> None:
+        meta = {"dims": {str(j): sorted(d) for j, d in dims.items()},
+                "static": {str(j): sorted(d) for j, d in static.items()}, "qualname": self.name}
         self._cache_for().put(self._decision_key(call, tensors), meta, b"", ns=DECISION)
 
     # -- the trace-free index -------------------------------------------------------------------
@@ -592,7 +630,7 @@ class JitFreezeFunction:
                 devices.append(t.device)
         parts = KeyParts(environment_parts())
         parts.add("backend", self._backend.name)
-        parts.add("index", "3")
+        parts.add("index", _INDEX_VERSION)
         parts.add("device", ",".join(device_text(d) for d in devices) or "none")
         parts.add("signature", call.spec_text() + "\n" + "\n".join(texts))
         parts.add("code+weights", digest)
@@ -602,8 +640,7 @@ class JitFreezeFunction:
         """(entry, result, guards) from the fingerprint index, or None. No trace."""
         index_key, fp_tensors, _ = fp
         if call.mode[0] and any(t.requires_grad for t in fp_tensors):
-            raise _GradFallback("grad is enabled and weights the function uses require grad "
-                                "(frozen graphs are inference-only; use torch.no_grad())")
+            raise _GradFallback("weights the function uses require grad and frozen graphs are inference-only")
         cache = self._cache_for()
         found = cache.get(index_key, ns=INDEX)
         if found is None:
@@ -667,6 +704,14 @@ class JitFreezeFunction:
             for t in list(module.parameters()) + list(module.buffers()):
                 t.data = torch.empty(0, dtype=t.dtype, device=t.device)
         object.__setattr__(module, "_jitfreeze_discarded", True)
+        # What is left would save as an empty checkpoint, and compute with empty weights: refused
+        # with ParametersDiscardedError instead, on the module and each of its submodules. Not a
+        # forward served by jitfreeze (a decorated forward method): its compiled path never calls it.
+        for sub in module.modules():
+            sub.register_state_dict_pre_hook(_discarded_state_dict)
+            sub.register_load_state_dict_pre_hook(_discarded_load_state_dict)
+            if not isinstance(getattr(sub, "forward", None), JitFreezeFunction):
+                sub.register_forward_pre_hook(_discarded_forward)
         for entry in self._table.values():
             entry.watch = None          # the weights can no longer change under the frozen copies
         log.info("%s: discarded the module's parameters (discard_parameters=True)", self.name)
@@ -674,8 +719,7 @@ class JitFreezeFunction:
     def _load_or_compile(self, call, traced, copies, t0, t_trace, texts):
         if call.mode[0] and any(t.requires_grad for _, t in traced.constants):
             # The trace ran under no_grad; this call wants a graph for autograd: eager it is.
-            raise _GradFallback("grad is enabled and weights the function uses require grad "
-                                "(frozen graphs are inference-only; use torch.no_grad())")
+            raise _GradFallback("weights the function uses require grad and frozen graphs are inference-only")
         bindings = self._bindings(traced)
         key, parts = self._key(call, traced, texts, bindings)
         cache = self._cache_for()
@@ -827,6 +871,31 @@ class _GradFallback(FallbackReason):
     pass
 
 
+_DISCARDED = ("its parameters and buffers were released by jitfreeze (discard_parameters=True); only the "
+              "frozen graphs hold the weights")
+
+
+def _discarded_state_dict(module, prefix, keep_vars):
+    raise ParametersDiscardedError(
+        f"{type(module).__name__}{' ' + prefix.rstrip('.') if prefix else ''}.state_dict(): {_DISCARDED}, so "
+        "the checkpoint would be empty. Save the state dict before the first call, or create the "
+        "module without discard_parameters=True")
+
+
+def _discarded_load_state_dict(module, state_dict, prefix, *_):
+    # Loading weights back would make the eager module and the frozen graphs (which keep the old
+    # weights, no longer watched) disagree without a word.
+    raise ParametersDiscardedError(
+        f"{type(module).__name__}{' ' + prefix.rstrip('.') if prefix else ''}.load_state_dict(): {_DISCARDED}, "
+        "and they would go on serving the old ones. Load the weights into a fresh module and jitfreeze that")
+
+
+def _discarded_forward(module, args):
+    raise ParametersDiscardedError(
+        f"calling {type(module).__name__} directly: {_DISCARDED}. Call it through its jitfreeze function, "
+        "with signatures compiled before the parameters were discarded")
+
+
 def _dims_text(dims) -> str:
     return ", ".join(f"input {j} dim{'s' if len(d) > 1 else ''} {','.join(map(str, sorted(d)))}"
                      for j, d in sorted(dims.items())) or "no dims"
@@ -895,7 +964,8 @@ def jitfreeze(fn: Callable | torch.nn.Module | None = None, /, *, cache_dir=None
     index: use the trace-free fingerprint index on warm starts.
     verify: on index hits, trace anyway and compare graph keys (default ``JITFREEZE_VERIFY``).
     discard_parameters: once a frozen function exists for a module, release the module's
-        parameter storage (eager calls then raise ``ParametersDiscardedError``).
+        parameter storage (eager calls, calling the module or its submodules directly,
+        ``state_dict()`` and ``load_state_dict()`` then raise ``ParametersDiscardedError``).
     dynamic: ``None`` (automatic: static first, then the dims whose sizes change become symbolic,
         a decision remembered in the persistent cache), ``False`` (exact shapes), ``True`` (every
         dim symbolic) or ``{argument name or position: [dims]}``.

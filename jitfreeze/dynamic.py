@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import ast
 import operator
+from typing import Callable
+
+import torch
 
 
-__all__ = ["Guards", "GuardError", "dynamic_texts", "symbolic_inputs", "produce_guards"]
+__all__ = ["Guards", "GuardError", "dynamic_texts", "symbolic_inputs", "produce_guards", "value_shaped_op"]
 
 
 class GuardError(ValueError):
@@ -148,10 +151,85 @@ def symbolic_inputs(tensors, dims: dict):
     return fakes, shape_env
 
 
-def produce_guards(shape_env, placeholder_values) -> list[str]:
+def produce_guards(shape_env, placeholder_values, dims: dict) -> tuple[list[str], dict]:
+    """The trace's guards, and {tensor leaf number: dims} the function itself specialized.
+
+    ``shape_env.produce_guards`` leaves out every input size that ended up a number (Dynamo checks
+    those itself): an input size given as a symbol that the function turned into a Python number
+    (``float(x.shape[0])``, ``range(n)``, ``torch.tensor(n)``) is replaced by this call's value
+    in the ShapeEnv, and its graph holds that value. Such specializations become guards here
+    (``L['t0'].size()[0] == 3``), and so do dynamic dims of size 0 or 1, which the trace never
+    made symbols (it specializes 0 and 1: a graph for them is not one for other sizes). The dims
+    specialized by the function (not 0/1) are returned too: automatic dynamic shapes trace them
+    statically from then on."""
     from torch._dynamo.source import LocalSource
 
     sources = [LocalSource(f"t{j}") for j in range(len(placeholder_values))]
-    texts = list(shape_env.produce_guards(placeholder_values, sources))
+    fixed, specialized = _specializations(placeholder_values, dims)
+    texts = fixed + list(shape_env.produce_guards(placeholder_values, sources))
     Guards(texts)          # refuse now what we could not evaluate later
-    return texts
+    return texts, specialized
+
+
+def _as_int(value) -> int | None:
+    """``value`` as an int if the trace fixed it (a plain int, or a symbol replaced by a number)."""
+    if isinstance(value, torch.SymInt):
+        return value.node.maybe_as_int()
+    return int(value)
+
+
+def _specializations(placeholder_values, dims: dict) -> tuple[list[str], dict]:
+    guards, specialized = [], {}
+    for j, t in enumerate(placeholder_values):
+        dyn = dims.get(j, ())
+        for d, size in enumerate(t.shape):
+            n = _as_int(size)
+            if d in dyn and n is not None:
+                guards.append(f"L['t{j}'].size()[{d}] == {n}")
+                if isinstance(size, torch.SymInt):
+                    specialized.setdefault(j, set()).add(d)
+        for d, stride in enumerate(t.stride()):
+            n = _as_int(stride)
+            if isinstance(stride, torch.SymInt) and n is not None:
+                guards.append(f"L['t{j}'].stride()[{d}] == {n}")
+        offset = t.storage_offset()
+        if isinstance(offset, torch.SymInt) and _as_int(offset) is not None:
+            guards.append(f"L['t{j}'].storage_offset() == {_as_int(offset)}")
+    return guards, {j: frozenset(d) for j, d in specialized.items()}
+
+
+# Composite ops that reach a pre-dispatch trace whole and compute ``nonzero`` inside (untagged).
+_COMPOSITE_VALUE_SHAPED = ("where.default", "nonzero_numpy.default", "argwhere.default")
+
+
+def value_shaped_op(target, args, kwargs, value: Callable, varies: Callable) -> bool:
+    """Does op ``target``, run on values computed from the inputs, give a result whose shape
+    depends on those values (``nonzero``, boolean-mask indexing, ``masked_select``, ``unique``, ...)
+    or read a value as a number (``.item()``)? torch's op tags say so (``dynamic_output_shape``,
+    ``data_dependent_output``), but for ``aten.index.Tensor`` with no boolean index computed from
+    the inputs (integer indexing, a constant mask) and ``one_hot`` with its number of classes
+    given, whose shapes follow from their inputs' shapes. ``value(arg)``: an argument's tensor (or
+    its metadata), or None where unknown; ``varies(arg)``: whether it is computed from the inputs."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    tags = target.tags
+    if torch.Tag.data_dependent_output in tags:
+        return True
+    name = f"{target.overloadpacket.__name__}.{target._overloadname}"
+    if name in _COMPOSITE_VALUE_SHAPED and target.namespace == "aten":
+        return True
+    if torch.Tag.dynamic_output_shape not in tags:
+        return False
+    if target is torch.ops.aten.index.Tensor:
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        for index in indices or ():
+            if index is None:
+                continue
+            t = value(index)
+            if varies(index) and (not isinstance(t, torch.Tensor) or t.dtype in (torch.bool, torch.uint8)):
+                return True
+        return False
+    if target is torch.ops.aten.one_hot.default:
+        classes = args[1] if len(args) > 1 else kwargs.get("num_classes", -1)
+        return not (isinstance(classes, int) and classes >= 0)
+    return True

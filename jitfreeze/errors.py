@@ -70,7 +70,8 @@ NO_RESULT = object()
 
 
 class ParametersDiscardedError(RuntimeError):
-    """The module's parameters were released (``discard_parameters=True``) and an eager call needs them."""
+    """The module's parameters were released (``discard_parameters=True``) and an eager call, a direct
+    call of the module, ``state_dict()`` or ``load_state_dict()`` needs them."""
 
 
 def _user_stacklevel() -> int:

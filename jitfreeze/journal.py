@@ -15,6 +15,7 @@ are kept.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 from .store import is_corrupt
+from .trust import create_private_file
 
 __all__ = ["Journal", "SqliteJournal", "MISS_RING", "STATS_DB", "open_journal"]
 
@@ -143,8 +145,8 @@ class SqliteJournal(Journal):
             con = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=10,
                                   isolation_level=None, check_same_thread=False)
         else:
-            if not self.path.exists():
-                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o600))
+            with contextlib.suppress(FileExistsError):
+                os.close(create_private_file(self.path))     # 0600 whatever the umask (and its -journal)
             con = sqlite3.connect(str(self.path), timeout=10, isolation_level=None, check_same_thread=False)
             # Counters are best effort: no fsync per count (3 ms each on the warm path otherwise).
             # A file an OS crash left corrupt is started afresh (_write).

@@ -8,8 +8,9 @@ directory's SQLite index is opened with a ``file:...?mode=ro&immutable=1`` URI
 is read as a snapshot; a bundle file is read through ``os.pread``. Nothing here
 deletes, evicts or clears.
 
-Trust: ``torch.jit.load`` runs an entry's code, so a layer must not be writable
-by anyone but you or root (owner you or root, not group- or world-writable), unless
+Trust: ``torch.jit.load`` runs an entry's code, so a layer, its index and its value
+files must not be writable by anyone but you or root (the one rule of
+:mod:`jitfreeze.trust`: owner you or root, not group- or world-writable), unless
 ``JITFREEZE_CACHE_KEY`` is set (every entry is then authenticated) or
 ``JITFREEZE_ALLOW_UNSAFE_CACHE_DIR=1``.
 
@@ -24,7 +25,6 @@ import json
 import logging
 import os
 import sqlite3
-import stat
 import struct
 import tarfile
 import threading
@@ -33,6 +33,7 @@ from typing import Iterator
 
 from . import touches
 from .store import DB_NAME, MODE_BINARY, MODE_RAW, UnsafeEntry
+from .trust import UnsafeDirectory, check_path
 
 log = logging.getLogger("jitfreeze")
 
@@ -59,25 +60,16 @@ class UnsafeLayer(Exception):
 
 
 def check_layer(path: Path) -> None:
-    """Raise UnsafeLayer unless ``path`` (and its SQLite index) is writable only by you or root."""
-    uid = os.geteuid()
-
-    def one(p: Path, what: str):
-        st = os.lstat(p)
-        if stat.S_ISLNK(st.st_mode):
-            if st.st_uid not in (uid, 0):
-                raise UnsafeLayer(f"{what} {p} is a symlink owned by uid {st.st_uid} (not you or root)")
-            st = os.stat(p)
-        if st.st_uid not in (uid, 0):
-            raise UnsafeLayer(f"{what} {p} is owned by uid {st.st_uid} (not you or root)")
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise UnsafeLayer(f"{what} {p} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
-
-    one(path, "read-only cache layer")
-    if path.is_dir():
-        for name in (DB_NAME, DB_NAME + "-wal"):
-            if os.path.lexists(path / name):
-                one(path / name, "cache file")
+    """Raise UnsafeLayer unless ``path`` (and its SQLite index) passes the trust rule
+    (:func:`jitfreeze.trust.untrusted`: owned by you or root, writable by no one else)."""
+    try:
+        check_path(path, "read-only cache layer")
+        if path.is_dir():
+            for name in (DB_NAME, DB_NAME + "-wal"):
+                if os.path.lexists(path / name):
+                    check_path(path / name, "cache file")
+    except UnsafeDirectory as exc:
+        raise UnsafeLayer(str(exc)) from None
 
 
 def open_layer(path, *, trusted: bool):
@@ -88,7 +80,7 @@ def open_layer(path, *, trusted: bool):
     if not trusted:
         check_layer(path)
     if path.is_dir():
-        return ReadOnlyDirStore(path)
+        return ReadOnlyDirStore(path, check_trust=not trusted)
     return BundleStore(path)
 
 
@@ -100,7 +92,8 @@ class ReadOnlyDirStore:
 
     readonly = True
 
-    def __init__(self, directory):
+    def __init__(self, directory, check_trust: bool = False):
+        self.check_trust = check_trust      # value files and their directories: the trust rule too
         self.directory = Path(directory).resolve()
         self.location = str(self.directory)
         db = self.directory / DB_NAME
@@ -121,6 +114,15 @@ class ReadOnlyDirStore:
         full = (self.directory / filename).resolve()
         if self.directory not in full.parents:
             raise UnsafeEntry(f"cache row points outside the layer: {filename!r}")
+        if self.check_trust:
+            try:
+                for part in reversed(full.parents[:full.parents.index(self.directory)]):
+                    check_path(part, "cache value directory")
+                check_path(full, "cache value file")
+            except FileNotFoundError:
+                pass        # a missing file: the caller's miss
+            except UnsafeDirectory as exc:
+                raise UnsafeEntry(str(exc)) from None
         return full
 
     def get(self, key):

@@ -13,6 +13,8 @@ import stat
 import threading
 from pathlib import Path
 
+from .trust import make_private_dirs
+
 __all__ = ["LockTimeout", "UnsafeLock", "KeyLock", "MemoryLock"]
 
 _filelock = None
@@ -50,7 +52,7 @@ class KeyLock:
     def __init__(self, directory: Path, key: str, timeout: float):
         lock_dir = Path(directory) / "locks"
         if not lock_dir.is_dir():
-            os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+            make_private_dirs(lock_dir)
         self.path = str(lock_dir / f"{key}.lock")
         self.timeout = timeout
         # A new FileLock (own file descriptor) per use: flock then excludes threads too.

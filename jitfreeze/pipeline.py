@@ -71,6 +71,7 @@ class Traced:
     real_outputs: list | None              # the eager output's tensor leaves (None: a symbolic trace)
     real_result: Any                       # the eager result itself (NO_RESULT: a symbolic trace)
     guards: list = dataclasses.field(default_factory=list)   # shape guards of a symbolic trace
+    specialized: dict = dataclasses.field(default_factory=dict)   # {leaf: dims} the function made numbers
 
 
 def _is_mutating(target) -> bool:
@@ -316,16 +317,16 @@ def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None,
             msg = f"data-dependent control flow or value ({msg}); tracing would bake one branch"
         raise FallbackReason(f"tracing failed: {type(exc).__name__}: {msg}") from exc
     out, out_spec, out_tensor_idx, out_consts, real = captured[-1]
-    guards = []
+    guards, specialized = [], {}
     try:
-        unsafe = compat.explain_unsafe_constants(gm)
+        unsafe = compat.explain_unsafe_constants(gm) or _value_shaped(gm)
         if unsafe is not None:
             raise FallbackReason(unsafe)
         if dims:
             from .dynamic import GuardError, produce_guards
             placeholders = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
             try:
-                guards = produce_guards(shape_env, placeholders)
+                guards, specialized = produce_guards(shape_env, placeholders, dims)
             except GuardError as exc:
                 raise FallbackReason(f"shape guards outside what jitfreeze evaluates: {exc}") from exc
         _hoist_scalars(gm)
@@ -343,7 +344,34 @@ def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None,
             value = getattr(gm, node.target)
             if isinstance(value, torch.Tensor):
                 constants.append((node.target, value))
-    return Traced(gm, constants, out_spec, out_tensor_idx, out_consts, real, out, guards)
+    return Traced(gm, constants, out_spec, out_tensor_idx, out_consts, real, out, guards, specialized)
+
+
+def _value_shaped(gm) -> str | None:
+    """Why ``gm`` must not be compiled, when an op in it gives a result whose shape depends on the
+    values of a tensor computed from the inputs (``nonzero``, boolean-mask indexing, ``unique``,
+    ...; see :func:`jitfreeze.dynamic.value_shaped_op`), else None. Every tracer records such an
+    op on this call's values (real tensors) or on a fresh size symbol (symbolic), so what follows
+    it (views, new tensors, loops over its rows) keeps this call's shapes. The same op on the
+    function's own constants is left alone: its shapes are the same on every call."""
+    from .dynamic import value_shaped_op
+
+    def value(arg):
+        return arg.meta.get("val") if isinstance(arg, torch.fx.Node) else arg
+
+    varies: set = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            varies.add(node)
+            continue
+        seeded = isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags
+        if not (seeded or any(n in varies for n in node.all_input_nodes)):
+            continue
+        varies.add(node)
+        if node.op == "call_function" and value_shaped_op(node.target, node.args, node.kwargs, value, varies.__contains__):
+            return (f"{node.target} gives a result whose shape (or value as a number) depends on the input's "
+                    "values (data-dependent); a traced graph would keep this call's shapes for every later call")
+    return None
 
 
 def _record(flat_fn: Callable, tensors: list):

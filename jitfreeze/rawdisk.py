@@ -14,7 +14,7 @@ import threading
 import diskcache
 from diskcache.core import UNKNOWN
 
-from .store import MODE_BINARY, MODE_RAW, _VALUE_FILE, Adopt, UnsafeEntry, _chunks, _fetch
+from .store import MODE_BINARY, MODE_RAW, _VALUE_FILE, Adopt, UnsafeEntry, _chunks, _fetch, create_value_file
 
 __all__ = ["RawOnlyDisk"]
 
@@ -26,8 +26,10 @@ class RawOnlyDisk(diskcache.Disk):
     application stored: a planted row would be code execution. This Disk never
     pickles or unpickles, keys included; reads and deletes only value files in
     diskcache's own layout (never a path a row names outside the directory, never
-    through a symlink); and removes a partly written file when a write fails (a
-    full disk).
+    through a symlink); creates value files and their directories owner-only
+    whatever the umask (diskcache's own writer uses ``os.makedirs`` and ``open``:
+    0777 and 0666 under umask 000); and removes a partly written file when a write
+    fails (a full disk).
     """
 
     def put(self, key):
@@ -73,6 +75,17 @@ class RawOnlyDisk(diskcache.Disk):
         if local is None:
             local = self.__dict__.setdefault("_thread_local", threading.local())
         return local
+
+    def _write(self, full_path, iterator, mode, encoding=None):
+        if mode != "xb":
+            raise TypeError(f"jitfreeze writes new binary value files only, not mode {mode!r}")
+        filename = os.path.relpath(full_path, self._directory)
+        with open(create_value_file(self._directory, filename), "wb") as writer:
+            size = 0
+            for chunk in iterator:
+                size += len(chunk)
+                writer.write(chunk)
+            return size
 
     def fetch(self, mode, filename, value, read):
         if read:

@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover - not on Windows
     fcntl = None
 
 from . import touches
+from .trust import PRIVATE_DIR, UnsafeDirectory, check_path, create_private_file, untrusted
 
 __all__ = ["Store", "MemoryStore", "DiskStore", "UnsafeEntry", "CorruptStore",
            "set_aside_index"]
@@ -222,7 +223,7 @@ class Adopt:
         self.size = size
 
 
-def _fetch(directory: str, mode, filename, value) -> bytes:
+def _fetch(directory: str, mode, filename, value, check: bool = True) -> bytes:
     """The bytes of a row (inline value or value file), raw bytes only: never unpickled, never a
     file outside the cache's layout or through a symlink."""
     if mode not in (MODE_RAW, MODE_BINARY):
@@ -230,13 +231,13 @@ def _fetch(directory: str, mode, filename, value) -> bytes:
     if mode == MODE_RAW:
         data = bytes(value) if type(value) in (sqlite3.Binary, memoryview, bytearray) else value
     else:
-        data = _read_value_file(directory, filename)
+        data = _read_value_file(directory, filename, check)
     if type(data) is not bytes:
         raise UnsafeEntry(f"cache row holds {type(data).__name__}, not bytes")
     return data
 
 
-def _read_value_file(directory: str, filename) -> bytes:
+def _read_value_file(directory: str, filename, check: bool = True) -> bytes:
     if type(filename) is not str or not _VALUE_FILE.match(filename):
         raise UnsafeEntry(f"cache row names the value file {filename!r}, outside the cache's layout")
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -247,7 +248,58 @@ def _read_value_file(directory: str, filename) -> bytes:
             raise UnsafeEntry(f"cache value file {filename} is a symlink") from None
         raise
     with open(fd, "rb") as reader:
+        if check:
+            check_value_file(directory, filename, os.fstat(fd))
         return reader.read()
+
+
+def check_value_file(directory: str, filename: str, st: os.stat_result) -> None:
+    """Raise UnsafeEntry unless the value file (status ``st``) and the two directories that hold it
+    pass the trust rule (:func:`jitfreeze.trust.untrusted`): owned by you or root, writable by no one
+    else. The cache directory itself was checked when it was opened."""
+    why = untrusted(st)
+    if why is not None:
+        raise UnsafeEntry(f"cache value file {filename} is {why}")
+    sub = os.path.dirname(filename)
+    for d in (os.path.dirname(sub), sub):
+        try:
+            check_path(os.path.join(directory, d), "cache value directory")
+        except UnsafeDirectory as exc:
+            raise UnsafeEntry(str(exc)) from None
+
+
+def create_value_file(directory: str, filename: str) -> int:
+    """Create the value file ``filename`` (in the cache's ``xx/yy/`` layout) and the directories that
+    hold it, owner-only whatever the umask (directories 0700, the file 0600); returns its
+    descriptor, open for writing. A directory of ours that others could write (made by an older
+    version under a permissive umask) is made 0700 first; one owned by someone else is refused."""
+    path = os.path.join(directory, filename)
+    sub = os.path.dirname(filename)
+    for attempt in range(10):
+        try:
+            for d in (os.path.dirname(sub), sub):
+                _private_subdir(os.path.join(directory, d))
+            return create_private_file(path)
+        except FileNotFoundError:
+            # diskcache removes emptied directories: another process removed one between the two
+            # steps. Try again, as diskcache's own writer does.
+            if attempt == 9:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _private_subdir(path: str) -> None:
+    try:
+        os.mkdir(path, PRIVATE_DIR)
+    except FileExistsError:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafeEntry(f"cache value directory {path} is not a directory (a symlink?)") from None
+        if untrusted(st) is None:
+            return
+        if st.st_uid != os.geteuid():
+            raise UnsafeEntry(f"cache value directory {path} is {untrusted(st)}") from None
+    os.chmod(path, PRIVATE_DIR)     # new: mkdir's mode is masked by the umask; ours and too open: repaired
 
 
 class DiskStore:
@@ -257,8 +309,9 @@ class DiskStore:
     _BUSY_TRIES = 3             # BEGIN attempts (each waits up to `timeout` in SQLite's busy handler)
 
     def __init__(self, directory: str | os.PathLike, size_limit: int, *, timeout: float = 30.0,
-                 readonly: bool = False):
+                 readonly: bool = False, check_trust: bool = True):
         self.directory = Path(directory)
+        self.check_trust = check_trust           # value files refused unless only you (or root) can write them
         self.location = str(self.directory)
         self.size_limit = size_limit
         self.readonly = readonly
@@ -323,7 +376,7 @@ class DiskStore:
             return None
         rowid, mode, filename, value = row
         try:
-            data = _fetch(self.location, mode, filename, value)
+            data = _fetch(self.location, mode, filename, value, self.check_trust)
         except FileNotFoundError:
             return None          # evicted or replaced since the SELECT: a miss
         if not self.readonly:
@@ -352,6 +405,8 @@ class DiskStore:
             return None          # evicted or replaced since the SELECT: a miss
         if not stat.S_ISREG(st.st_mode):
             raise UnsafeEntry(f"cache value file {filename} is not a regular file (a symlink?)")
+        if self.check_trust:
+            check_value_file(self.location, filename, st)
         if not self.readonly:
             self._touch(rowid)
         return path
@@ -372,8 +427,7 @@ class DiskStore:
         if self.readonly:
             raise PermissionError(f"{self.location} is a read-only layer")
         filename, path = self._cache.disk.filename()
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd = create_value_file(str(self._cache.directory), filename)
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -603,6 +657,24 @@ class DiskStore:
                     out.append(rowid)
         return out
 
+    def untrusted_files(self) -> list[int]:
+        """rowids whose value file, or a directory holding it, fails the trust rule (another owner,
+        writable by group or others): refused by every read (none when ``check_trust`` is off)."""
+        if not self.check_trust:
+            return []
+        out = []
+        for rowid, filename in self._cache._sql(
+                "SELECT rowid, filename FROM Cache WHERE filename IS NOT NULL").fetchall():
+            if type(filename) is not str or not _VALUE_FILE.match(filename):
+                continue        # unsafe_rows handles these
+            try:
+                check_value_file(self.location, filename, os.lstat(self.directory / filename))
+            except UnsafeEntry:
+                out.append(rowid)
+            except OSError:
+                pass            # missing_files handles these
+        return out
+
     def check(self, fix: bool = False) -> list[str]:
         """diskcache's consistency check, as a list of messages (empty: consistent).
 
@@ -630,8 +702,9 @@ class DiskStore:
         """Repair what crashes and tampering leave behind; returns counts of what was done.
 
         Removes rows that are not raw bytes (planted pickle rows, pickled keys, rows naming files
-        outside the layout), rows whose value file is missing or has the wrong size, value files
-        no row refers to (older than ``min_age``), and (with ``validate``, which raises for a bad
+        outside the layout) or whose value file others could have written (both ``unsafe_rows``),
+        rows whose value file is missing or has the wrong size, value files no row refers to
+        (older than ``min_age``), and (with ``validate``, which raises for a bad
         entry) entries that fail it; then resets diskcache's count and size bookkeeping.
         """
         counts = {"unsafe_rows": 0, "missing_files": 0, "wrong_size": 0, "bad_entries": 0,
@@ -645,7 +718,7 @@ class DiskStore:
         if result != ["ok"]:
             self._raise_corrupt(sqlite3.DatabaseError(
                 "database disk image is malformed (quick_check: " + "; ".join(map(str, result[:3])) + ")"), cache)
-        unsafe = self.unsafe_rows()
+        unsafe = sorted(set(self.unsafe_rows()) | set(self.untrusted_files()))
         if unsafe:
             self.delete_rows(unsafe)
         counts["unsafe_rows"] = len(unsafe)
@@ -741,6 +814,11 @@ def _open_with_retry(directory: Path, timeout: float, settings: dict) -> diskcac
     """Open (and maybe create) the cache; concurrent first opens can see "database is locked"."""
     diskcache = _diskcache()
     from .rawdisk import RawOnlyDisk
+    # SQLite would create the index 0644 & ~umask; its -wal, -shm and -journal files take the
+    # index's mode. Created here first, 0600 (an empty file is an empty database). Any other
+    # failure (a read-only directory...) is diskcache's to report.
+    with contextlib.suppress(OSError):
+        os.close(create_private_file(Path(directory) / DB_NAME))
     deadline = time.monotonic() + max(timeout, 1.0)
     delay = 0.01
     while True:

@@ -208,7 +208,8 @@ class _Unhashable:
 def test_grad_mode_runs_eagerly(cache_dir, no_jf_warnings):
     model, (x,) = make("mlp")
     fast = jitfreeze(model, cache_dir=cache_dir)
-    out = fast(x)                                       # grad enabled, parameters require grad
+    with pytest.warns(JitFreezeWarning, match=r"while grad is enabled.*torch\.no_grad\(\)"):
+        out = fast(x)                                   # grad enabled, parameters require grad
     assert out.requires_grad
     out.sum().backward()
     assert model.fc1.weight.grad is not None
@@ -590,7 +591,8 @@ def test_the_hot_path_checks_every_call(cache_dir, no_jf_warnings):
         assert not torch.equal(trained, ref)         # dropout ran: the eager module in training mode
         model.eval()
         assert_same(fast(x), ref)
-    out = fast(x)                                    # grad mode: weights require grad -> eager, with grad
+    with pytest.warns(JitFreezeWarning, match="while grad is enabled"):
+        out = fast(x)                                # grad mode: weights require grad -> eager, with grad
     assert out.requires_grad
     with torch.no_grad():
         assert_same(fast(x), ref)

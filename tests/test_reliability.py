@@ -2,7 +2,7 @@
 
 Each fault of the issue is a test here (most with real processes), or names the test that already
 covers it. The long ones (8-process stampede, soak) are marked ``stress`` and run
-``tests/stress/reliability.py``, which prints the figures quoted in the README.
+``tests/stress/reliability.py``, which prints the figures quoted in docs/reliability.md.
 
 Root and mounts: these tests run as root on CI, where file permissions don't stop writes. Read-only
 and full file systems are therefore real tmpfs mounts (skipped, with the reason, where ``mount`` is

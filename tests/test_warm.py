@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from jitfreeze import ParametersDiscardedError, jitfreeze
+from jitfreeze import JitFreezeWarning, ParametersDiscardedError, jitfreeze
 
 from .conftest import run_script
 from .models import make
@@ -196,7 +196,7 @@ def test_discard_parameters_releases_and_errors_clearly(cache_dir, monkeypatch, 
         assert torch.allclose(fast(x), ref, atol=1e-5)              # the frozen copy still serves
         with pytest.raises(ParametersDiscardedError, match="discard"):
             fast(x[:2])                                              # a new signature needs eager
-    with pytest.raises(ParametersDiscardedError):
+    with pytest.raises(ParametersDiscardedError), pytest.warns(JitFreezeWarning, match="torch.no_grad"):
         fast(x)                                                      # grad mode needs eager
 
 
