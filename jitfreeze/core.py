@@ -214,6 +214,7 @@ class JitFreezeFunction:
         self._cache = None
         self._backend = TorchScriptBackend(optimize)
         self._param_names = None
+        self._index_refusal_logged = False     # why the index can't be used: logged once
         if module is None and not isinstance(fn, torch.nn.Module):
             functools.update_wrapper(self, fn, updated=())
         else:
@@ -579,7 +580,12 @@ class JitFreezeFunction:
         try:
             digest, tensors, modules = function_fingerprint(self.fn)
         except Unfingerprintable as exc:
-            log.debug("%s: no fingerprint (%s); the traced path serves it", self.name, exc)
+            # Not the index, then: trace, and find the artifact by the graph's key.
+            root = self._parent or self
+            if not root._index_refusal_logged:
+                root._index_refusal_logged = True
+                log.info("%s: the fingerprint index is not used: %s; tracing (the graph key finds stored "
+                         "artifacts)", self.name, exc)
             return None
         devices = list(call.devices)
         for t in tensors:
@@ -587,7 +593,7 @@ class JitFreezeFunction:
                 devices.append(t.device)
         parts = KeyParts(environment_parts())
         parts.add("backend", self._backend.name)
-        parts.add("index", "3")
+        parts.add("index", "4")
         parts.add("device", ",".join(device_text(d) for d in devices) or "none")
         parts.add("signature", call.spec_text() + "\n" + "\n".join(texts))
         parts.add("code+weights", digest)

@@ -662,9 +662,7 @@ class _Walker:
             return
         if not self.modules:
             glob = torch.nn.modules.module
-            for registry in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                             "_global_module_registration_hooks", "_global_parameter_registration_hooks",
-                             "_global_buffer_registration_hooks"):
+            for registry in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"):
                 if getattr(glob, registry, None):
                     self.fail(f"global module hooks are registered ({registry})")
         self.modules.append(module)
