@@ -84,6 +84,7 @@ _MODULE_SKIPPED = frozenset({
 _LAYOUT_BASES = (object, tuple, list, dict, set, frozenset, int, float, str, bytes, BaseException,
                  collections.OrderedDict, collections.defaultdict, collections.deque)
 _UNSET = enum.Enum("_Unset", "UNSET").UNSET      # a ContextVar without a value
+_TUPLEGETTER = type(collections.namedtuple("_Pair", "a").a)
 _HEAPTYPE, _IMMUTABLETYPE = 1 << 9, 1 << 8
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _C_CALLABLES = (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
@@ -355,6 +356,8 @@ class _Walker:
             self.module(v)
         elif isinstance(v, _C_CALLABLES):
             self.c_callable(v, t)
+        elif t is _TUPLEGETTER:
+            self.add("field-index", v.__reduce__()[1][0])            # a namedtuple's field accessor
         elif isinstance(v, (types.MemberDescriptorType, types.GetSetDescriptorType)):
             self.add("descriptor", _name(v.__objclass__), v.__name__)    # a slot or C attribute: no code
         elif isinstance(v, (torch._ops.OpOverloadPacket, torch._ops.OpOverload, torch._ops._OpNamespace)):
