@@ -279,6 +279,11 @@ class _Walker:
 
     def value(self, v) -> None:
         t = type(v)
+        if t is str:
+            data = v.encode("utf-8", "surrogatepass")
+            self.hash.update(b"s%d:" % len(data))
+            self.hash.update(data)
+            return
         if t in _PLAIN:
             self.add(t.__name__, v)
             return
@@ -511,9 +516,12 @@ class _Walker:
     def code(self, co: types.CodeType, globals_: dict | None) -> None:
         if not self._visit(co):
             return
-        self.hash.update(co.co_code)
-        self.add("code", co.co_name, len(co.co_code), co.co_names, co.co_varnames, co.co_freevars, co.co_cellvars,
-                 co.co_argcount, co.co_posonlyargcount, co.co_kwonlyargcount, co.co_flags)
+        h = self.hash
+        h.update(b"code:%d:%d:%d:%d:%d:" % (len(co.co_code), co.co_argcount, co.co_posonlyargcount,
+                                              co.co_kwonlyargcount, co.co_flags))
+        h.update(co.co_code)
+        for names in (co.co_names, co.co_varnames, co.co_freevars, co.co_cellvars):
+            h.update(("\x01".join(names) + "\x02").encode())
         self.names.update(co.co_names)
         for const in co.co_consts:
             if type(const) is types.CodeType:
