@@ -18,7 +18,8 @@ Fixed code: functions, classes and C callables whose source lies inside torch's 
 the standard library, numpy (its version goes into the fingerprint) or jitfreeze itself are
 identified by name, not walked: the key holds the torch, Python and jitfreeze versions. Where code
 lies is decided by its file (``co_filename``, the module's ``__file__``), never by a module-name
-prefix: ``torchnets.py`` is user code.
+prefix: ``torchnets.py`` is user code. User functions set on a fixed class or module
+(``nn.Linear.forward = mine``) are user code too, and walked.
 
 Attributes are covered by name, lazily: a class's (or a user module's) attribute counts once code
 the fingerprint covers names it (``co_names``, or an identifier-like string constant, as in
@@ -580,6 +581,8 @@ class _Walker:
         lib = _lib_of_class(cls)
         if lib is not None:
             self.fixed("class", lib, _name(cls))
+            if self._visit(cls):
+                self.patched(cls)
             return
         space = self.class_spaces.get(cls)
         if space is None:
@@ -629,6 +632,8 @@ class _Walker:
         lib = _lib_of_file(file) if file else _lib_of_module_name(mod.__name__)
         if lib is not None:
             self.fixed("module", lib, mod.__name__)
+            if self._visit(mod):
+                self.patched(mod)
             return
         if not self._visit(mod):
             return
@@ -640,6 +645,21 @@ class _Walker:
         space = _Namespace(mod.__name__, pending)
         self.spaces.append(space)
         self.cover(space, "__getattr__")
+
+    def patched(self, owner) -> None:
+        """User functions set on a fixed class or module (``nn.Linear.forward = mine``): walked; a fixed
+        module's submodules are followed by name (``torch.nn.functional.gelu = mine``)."""
+        submodules = {}
+        for name, attr in list(vars(owner).items()):
+            if isinstance(attr, (staticmethod, classmethod)):
+                attr = attr.__func__
+            if type(attr) is types.FunctionType and _lib_of_file(attr.__code__.co_filename) is None:
+                self.add("patched", name)
+                self.edge(name, attr)
+            elif isinstance(attr, types.ModuleType) and not name.startswith("__"):
+                submodules[name] = [(owner, attr)]
+        if submodules:
+            self.spaces.append(_Namespace(owner.__name__, submodules))
 
     def cover(self, space: _Namespace, name: str) -> None:
         """Hash every definition of ``name`` in ``space`` (along a class's MRO), once."""

@@ -389,3 +389,17 @@ def test_ordinary_objects_are_fingerprinted_not_refused(caplog):
         with torch.no_grad():
             assert torch.equal(fast(torch.ones(2)), f(torch.ones(2)))
     assert not [r for r in caplog.records if "not used" in r.getMessage()]
+
+
+def test_user_functions_patched_onto_torch_are_walked(monkeypatch):
+    # torch's classes and modules are fixed, but a user function set on one is user code.
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2)).eval()
+
+    def g(x):
+        return torch.nn.functional.gelu(x)
+
+    before = _digest(model), _digest(g)
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: x * 2)
+    monkeypatch.setattr(torch.nn.functional, "gelu", lambda x: x)
+    after = _digest(model), _digest(g)
+    assert before[0] != after[0] and before[1] != after[1]
