@@ -651,12 +651,14 @@ class _Walker:
         module's submodules are followed by name (``torch.nn.functional.gelu = mine``)."""
         submodules = {}
         for name, attr in list(vars(owner).items()):
-            if isinstance(attr, (staticmethod, classmethod)):
+            t = type(attr)       # not isinstance: it would read __class__ (a deprecation warning on some)
+            if t is staticmethod or t is classmethod:
                 attr = attr.__func__
-            if type(attr) is types.FunctionType and _lib_of_file(attr.__code__.co_filename) is None:
+            if type(attr) is types.FunctionType and _lib_of_file(attr.__code__.co_filename) is None \
+                    and _lib_of_module_name(attr.__module__) is None:     # not torch's own, decorated
                 self.add("patched", name)
                 self.edge(name, attr)
-            elif isinstance(attr, types.ModuleType) and not name.startswith("__"):
+            elif issubclass(t, types.ModuleType) and not name.startswith("__"):
                 submodules[name] = [(owner, attr)]
         if submodules:
             self.spaces.append(_Namespace(owner.__name__, submodules))
