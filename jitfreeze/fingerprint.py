@@ -55,8 +55,8 @@ __all__ = ["Unfingerprintable", "function_fingerprint", "module_fingerprint"]
 _MAX_OBJECTS = 50000      # objects visited (transformers models reach about 5,000-10,000)
 _MAX_DEPTH = 120          # nesting of the walk: containers in containers, helpers calling helpers
 # Fields of objects that differ from process to process without meaning anything for the graph
-# (transformers' GenerationConfig keeps a salted hash() of itself).
-_VOLATILE_FIELDS = frozenset({"_original_object_hash"})
+# (transformers' GenerationConfig keeps a salted hash() of itself; torch._dynamo's wrappers an id()).
+_VOLATILE_FIELDS = frozenset({"_original_object_hash", "_torchdynamo_wrapper_id"})
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, complex, range, slice, type(Ellipsis),
                     type(NotImplemented), torch.dtype, torch.device, torch.layout, torch.memory_format})
 # Class-namespace entries that describe the class rather than what it runs.
@@ -679,7 +679,8 @@ class _Walker:
         while changed:
             changed = False
             for space in list(self.spaces):
-                hit = space.pending.keys() & self.names
+                # constructors count when their class is reached (super().__init__ names every __init__)
+                hit = (space.pending.keys() & self.names).difference(_CONSTRUCTORS)
                 for name in sorted(hit):
                     self.path.append(space.label)
                     try:
