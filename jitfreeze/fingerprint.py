@@ -745,6 +745,10 @@ def function_fingerprint(fn) -> tuple[str, list, list]:
         return walker.digest(), walker.tensors, walker.modules
     except RecursionError:
         raise Unfingerprintable("the walk ran out of Python stack") from None
+    except Unfingerprintable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. a user __repr__ that raises: the traced path serves it
+        raise Unfingerprintable(f"the walk failed ({type(exc).__name__}: {exc})") from exc
 
 
 def module_fingerprint(module: torch.nn.Module) -> tuple[str, list, list]:

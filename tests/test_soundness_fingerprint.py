@@ -403,3 +403,17 @@ def test_user_functions_patched_onto_torch_are_walked(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "gelu", lambda x: x)
     after = _digest(model), _digest(g)
     assert before[0] != after[0] and before[1] != after[1]
+
+
+def test_an_object_that_breaks_the_walk_is_refused_not_raised():
+    class Odd:
+        def __repr__(self):
+            raise RuntimeError("no repr")
+
+    odd = {Odd(), Odd()}          # a set is ordered by repr
+
+    def f(x):
+        return x + len(odd)
+
+    with pytest.raises(fp.Unfingerprintable, match="no repr"):
+        _digest(f)
