@@ -92,6 +92,9 @@ _C_CALLABLES = (types.BuiltinFunctionType, types.MethodDescriptorType, types.Wra
                 types.ClassMethodDescriptorType, types.MethodWrapperType)
 
 
+_INSTANCE_TYPES: set = set()     # types whose instances _Walker._dispatch walks as objects (a cache)
+
+
 class Unfingerprintable(Exception):
     """Something the fingerprint can't describe exactly: take the traced path."""
 
@@ -300,7 +303,9 @@ class _Walker:
             self.depth -= 1
 
     def _dispatch(self, v, t) -> None:  # noqa: C901 - one case per kind of object, in one place
-        if isinstance(v, torch.Tensor):
+        if t in _INSTANCE_TYPES:         # every case below is decided by the type alone
+            self.instance(v, t)
+        elif isinstance(v, torch.Tensor):
             if self._visit(v):
                 self.add("tensor", len(self.tensors))
                 self.tensors.append(v)
@@ -395,6 +400,7 @@ class _Walker:
         elif _is_jitfreeze_function(v):
             self.edge("fn", v.fn)
         else:
+            _INSTANCE_TYPES.add(t)
             self.instance(v, t)
 
     # -- containers and objects -----------------------------------------------------------------
