@@ -49,8 +49,9 @@ CacheInfo = collections.namedtuple("CacheInfo", "hits loads compiles fallbacks e
 
 _TABLE_LIMIT = 4096          # concrete signatures kept in one function's in-process table
 # Part of every index key. 4: index entries written before symbolic traces guarded the sizes they
-# turned into numbers (and sizes 0/1) hold no guard for them: never served.
-_INDEX_VERSION = "4"
+# turned into numbers (and sizes 0/1) hold no guard for them: never served. 5: fingerprints made
+# before the walk refused what it cannot hash (it skipped it): never trusted.
+_INDEX_VERSION = "5"
 _Tensor = torch.Tensor
 _fast_key = sig_mod.fast_key
 _tensor_guards = sig_mod.tensor_guards
@@ -222,6 +223,7 @@ class JitFreezeFunction:
         self._cache = None
         self._backend = TorchScriptBackend(optimize)
         self._param_names = None
+        self._index_refusal_logged = False     # why the index can't be used: logged once
         if module is None and not isinstance(fn, torch.nn.Module):
             functools.update_wrapper(self, fn, updated=())
         else:
@@ -622,7 +624,12 @@ class JitFreezeFunction:
         try:
             digest, tensors, modules = function_fingerprint(self.fn)
         except Unfingerprintable as exc:
-            log.debug("%s: no fingerprint (%s); the traced path serves it", self.name, exc)
+            # Not the index, then: trace, and find the artifact by the graph's key.
+            root = self._parent or self
+            if not root._index_refusal_logged:
+                root._index_refusal_logged = True
+                log.info("%s: the fingerprint index is not used: %s; tracing (the graph key finds stored "
+                         "artifacts)", self.name, exc)
             return None
         devices = list(call.devices)
         for t in tensors:
