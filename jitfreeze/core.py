@@ -52,6 +52,7 @@ _fast_key = sig_mod.fast_key
 _tensor_guards = sig_mod.tensor_guards
 _grad_enabled = torch.is_grad_enabled
 _call_mode = sig_mod.call_mode
+_alias_pattern = sig_mod.alias_pattern
 
 # Bumped whenever any module registers a parameter or buffer (e.g. ``m.weight = Parameter(...)``):
 # entries then re-check that the tensors they baked in are still the module's.
@@ -195,7 +196,7 @@ class JitFreezeFunction:
         if not (dynamic is None or isinstance(dynamic, (bool, dict))):
             raise TypeError("dynamic must be None (automatic), True, False or a dict {argument: dims}")
         self.dynamic = dynamic
-        self._dyn: dict = {}         # (structure, mode, dynamic texts) -> [(Guards, entry)]
+        self._dyn: dict = {}         # (structure, mode, dynamic texts, aliasing) -> [(Guards, entry)]
         self._auto: dict = {}        # automatic dynamic: shape class -> {"shapes", "dims"}
         self.traces = 0          # how many times this function was traced (tests assert warm paths trace nothing)
         self.name = name or _qualname(fn, module)
@@ -247,9 +248,10 @@ class JitFreezeFunction:
             # 1. The last tensors-only signature served, checked in C++ (see _remember).
             last = self._last
             if last is not None:
-                n, check, grad, module, entry = last
+                n, check, grad, module, entry, alias = last
                 if (len(args) == n and check(*args) and _grad_enabled() is grad
-                        and (module is None or not module.training)):
+                        and (module is None or not module.training)
+                        and (n < 2 or _alias_pattern(args) == alias)):
                     watch = entry.watch
                     if watch is None or watch.fresh():
                         self._hits += 1
@@ -276,16 +278,17 @@ class JitFreezeFunction:
 
     def _remember(self, key, args, entry):
         """The first hit of a tensors-only signature (fast key ``key``): the hot path's first try
-        from now on, ``(len(args), check, grad mode, module, entry)``. ``check`` is torch's C++
-        tensor check (types, dtypes, devices, shapes, strides, requires_grad, dispatch keys incl.
-        autocast); with the same grad mode and the module (if any) in eval mode, a call that
-        passes it has this fast key. One flat tuple: the hot path's cost here is mostly cache
+        from now on, ``(len(args), check, grad mode, module, entry, alias pattern)``. ``check`` is
+        torch's C++ tensor check (types, dtypes, devices, shapes, strides, requires_grad, dispatch
+        keys incl. autocast); with the same grad mode, the module (if any) in eval mode and (for
+        two or more tensors) the same alias pattern, a call that passes it has this fast key. One flat tuple: the hot path's cost here is mostly cache
         misses (each object it touches after a TorchScript call), not instructions."""
         module = self.module
         guards = _tensor_guards(args) if module is None or not module.training else None
         if guards is None:
             return self._last
-        last = self._lasts[key] = (len(args), guards.check, _grad_enabled(), module, entry)
+        last = self._lasts[key] = (len(args), guards.check, _grad_enabled(), module, entry,
+                                   _alias_pattern(args) if len(args) > 1 else None)
         return last
 
     # -- introspection --------------------------------------------------------------------------
@@ -444,7 +447,7 @@ class JitFreezeFunction:
         if dims:
             texts = dynamic_texts(call, tensors, dims)
             failures = []
-            for guards, entry in self._dyn.get((call.in_spec, call.mode, texts), ()):
+            for guards, entry in self._dyn.get((call.in_spec, call.mode, texts, call.alias), ()):
                 failed = guards.failing(tensors)
                 if failed is None:
                     return entry, entry.call_leaves_tensors(tensors), False
@@ -507,7 +510,7 @@ class JitFreezeFunction:
 
     def _remember_dynamic(self, call, texts, guards, entry):
         if guards is not None:
-            self._dyn.setdefault((call.in_spec, call.mode, texts), []).append((guards, entry))
+            self._dyn.setdefault((call.in_spec, call.mode, texts, call.alias), []).append((guards, entry))
 
     # -- dynamic shapes -------------------------------------------------------------------------
 
@@ -526,7 +529,7 @@ class JitFreezeFunction:
                     dims[j] = frozenset(d % tensors[j].dim() for d in spec) if tensors[j].dim() else frozenset()
             return {j: d for j, d in dims.items() if d}
         # automatic: static first; dims whose size changes between calls become dynamic, once.
-        shape_class = (call.in_spec, call.mode,
+        shape_class = (call.in_spec, call.mode, call.alias,
                        tuple(call.texts[i] for i, _ in call.consts),
                        tuple((t.dtype, t.device, t.dim()) for t in tensors))
         shapes = tuple(tuple(t.shape) for t in tensors)
@@ -589,7 +592,7 @@ class JitFreezeFunction:
         parts.add("backend", self._backend.name)
         parts.add("index", "3")
         parts.add("device", ",".join(device_text(d) for d in devices) or "none")
-        parts.add("signature", call.spec_text() + "\n" + "\n".join(texts))
+        parts.add("signature", call.signature_text(texts))
         parts.add("code+weights", digest)
         return parts.key(self.name + " (index)"), tensors, modules
 
@@ -797,7 +800,7 @@ class JitFreezeFunction:
         parts = KeyParts(environment_parts())
         parts.add("backend", self._backend.name)
         parts.add("device", ",".join(device_text(d) for d in devices) or "none")
-        parts.add("signature", call.spec_text() + "\n" + "\n".join(texts))
+        parts.add("signature", call.signature_text(texts))
         if traced.guards:
             parts.add("guards", "\n".join(traced.guards))
         parts.add("graph", graph_text(traced))
