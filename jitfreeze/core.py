@@ -93,26 +93,63 @@ def _install_hooks() -> None:
 
 
 class _Watch:
-    """Is the entry still what eager would compute? Weights unchanged in place and still the module's."""
+    """Is the entry still what eager would compute? Checked on every hit.
 
-    __slots__ = ("tensors", "versions", "module", "ids", "gen", "check_grad")
+    - The weights it baked in (and, for a module, all its parameters and buffers): each one's
+      version counter (in-place writes) and data pointer (``p.data = t``, ``vector_to_parameters``,
+      ``.half().float()``: a new storage under the same tensor, and its version counter does not
+      move). The old storages are kept alive while the entry lives, so that a new one cannot get
+      the old address. A BatchNorm train-mode pass writes its running statistics without a
+      version bump but bumps ``num_batches_tracked``: a module's buffers are all watched.
+    - Torch's global forward (pre-)hooks, and for a module every submodule's ``training`` flag
+      and forward (pre-)hooks: counts on every hit; which hooks, when any hook was registered
+      anywhere since (``RemovableHandle.next_id`` moved).
+    - For a module, after any parameter, buffer or submodule was (re)assigned anywhere
+      (``_generation``): that it still has the same submodules and tensors.
+    - Grad mode on: that no watched tensor requires grad.
+    """
+
+    __slots__ = ("tensors", "versions", "ptrs", "keep", "module", "ids", "gen", "check_grad", "mods", "flags",
+                 "nhooks", "hook_keys", "hook_id")
 
     def __init__(self, tensors, module, check_grad: bool):
+        tensors = list(tensors)
+        if module is not None:
+            seen = {id(t) for t in tensors}
+            tensors += [t for t in _module_tensors(module) if id(t) not in seen]
         self.tensors = tuple(tensors)
         self.versions = tuple(t._version for t in self.tensors)
+        self.ptrs = tuple(t.data_ptr() for t in self.tensors)
+        self.keep = tuple(t.detach() for t in self.tensors)
         self.module = weakref.ref(module) if module is not None else None
-        self.ids = _module_tensor_ids(module) if module is not None else None
+        self.mods = tuple(module.modules()) if module is not None else ()
+        self.flags = tuple(m.training for m in self.mods)
+        self.ids = _structure(module) if module is not None else None
         self.gen = _generation[0]
+        self.nhooks = _hook_count(self.mods)
+        self.hook_keys = _hook_keys(self.mods)
+        self.hook_id = _Handle.next_id
         self.check_grad = check_grad
 
     def fresh(self) -> bool:
-        for t, v in zip(self.tensors, self.versions):
-            if t._version != v:
+        for t, v, p in zip(self.tensors, self.versions, self.ptrs):
+            if t._version != v or t.data_ptr() != p:
                 return False
+        n = len(_global_hooks) + len(_global_pre_hooks)
+        for m, training in zip(self.mods, self.flags):
+            if m.training is not training:
+                return False
+            n += len(m._forward_hooks) + len(m._forward_pre_hooks)
+        if n != self.nhooks:
+            return False
+        if self.hook_id != _Handle.next_id:
+            if _hook_keys(self.mods) != self.hook_keys:
+                return False
+            self.hook_id = _Handle.next_id
         if self.gen != _generation[0]:
             if self.module is not None:
                 module = self.module()
-                if module is None or _module_tensor_ids(module) != self.ids:
+                if module is None or _structure(module) != self.ids:
                     return False
             self.gen = _generation[0]
         if self.check_grad:
@@ -122,8 +159,29 @@ class _Watch:
         return True
 
 
-def _module_tensor_ids(module) -> tuple:
-    return tuple(id(t) for t in module.parameters()) + tuple(id(t) for t in module.buffers())
+_mm = torch.nn.modules.module
+_global_hooks = _mm._global_forward_hooks
+_global_pre_hooks = _mm._global_forward_pre_hooks
+_Handle = torch.utils.hooks.RemovableHandle
+
+
+def _module_tensors(module) -> list:
+    return list(module.parameters()) + list(module.buffers())
+
+
+def _structure(module) -> tuple:
+    """Which submodules and tensors the module has (by identity)."""
+    return tuple(id(m) for m in module.modules()), tuple(id(t) for t in _module_tensors(module))
+
+
+def _hook_count(mods) -> int:
+    return len(_global_hooks) + len(_global_pre_hooks) + sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in mods)
+
+
+def _hook_keys(mods) -> tuple:
+    return (tuple(_global_hooks), tuple(_global_pre_hooks)) + tuple(
+        (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for m in mods)
 
 
 class _Entry:
@@ -468,7 +526,7 @@ class JitFreezeFunction:
                 return indexed[0], indexed[1], True
         # The trace runs the function for real (it may mutate its inputs); verification runs the
         # compiled function on copies taken before.
-        copies = [t.detach().clone() for t in tensors]
+        copies = _copies(tensors) if call.alias else [t.detach().clone() for t in tensors]
         t0 = time.perf_counter()
         self.traces += 1
         traced = trace(self.fn, call, tensors, dims, recorder=self._config.tracer == "auto")
@@ -624,7 +682,8 @@ class JitFreezeFunction:
             module = self._load(cache, key, artifact[1], call)
             if module is None:
                 continue
-            watch = _Watch(fp_tensors, self.module, check_grad=call.mode[0]) if fp_tensors else None
+            watch = _Watch(fp_tensors, self.module, check_grad=call.mode[0]) \
+                if fp_tensors or self.module is not None else None
             outs, fwd = self._first_call(module, tensors)
             entry = _Entry(fwd, key, call, out_spec, out_tensor_idx, out_consts, watch, "index")
             result = entry.rebuild(outs)
@@ -837,6 +896,26 @@ def _shapes_text(shapes) -> str:
 def _fast_positions(args, call):
     positions = tuple(i for i, a in enumerate(args) if isinstance(a, _Tensor))
     return None if len(positions) == len(args) else positions
+
+
+def _copies(tensors) -> list:
+    """Copies of aliasing inputs that alias each other as the inputs do: each storage cloned once,
+    each input rebuilt on its clone with its offset, sizes and strides (the same object twice:
+    the same copy twice)."""
+    storages: dict = {}
+    by_id: dict = {}
+    out = []
+    for t in tensors:
+        copy = by_id.get(id(t))
+        if copy is None:
+            storage = t.untyped_storage()
+            clone = storages.get(storage.data_ptr() or -id(t))
+            if clone is None:
+                clone = storages[storage.data_ptr() or -id(t)] = storage.clone()
+            copy = by_id[id(t)] = torch.empty(0, dtype=t.dtype, device=t.device).set_(
+                clone, t.storage_offset(), t.shape, t.stride())
+        out.append(copy)
+    return out
 
 
 def _as_list(out):
