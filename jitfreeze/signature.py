@@ -59,8 +59,13 @@ def alias_pattern(tensors) -> tuple:
     ranges intersect) or ``"apart"`` (the same storage, disjoint memory). A tensor without storage
     (no elements allocated) shares only with itself. About 0.12 us per tensor when nothing aliases.
     """
-    if len(tensors) < 2:
+    n = len(tensors)
+    if n < 2:
         return ()
+    if n == 2:
+        a, b = tensors
+        if a is not b and (a.untyped_storage().data_ptr() or -id(a)) != (b.untyped_storage().data_ptr() or -id(b)):
+            return ()
     ptrs = [t.untyped_storage().data_ptr() or -id(t) for t in tensors]
     if len(set(ptrs)) == len(ptrs):
         return ()
@@ -111,12 +116,12 @@ def fast_key(args: tuple, module):
     grad = _grad_enabled()
     parts = [grad, _any_autocast(), module.training if module is not None else None]
     append = parts.append
-    tensors = 0
+    tensors = []
     try:
         for a in args:
             t = type(a)
             if t is _Tensor or t is _Parameter:
-                tensors += 1
+                tensors.append(a)
                 # stride() raises for sparse/MKLDNN layouts: those take the full path
                 if grad:
                     append((a.shape, a.dtype, a.device, a.stride(), a.requires_grad))
@@ -128,8 +133,8 @@ def fast_key(args: tuple, module):
                 append((t, repr(a)))
             else:
                 return None
-        if tensors > 1:
-            append(alias_pattern([a for a in args if isinstance(a, _Tensor)]))
+        if len(tensors) > 1:
+            append(alias_pattern(tensors))
     except RuntimeError:
         return None
     return tuple(parts)
