@@ -107,10 +107,13 @@ class _Watch:
     - For a module, after any parameter, buffer or submodule was (re)assigned anywhere
       (``_generation``): that it still has the same submodules and tensors.
     - Grad mode on: that no watched tensor requires grad.
+    - That no tensor argument shares storage with a watched tensor: a graph traced without that
+      aliasing holds a frozen copy of the weight, which an in-place write to the argument misses
+      (and one traced with it reads the weight through the argument).
     """
 
     __slots__ = ("tensors", "versions", "ptrs", "keep", "module", "ids", "gen", "check_grad", "mods", "flags",
-                 "nhooks", "hook_keys", "hook_id")
+                 "nhooks", "hook_keys", "hook_id", "storages")
 
     def __init__(self, tensors, module, check_grad: bool):
         tensors = list(tensors)
@@ -121,6 +124,7 @@ class _Watch:
         self.keep = tuple(t.detach() for t in self.tensors)
         self.versions = tuple(t._version for t in self.keep)
         self.ptrs = tuple(t.data_ptr() for t in self.tensors)
+        self.storages = _storages(self.tensors)
         self.module = weakref.ref(module) if module is not None else None
         self.mods = tuple(module.modules()) if module is not None else ()
         self.flags = tuple(m.training for m in self.mods)
@@ -131,7 +135,8 @@ class _Watch:
         self.hook_id = _Handle.next_id
         self.check_grad = check_grad
 
-    def fresh(self) -> bool:
+    def fresh(self, args) -> bool:
+        """``args``: the call's positional arguments (the hot path) or its leaves."""
         # versions read on the detached aliases: they share the tensors' version counters, and
         # reading a plain tensor's is ~4x cheaper than a Parameter's
         for t, k, v, p in zip(self.tensors, self.keep, self.versions, self.ptrs):
@@ -158,6 +163,10 @@ class _Watch:
             for t in self.tensors:
                 if t.requires_grad:
                     return False
+        storages = self.storages
+        for a in args:
+            if isinstance(a, _Tensor) and a.untyped_storage().data_ptr() in storages:
+                return False
         return True
 
 
@@ -165,6 +174,11 @@ _mm = torch.nn.modules.module
 _global_hooks = _mm._global_forward_hooks
 _global_pre_hooks = _mm._global_forward_pre_hooks
 _Handle = torch.utils.hooks.RemovableHandle
+
+
+def _storages(tensors) -> frozenset:
+    """The data pointers of the tensors' storages (0, no storage, left out)."""
+    return frozenset(t.untyped_storage().data_ptr() for t in tensors) - {0}
 
 
 def _module_tensors(module) -> list:
@@ -313,7 +327,7 @@ class JitFreezeFunction:
                         and (module is None or not module.training)
                         and (n < 2 or _alias_pattern(args) == alias)):
                     watch = entry.watch
-                    if watch is None or watch.fresh():
+                    if watch is None or watch.fresh(args):
                         self._hits += 1
                         outs = entry.fwd(*args)
                         return outs if entry.out_kind == 0 else entry.rebuild(outs)
@@ -323,7 +337,7 @@ class JitFreezeFunction:
                 entry = self._table.get(key)
                 if entry is not None:
                     watch = entry.watch
-                    if watch is None or watch.fresh():
+                    if watch is None or watch.fresh(args):
                         self._hits += 1
                         idx = entry.fast_idx
                         if idx is None:
@@ -437,7 +451,7 @@ class JitFreezeFunction:
         if key in self._fallbacks:
             return self._eager(args, kwargs)
         entry = self._table.get(key)
-        if entry is not None and (entry.watch is None or entry.watch.fresh()):
+        if entry is not None and (entry.watch is None or entry.watch.fresh(pytree.tree_leaves((args, kwargs)))):
             self._hits += 1
             return entry.call_leaves(pytree.tree_leaves((args, kwargs)))
         reason = self._eager_reason(call, mode)
@@ -446,7 +460,7 @@ class JitFreezeFunction:
             return self._eager(args, kwargs)
         with self._lock:
             entry = self._table.get(key)
-            if entry is not None and (entry.watch is None or entry.watch.fresh()):
+            if entry is not None and (entry.watch is None or entry.watch.fresh(pytree.tree_leaves((args, kwargs)))):
                 self._hits += 1
                 return entry.call_leaves(pytree.tree_leaves((args, kwargs)))
             try:
@@ -510,6 +524,8 @@ class JitFreezeFunction:
             for guards, entry in self._dyn.get((call.in_spec, call.mode, texts, call.alias), ()):
                 failed = guards.failing(tensors)
                 if failed is None:
+                    if entry.watch is not None and not entry.watch.fresh(tensors):
+                        continue          # its weights changed: traced again below
                     return entry, entry.call_leaves_tensors(tensors), False
                 failures.append(failed)
             if failures:
@@ -520,6 +536,10 @@ class JitFreezeFunction:
                 "a stored graph), but its parameters were discarded (discard_parameters=True)")
         self._check_cap()
         fp = self._fingerprint(call, texts) if self.index else None
+        weights = (list(fp[1]) if fp is not None else []) + (
+            _module_tensors(self.module) if self.module is not None else [])
+        if _storages(tensors) & _storages(weights):
+            raise FallbackReason(_SHARES_WEIGHT)
         indexed = None
         if fp is not None:
             indexed = self._from_index(call, fp, tensors)
@@ -534,6 +554,8 @@ class JitFreezeFunction:
         traced = trace(self.fn, call, tensors, dims, recorder=self._config.tracer == "auto")
         t_trace = time.perf_counter() - t0
         try:
+            if _storages(tensors) & _storages([t for _, t in traced.constants]):
+                raise FallbackReason(_SHARES_WEIGHT)
             if dims:
                 # A symbolic trace computed nothing real: run eagerly once for this call's answer
                 # (and as the reference the compiled function must match).
@@ -880,6 +902,10 @@ class JitFreezeFunction:
                 "device": [str(d) for d in call.devices], "torch": torch.__version__,
                 "python": platform.python_version(), "created": time.time(), "parts": parts.summary(),
                 "part_digests": parts.digests()}
+
+
+_SHARES_WEIGHT = ("an argument shares storage with a weight the function uses (a frozen graph holds its "
+                  "own copy of the weights, or reads them through the argument)")
 
 
 class _GradFallback(FallbackReason):

@@ -330,3 +330,38 @@ def test_watch_costs_nothing_without_weights(cache_dir):
         f(torch.randn(4, 4))
     (entry,) = {id(e): e for e in f._table.values()}.values()
     assert entry.watch is None
+
+
+@pytest.mark.filterwarnings("ignore:.*shares storage with a weight:jitfreeze.JitFreezeWarning")
+@pytest.mark.parametrize("first", ["weight", "other"])
+def test_argument_sharing_storage_with_a_weight(first, cache_dir):
+    """``g(lin.weight, y)`` where ``g`` writes its first argument in place and then uses ``lin``:
+    eager sees the write in the same call; a frozen graph holds a copy of the weight (traced
+    without the aliasing) or reads the weight through the argument (traced with it)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+
+    def g(x, y):
+        x.mul_(2)
+        return lin(y)
+
+    f = jitfreeze(g, cache_dir=cache_dir)
+    y = torch.randn(2, 4)
+    second = "other" if first == "weight" else "weight"
+    with torch.no_grad():
+        for which in [first, first, second, second, first]:
+            x = lin.weight if which == "weight" else torch.randn(4, 4)
+            before = lin.weight.clone()
+            ref = F.linear(y, before * 2 if which == "weight" else before, lin.bias)
+            assert_same(f(x, y), ref)
+
+
+def test_dynamic_entries_are_watched(cache_dir):
+    """An entry served for a new size by its shape guards (dynamic=True) is checked like a hit."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    f = jitfreeze(lambda x: lin(x), cache_dir=cache_dir, dynamic=True)
+    with torch.no_grad():
+        _agree(f, lambda x: lin(x), torch.randn(2, 4))
+        lin.weight.data = torch.randn(4, 4)
+        _agree(f, lambda x: lin(x), torch.randn(5, 4))
