@@ -1,9 +1,10 @@
 """The ``@jitfreeze`` decorator: ties signature, pipeline, key and cache together.
 
 Hot path (every call after the first with a given signature): build a small
-tuple key from the positional arguments, one dict lookup, a freshness check of
-the baked-in weights (tensor version counters), the compiled call, and the
-output rebuilt. No locks, no logging, no pytree walk for plain calls.
+tuple key from the positional arguments (with which of them alias), one dict
+lookup, a freshness check (:class:`_Watch`: the baked-in weights' versions and
+storage pointers, the module tree's training flags and hooks), the compiled
+call, and the output rebuilt. No locks, no logging, no pytree walk for plain calls.
 
 Slow path (first call per signature, under a per-function lock): describe the
 call, trace it, compute the key, load from the persistent cache or compile
