@@ -245,9 +245,10 @@ def test_module_state_changes_are_seen(name, how, cache_dir):
 
 def test_new_storage_at_the_old_address(cache_dir):
     """``.double()`` frees a weight's storage and ``.float()`` allocates one of its size, which the
-    allocator often places at the freed address: with the values changed in between (through
-    ``.data``, no version bump) only the old storage, kept alive by the watch, tells them apart.
-    (A function over a module's closure: its weights are frozen into the graph, not bound.)"""
+    allocator often places at the freed address (without jitfreeze: every time here), with the
+    values changed in between through ``.data`` (no version bump). The watch keeps the old storage
+    alive so the pointers differ; this test does not fail without that (something else in the
+    process also held the old storage in every run tried), it checks the answers stay eager's."""
     torch.manual_seed(0)
     lin = nn.Linear(144, 3)
     f = jitfreeze(lambda x: lin(x), cache_dir=cache_dir)
