@@ -1,9 +1,10 @@
 """The ``@jitfreeze`` decorator: ties signature, pipeline, key and cache together.
 
 Hot path (every call after the first with a given signature): build a small
-tuple key from the positional arguments, one dict lookup, a freshness check of
-the baked-in weights (tensor version counters), the compiled call, and the
-output rebuilt. No locks, no logging, no pytree walk for plain calls.
+tuple key from the positional arguments (with which of them alias), one dict
+lookup, a freshness check (:class:`_Watch`: the baked-in weights' versions and
+storage pointers, the module tree's training flags and hooks), the compiled
+call, and the output rebuilt. No locks, no logging, no pytree walk for plain calls.
 
 Slow path (first call per signature, under a per-function lock): describe the
 call, trace it, compute the key, load from the persistent cache or compile
@@ -49,13 +50,15 @@ CacheInfo = collections.namedtuple("CacheInfo", "hits loads compiles fallbacks e
 
 _TABLE_LIMIT = 4096          # concrete signatures kept in one function's in-process table
 # Part of every index key. 4: index entries written before symbolic traces guarded the sizes they
-# turned into numbers (and sizes 0/1) hold no guard for them: never served.
-_INDEX_VERSION = "4"
+# turned into numbers (and sizes 0/1) hold no guard for them: never served. 5: fingerprints made
+# before the walk refused what it cannot hash (it skipped it): never trusted.
+_INDEX_VERSION = "5"
 _Tensor = torch.Tensor
 _fast_key = sig_mod.fast_key
 _tensor_guards = sig_mod.tensor_guards
 _grad_enabled = torch.is_grad_enabled
 _call_mode = sig_mod.call_mode
+_alias_pattern = sig_mod.alias_pattern
 
 # Bumped whenever any module registers a parameter or buffer (e.g. ``m.weight = Parameter(...)``):
 # entries then re-check that the tensors they baked in are still the module's.
@@ -97,37 +100,111 @@ def _install_hooks() -> None:
 
 
 class _Watch:
-    """Is the entry still what eager would compute? Weights unchanged in place and still the module's."""
+    """Is the entry still what eager would compute? Checked on every hit.
 
-    __slots__ = ("tensors", "versions", "module", "ids", "gen", "check_grad")
+    - The weights it baked in (and, for a module, all its parameters and buffers): each one's
+      version counter (in-place writes) and data pointer (``p.data = t``, ``vector_to_parameters``,
+      ``.half().float()``: a new storage under the same tensor, and its version counter does not
+      move). The old storages are kept alive while the entry lives, so that a new one cannot get
+      the old address. A BatchNorm train-mode pass writes its running statistics without a
+      version bump but bumps ``num_batches_tracked``: a module's buffers are all watched.
+    - Torch's global forward (pre-)hooks, and for a module every submodule's ``training`` flag
+      and forward (pre-)hooks: counts on every hit; which hooks, when any hook was registered
+      anywhere since (``RemovableHandle.next_id`` moved).
+    - For a module, after any parameter, buffer or submodule was (re)assigned anywhere
+      (``_generation``): that it still has the same submodules and tensors.
+    - Grad mode on: that no watched tensor requires grad.
+    - That no tensor argument shares storage with a watched tensor: a graph traced without that
+      aliasing holds a frozen copy of the weight, which an in-place write to the argument misses
+      (and one traced with it reads the weight through the argument).
+    """
+
+    __slots__ = ("tensors", "versions", "ptrs", "keep", "module", "ids", "gen", "check_grad", "mods", "flags",
+                 "nhooks", "hook_keys", "hook_id", "storages")
 
     def __init__(self, tensors, module, check_grad: bool):
+        tensors = list(tensors)
+        if module is not None:
+            seen = {id(t) for t in tensors}
+            tensors += [t for t in _module_tensors(module) if id(t) not in seen]
         self.tensors = tuple(tensors)
-        self.versions = tuple(t._version for t in self.tensors)
+        self.keep = tuple(t.detach() for t in self.tensors)
+        self.versions = tuple(t._version for t in self.keep)
+        self.ptrs = tuple(t.data_ptr() for t in self.tensors)
+        self.storages = _storages(self.tensors)
         self.module = weakref.ref(module) if module is not None else None
-        self.ids = _module_tensor_ids(module) if module is not None else None
+        self.mods = tuple(module.modules()) if module is not None else ()
+        self.flags = tuple(m.training for m in self.mods)
+        self.ids = _structure(module) if module is not None else None
         self.gen = _generation[0]
+        self.nhooks = _hook_count(self.mods)
+        self.hook_keys = _hook_keys(self.mods)
+        self.hook_id = _Handle.next_id
         self.check_grad = check_grad
 
-    def fresh(self) -> bool:
-        for t, v in zip(self.tensors, self.versions):
-            if t._version != v:
+    def fresh(self, args) -> bool:
+        """``args``: the call's positional arguments (the hot path) or its leaves."""
+        # versions read on the detached aliases: they share the tensors' version counters, and
+        # reading a plain tensor's is ~4x cheaper than a Parameter's
+        for t, k, v, p in zip(self.tensors, self.keep, self.versions, self.ptrs):
+            if k._version != v or t.data_ptr() != p:
                 return False
+        n = len(_global_hooks) + len(_global_pre_hooks)
+        for m, training in zip(self.mods, self.flags):
+            if m.training is not training:
+                return False
+            n += len(m._forward_hooks) + len(m._forward_pre_hooks)
+        if n != self.nhooks:
+            return False
+        if self.hook_id != _Handle.next_id:
+            if _hook_keys(self.mods) != self.hook_keys:
+                return False
+            self.hook_id = _Handle.next_id
         if self.gen != _generation[0]:
             if self.module is not None:
                 module = self.module()
-                if module is None or _module_tensor_ids(module) != self.ids:
+                if module is None or _structure(module) != self.ids:
                     return False
             self.gen = _generation[0]
         if self.check_grad:
             for t in self.tensors:
                 if t.requires_grad:
                     return False
+        storages = self.storages
+        for a in args:
+            if isinstance(a, _Tensor) and a.untyped_storage().data_ptr() in storages:
+                return False
         return True
 
 
-def _module_tensor_ids(module) -> tuple:
-    return tuple(id(t) for t in module.parameters()) + tuple(id(t) for t in module.buffers())
+_mm = torch.nn.modules.module
+_global_hooks = _mm._global_forward_hooks
+_global_pre_hooks = _mm._global_forward_pre_hooks
+_Handle = torch.utils.hooks.RemovableHandle
+
+
+def _storages(tensors) -> frozenset:
+    """The data pointers of the tensors' storages (0, no storage, left out)."""
+    return frozenset(t.untyped_storage().data_ptr() for t in tensors) - {0}
+
+
+def _module_tensors(module) -> list:
+    return list(module.parameters()) + list(module.buffers())
+
+
+def _structure(module) -> tuple:
+    """Which submodules and tensors the module has (by identity)."""
+    return tuple(id(m) for m in module.modules()), tuple(id(t) for t in _module_tensors(module))
+
+
+def _hook_count(mods) -> int:
+    return len(_global_hooks) + len(_global_pre_hooks) + sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in mods)
+
+
+def _hook_keys(mods) -> tuple:
+    return (tuple(_global_hooks), tuple(_global_pre_hooks)) + tuple(
+        (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for m in mods)
 
 
 class _Entry:
@@ -200,7 +277,7 @@ class JitFreezeFunction:
         if not (dynamic is None or isinstance(dynamic, (bool, dict))):
             raise TypeError("dynamic must be None (automatic), True, False or a dict {argument: dims}")
         self.dynamic = dynamic
-        self._dyn: dict = {}         # (structure, mode, dynamic texts) -> [(Guards, entry)]
+        self._dyn: dict = {}         # (structure, mode, dynamic texts, aliasing) -> [(Guards, entry)]
         self._auto: dict = {}        # automatic dynamic: shape class -> {"shapes", "dims", "static"}
         self.traces = 0          # how many times this function was traced (tests assert warm paths trace nothing)
         self.name = name or _qualname(fn, module)
@@ -222,6 +299,7 @@ class JitFreezeFunction:
         self._cache = None
         self._backend = TorchScriptBackend(optimize)
         self._param_names = None
+        self._index_refusal_logged = False     # why the index can't be used: logged once
         if module is None and not isinstance(fn, torch.nn.Module):
             functools.update_wrapper(self, fn, updated=())
         else:
@@ -255,11 +333,12 @@ class JitFreezeFunction:
             # 1. The last tensors-only signature served, checked in C++ (see _remember).
             last = self._last
             if last is not None:
-                n, check, grad, module, entry = last
+                n, check, grad, module, entry, alias = last
                 if (len(args) == n and check(*args) and _grad_enabled() is grad
-                        and (module is None or not module.training)):
+                        and (module is None or not module.training)
+                        and (n < 2 or _alias_pattern(args) == alias)):
                     watch = entry.watch
-                    if watch is None or watch.fresh():
+                    if watch is None or watch.fresh(args):
                         self._hits += 1
                         outs = entry.fwd(*args)
                         return outs if entry.out_kind == 0 else entry.rebuild(outs)
@@ -269,7 +348,7 @@ class JitFreezeFunction:
                 entry = self._table.get(key)
                 if entry is not None:
                     watch = entry.watch
-                    if watch is None or watch.fresh():
+                    if watch is None or watch.fresh(args):
                         self._hits += 1
                         idx = entry.fast_idx
                         if idx is None:
@@ -284,16 +363,17 @@ class JitFreezeFunction:
 
     def _remember(self, key, args, entry):
         """The first hit of a tensors-only signature (fast key ``key``): the hot path's first try
-        from now on, ``(len(args), check, grad mode, module, entry)``. ``check`` is torch's C++
-        tensor check (types, dtypes, devices, shapes, strides, requires_grad, dispatch keys incl.
-        autocast); with the same grad mode and the module (if any) in eval mode, a call that
-        passes it has this fast key. One flat tuple: the hot path's cost here is mostly cache
+        from now on, ``(len(args), check, grad mode, module, entry, alias pattern)``. ``check`` is
+        torch's C++ tensor check (types, dtypes, devices, shapes, strides, requires_grad, dispatch
+        keys incl. autocast); with the same grad mode, the module (if any) in eval mode and (for
+        two or more tensors) the same alias pattern, a call that passes it has this fast key. One flat tuple: the hot path's cost here is mostly cache
         misses (each object it touches after a TorchScript call), not instructions."""
         module = self.module
         guards = _tensor_guards(args) if module is None or not module.training else None
         if guards is None:
             return self._last
-        last = self._lasts[key] = (len(args), guards.check, _grad_enabled(), module, entry)
+        last = self._lasts[key] = (len(args), guards.check, _grad_enabled(), module, entry,
+                                   _alias_pattern(args) if len(args) > 1 else None)
         return last
 
     # -- introspection --------------------------------------------------------------------------
@@ -386,7 +466,7 @@ class JitFreezeFunction:
         if key in self._fallbacks:
             return self._eager(args, kwargs)
         entry = self._table.get(key)
-        if entry is not None and (entry.watch is None or entry.watch.fresh()):
+        if entry is not None and (entry.watch is None or entry.watch.fresh(pytree.tree_leaves((args, kwargs)))):
             self._hits += 1
             return entry.call_leaves(pytree.tree_leaves((args, kwargs)))
         reason = self._eager_reason(call, mode)
@@ -395,7 +475,7 @@ class JitFreezeFunction:
             return self._eager(args, kwargs)
         with self._lock:
             entry = self._table.get(key)
-            if entry is not None and (entry.watch is None or entry.watch.fresh()):
+            if entry is not None and (entry.watch is None or entry.watch.fresh(pytree.tree_leaves((args, kwargs)))):
                 self._hits += 1
                 return entry.call_leaves(pytree.tree_leaves((args, kwargs)))
             try:
@@ -455,9 +535,11 @@ class JitFreezeFunction:
         if dims:
             texts = dynamic_texts(call, tensors, dims)
             failures = []
-            for guards, entry in self._dyn.get((call.in_spec, call.mode, texts), ()):
+            for guards, entry in self._dyn.get((call.in_spec, call.mode, texts, call.alias), ()):
                 failed = guards.failing(tensors)
                 if failed is None:
+                    if entry.watch is not None and not entry.watch.fresh(tensors):
+                        continue          # its weights changed: traced again below
                     return entry, entry.call_leaves_tensors(tensors), False
                 failures.append(failed)
             if failures:
@@ -468,6 +550,10 @@ class JitFreezeFunction:
                 "a stored graph), but its parameters were discarded (discard_parameters=True)")
         self._check_cap()
         fp = self._fingerprint(call, texts) if self.index else None
+        weights = (list(fp[1]) if fp is not None else []) + (
+            _module_tensors(self.module) if self.module is not None else [])
+        if _storages(tensors) & _storages(weights):
+            raise FallbackReason(_SHARES_WEIGHT)
         indexed = None
         if fp is not None:
             indexed = self._from_index(call, fp, tensors)
@@ -476,7 +562,7 @@ class JitFreezeFunction:
                 return indexed[0], indexed[1], True
         # The trace runs the function for real (it may mutate its inputs); verification runs the
         # compiled function on copies taken before.
-        copies = [t.detach().clone() for t in tensors]
+        copies = _copies(tensors) if call.alias else [t.detach().clone() for t in tensors]
         t0 = time.perf_counter()
         self.traces += 1
         traced = trace(self.fn, call, tensors, dims, recorder=self._config.tracer == "auto")
@@ -484,6 +570,8 @@ class JitFreezeFunction:
         if traced.specialized and self.dynamic is None:
             self._pin_static(call, tensors, traced.specialized)
         try:
+            if _storages(tensors) & _storages([t for _, t in traced.constants]):
+                raise FallbackReason(_SHARES_WEIGHT)
             if dims:
                 # A symbolic trace computed nothing real: run eagerly once for this call's answer
                 # (and as the reference the compiled function must match).
@@ -520,7 +608,7 @@ class JitFreezeFunction:
 
     def _remember_dynamic(self, call, texts, guards, entry):
         if guards is not None:
-            self._dyn.setdefault((call.in_spec, call.mode, texts), []).append((guards, entry))
+            self._dyn.setdefault((call.in_spec, call.mode, texts, call.alias), []).append((guards, entry))
 
     # -- dynamic shapes -------------------------------------------------------------------------
 
@@ -563,7 +651,7 @@ class JitFreezeFunction:
         return state["dims"]
 
     def _shape_class(self, call, tensors) -> tuple:
-        return (call.in_spec, call.mode, tuple(call.texts[i] for i, _ in call.consts),
+        return (call.in_spec, call.mode, call.alias, tuple(call.texts[i] for i, _ in call.consts),
                 tuple((t.dtype, t.device, t.dim()) for t in tensors))
 
     def _pin_static(self, call, tensors, specialized: dict) -> None:
@@ -622,7 +710,12 @@ class JitFreezeFunction:
         try:
             digest, tensors, modules = function_fingerprint(self.fn)
         except Unfingerprintable as exc:
-            log.debug("%s: no fingerprint (%s); the traced path serves it", self.name, exc)
+            # Not the index, then: trace, and find the artifact by the graph's key.
+            root = self._parent or self
+            if not root._index_refusal_logged:
+                root._index_refusal_logged = True
+                log.info("%s: the fingerprint index is not used: %s; tracing (the graph key finds stored "
+                         "artifacts)", self.name, exc)
             return None
         devices = list(call.devices)
         for t in tensors:
@@ -632,7 +725,7 @@ class JitFreezeFunction:
         parts.add("backend", self._backend.name)
         parts.add("index", _INDEX_VERSION)
         parts.add("device", ",".join(device_text(d) for d in devices) or "none")
-        parts.add("signature", call.spec_text() + "\n" + "\n".join(texts))
+        parts.add("signature", call.signature_text(texts))
         parts.add("code+weights", digest)
         return parts.key(self.name + " (index)"), tensors, modules
 
@@ -663,7 +756,8 @@ class JitFreezeFunction:
             module = self._load(cache, key, artifact[1], call)
             if module is None:
                 continue
-            watch = _Watch(fp_tensors, self.module, check_grad=call.mode[0]) if fp_tensors else None
+            watch = _Watch(fp_tensors, self.module, check_grad=call.mode[0]) \
+                if fp_tensors or self.module is not None else None
             outs, fwd = self._first_call(module, tensors)
             entry = _Entry(fwd, key, call, out_spec, out_tensor_idx, out_consts, watch, "index")
             result = entry.rebuild(outs)
@@ -846,7 +940,7 @@ class JitFreezeFunction:
         parts = KeyParts(environment_parts())
         parts.add("backend", self._backend.name)
         parts.add("device", ",".join(device_text(d) for d in devices) or "none")
-        parts.add("signature", call.spec_text() + "\n" + "\n".join(texts))
+        parts.add("signature", call.signature_text(texts))
         if traced.guards:
             parts.add("guards", "\n".join(traced.guards))
         parts.add("graph", graph_text(traced))
@@ -865,6 +959,10 @@ class JitFreezeFunction:
                 "device": [str(d) for d in call.devices], "torch": torch.__version__,
                 "python": platform.python_version(), "created": time.time(), "parts": parts.summary(),
                 "part_digests": parts.digests()}
+
+
+_SHARES_WEIGHT = ("an argument shares storage with a weight the function uses (a frozen graph holds its "
+                  "own copy of the weights, or reads them through the argument)")
 
 
 class _GradFallback(FallbackReason):
@@ -908,6 +1006,26 @@ def _shapes_text(shapes) -> str:
 def _fast_positions(args, call):
     positions = tuple(i for i, a in enumerate(args) if isinstance(a, _Tensor))
     return None if len(positions) == len(args) else positions
+
+
+def _copies(tensors) -> list:
+    """Copies of aliasing inputs that alias each other as the inputs do: each storage cloned once,
+    each input rebuilt on its clone with its offset, sizes and strides (the same object twice:
+    the same copy twice)."""
+    storages: dict = {}
+    by_id: dict = {}
+    out = []
+    for t in tensors:
+        copy = by_id.get(id(t))
+        if copy is None:
+            storage = t.untyped_storage()
+            clone = storages.get(storage.data_ptr() or -id(t))
+            if clone is None:
+                clone = storages[storage.data_ptr() or -id(t)] = storage.clone()
+            copy = by_id[id(t)] = torch.empty(0, dtype=t.dtype, device=t.device).set_(
+                clone, t.storage_offset(), t.shape, t.stride())
+        out.append(copy)
+    return out
 
 
 def _as_list(out):

@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import FallbackReason
 
-__all__ = ["CallSpec", "describe", "fast_key", "tensor_guards", "tensor_text"]
+__all__ = ["CallSpec", "alias_pattern", "alias_text", "describe", "fast_key", "tensor_guards", "tensor_text"]
 
 _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
@@ -49,19 +49,79 @@ def _float_key(x: float):
     return repr(x)
 
 
+def alias_pattern(tensors) -> tuple:
+    """Which of ``tensors`` share storage, and how: ``()`` when none do (the common case).
+
+    Otherwise one ``(i, j, kind)`` per pair ``i < j`` of tensors with the same storage, ``kind``
+    being ``"is"`` (the same object: a trace sees one tensor, and ``q is k`` tests in the function,
+    e.g. ``nn.MultiheadAttention``'s self-attention path, take the other branch), ``"view"``
+    (another object with the same data pointer, shape and strides), ``"overlap"`` (their memory
+    ranges intersect) or ``"apart"`` (the same storage, disjoint memory). A tensor without storage
+    (no elements allocated) shares only with itself. About 0.12 us per tensor when nothing aliases.
+    """
+    n = len(tensors)
+    if n < 2:
+        return ()
+    if n == 2:
+        a, b = tensors
+        if a is not b and (a.untyped_storage().data_ptr() or -id(a)) != (b.untyped_storage().data_ptr() or -id(b)):
+            return ()
+    ptrs = [t.untyped_storage().data_ptr() or -id(t) for t in tensors]
+    if len(set(ptrs)) == len(ptrs):
+        return ()
+    pattern = []
+    for j in range(1, len(tensors)):
+        for i in range(j):
+            if ptrs[i] == ptrs[j]:
+                pattern.append((i, j, _alias_kind(tensors[i], tensors[j])))
+    return tuple(pattern)
+
+
+def _alias_kind(a, b) -> str:
+    if a is b:
+        return "is"
+    if a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride():
+        return "view"
+    lo_a, hi_a = _span(a)
+    lo_b, hi_b = _span(b)
+    return "overlap" if lo_a < hi_b and lo_b < hi_a else "apart"
+
+
+def _span(t) -> tuple:
+    """[first byte, past the last byte) that ``t`` reaches."""
+    lo = hi = t.data_ptr()
+    if t.numel() == 0:
+        return lo, lo
+    for size, stride in zip(t.shape, t.stride()):
+        reach = (size - 1) * stride * t.element_size()
+        if reach < 0:
+            lo += reach
+        else:
+            hi += reach
+    return lo, hi + t.element_size()
+
+
+def alias_text(pattern: tuple) -> str:
+    """The pattern as a line of the persistent key ('' when nothing aliases)."""
+    return "aliases: " + ", ".join(f"{i}~{j} {kind}" for i, j, kind in pattern) if pattern else ""
+
+
 def fast_key(args: tuple, module):
     """The hot path's key, or None when the call needs :func:`describe`.
 
     Grad mode, autocast and the module's training flag come first; then per argument a small
-    tuple (tensors: shape, dtype, device, strides, and requires_grad when grad is enabled).
+    tuple (tensors: shape, dtype, device, strides, and requires_grad when grad is enabled); then,
+    for calls with two or more tensors, their :func:`alias_pattern`.
     """
     grad = _grad_enabled()
     parts = [grad, _any_autocast(), module.training if module is not None else None]
     append = parts.append
+    tensors = []
     try:
         for a in args:
             t = type(a)
             if t is _Tensor or t is _Parameter:
+                tensors.append(a)
                 # stride() raises for sparse/MKLDNN layouts: those take the full path
                 if grad:
                     append((a.shape, a.dtype, a.device, a.stride(), a.requires_grad))
@@ -73,6 +133,8 @@ def fast_key(args: tuple, module):
                 append((t, repr(a)))
             else:
                 return None
+        if len(tensors) > 1:
+            append(alias_pattern(tensors))
     except RuntimeError:
         return None
     return tuple(parts)
@@ -84,8 +146,9 @@ def tensor_guards(args: tuple):
     ``guards.check(*other)`` is True only when ``other`` has the same Python types, dtypes,
     devices, shapes, strides, ``requires_grad`` and dispatch keys (layout, conjugate/negative
     bits, autocast state) as ``args`` had now: everything :func:`fast_key` compares, and more.
-    It raises TypeError for another number of arguments: compare ``len`` first. Grad mode and a
-    module's training flag are not in it: the caller compares them.
+    It raises TypeError for another number of arguments: compare ``len`` first. Grad mode, a
+    module's training flag and which arguments alias (:func:`alias_pattern`) are not in it: the
+    caller compares them.
     """
     if _TensorGuards is None or _any_autocast():
         return None
@@ -149,9 +212,16 @@ class CallSpec:
     devices: tuple               # distinct devices of the tensor leaves, in order
     requires_grad: bool          # any tensor leaf requires grad
     tensor_args: tuple = ()      # per tensor leaf: (position or None, argument name or None)
+    alias: tuple = ()            # alias_pattern() of the tensor leaves (in key, not in texts)
 
     def spec_text(self) -> str:
         return " ".join(str(self.in_spec).split())
+
+    def signature_text(self, texts=None) -> str:
+        """The persistent key's signature part: structure, one line per leaf, and the alias line
+        when tensor leaves share storage (absent otherwise: such keys are what they were)."""
+        text = self.spec_text() + "\n" + "\n".join(self.texts if texts is None else texts)
+        return text + "\n" + alias_text(self.alias) if self.alias else text
 
     def rebuild(self, tensors) -> tuple[tuple, dict]:
         leaves = [None] * self.n_leaves
@@ -203,12 +273,16 @@ def describe(args: tuple, kwargs: dict, mode: tuple, names: list[str] | None = N
                                  "jitfreeze bakes non-tensor arguments into the trace")
         consts.append((i, leaf))
         texts.append(_const_text(leaf))
+    tensors = [leaves_with_path[i][1] for i in tensor_idx]
+    alias = alias_pattern(tensors)
+    if alias:
+        key.append(("alias", alias))
     if len(devices) > 1:
         raise FallbackReason(f"tensors on several devices ({', '.join(map(str, devices))}); "
                              "jitfreeze compiles calls whose tensors share one device")
     return CallSpec(in_spec=in_spec, n_leaves=len(leaves_with_path), tensor_idx=tuple(tensor_idx),
                     consts=tuple(consts), mode=mode, key=tuple(key), texts=tuple(texts),
-                    devices=tuple(devices), requires_grad=any_grad, tensor_args=tuple(tensor_args))
+                    devices=tuple(devices), requires_grad=any_grad, tensor_args=tuple(tensor_args), alias=alias)
 
 
 def _top_level(path, names):

@@ -41,7 +41,7 @@ class Net(nn.Module):
         self.out = nn.Linear(8, 3)
 
     def forward(self, x):
-        return self.out(helpers.act(self.block(x))){net_extra}
+        return self.out({act_ref}(self.block(x))){net_extra}
 '''
 
 HELPERS = '''
@@ -76,11 +76,11 @@ print(json.dumps({"info": fast.cache_info()._asdict(), "traces": fast.traces,
 
 
 def write_user_code(path, block_extra="", net_extra="", act="torch.tanh(x)", base_extra="", scale_extra="",
-                    unused="2"):
+                    unused="2", act_ref="helpers.act"):
     path.mkdir(exist_ok=True)
     (path / "usermodel.py").write_text(USER_MODULE.format(
         block_extra=block_extra, net_extra=net_extra, base_extra=base_extra, scale_extra=scale_extra,
-        unused=unused))
+        unused=unused, act_ref=act_ref))
     (path / "helpers.py").write_text(HELPERS.format(act=act))
     for pyc in path.rglob("__pycache__"):
         for f in pyc.iterdir():
@@ -137,12 +137,25 @@ def test_methods_forward_does_not_reach_are_not_covered(user_code, cache_dir):
 
 
 def test_helper_function_code_is_covered(user_code, cache_dir):
-    """A helper reached through a module attribute is NOT covered; verify=True catches it."""
+    """A helper reached through a module attribute (helpers.act) is covered: an edit misses the index."""
     run_user(user_code, cache_dir)
     write_user_code(user_code, act="torch.sigmoid(x)")
+    after = run_user(user_code, cache_dir)
+    assert after["traces"] == 1 and after["ok"]
+    again = run_user(user_code, cache_dir)              # the new entry serves from now on
+    assert again["traces"] == 0 and again["ok"]
+
+
+def test_verify_catches_what_the_fingerprint_cannot_see(tmp_path, cache_dir):
+    # A name computed at run time (getattr(helpers, "a" "ct" joined)) is the fingerprint's one
+    # documented blind spot: without verify the index serves the old graph; verify=True traces,
+    # compares graph keys, warns and replaces the entry.
+    user_code = tmp_path / "user"
+    computed = 'getattr(helpers, "".join(("a", "ct")))'
+    write_user_code(user_code, act_ref=computed)
+    run_user(user_code, cache_dir)
+    write_user_code(user_code, act="torch.sigmoid(x)", act_ref=computed)
     stale = run_user(user_code, cache_dir)
-    # Without verify the fingerprint can't see helpers.act (a module's attribute): the index serves
-    # the old graph. This is the documented limit, and why verify exists.
     assert stale["traces"] == 0 and stale["ok"] is False
     checked = run_user(user_code, cache_dir, "verify")
     assert checked["traces"] == 1 and checked["ok"]
