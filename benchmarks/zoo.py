@@ -333,6 +333,10 @@ def summarize_varbatch(records) -> list[dict]:
 
 # -- output -----------------------------------------------------------------------------------
 
+def _params(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
 def _md(text: str) -> str:
     return " ".join(str(text).replace("|", "\\|").split())
 
@@ -370,7 +374,7 @@ def write_table(path: Path, result: dict) -> str:
             diff = (f"{row['max_abs_diff']:.2g} / {row['max_rel_diff']:.2g}"
                     if row["max_abs_diff"] is not None else "n/a")
             f, x = row["first"], row["ratios"]
-            L.append(f"| {arch} | {batch} | {info[arch]['params'] / 1e6:.1f}M | {what} | {diff} | "
+            L.append(f"| {arch} | {batch} | {_params(info[arch]['params'])} | {what} | {diff} | "
                      + " | ".join(fmt_time(f[k]) for k in ("eager", "jitfreeze_cold", "jitfreeze_warm", "limit",
                                                           "compile_cold", "compile_warm"))
                      + f" | {_x(x['warm_jf_limit'])} | {_x(x['warm_jf_compile'])} | {_x(x['cold_jf_compile'])} |")
@@ -413,7 +417,7 @@ def write_table(path: Path, result: dict) -> str:
     L += ["", "## Models\n", "| model | class | matches | params |", "|---|---|---|---|"]
     for arch, i in info.items():
         L.append(f"| {arch} | {ZOO[arch].cls.rpartition('.')[2]} | {_md(ZOO[arch].checkpoint)} | "
-                 f"{i['params'] / 1e6:.1f}M |")
+                 f"{_params(i['params'])} |")
     text = "\n".join(L) + "\n"
     path.write_text(text)
     return text
