@@ -341,6 +341,12 @@ def _md(text: str) -> str:
     return " ".join(str(text).replace("|", "\\|").split())
 
 
+def _head(title: str, columns: list[str], intro: str = "") -> list[str]:
+    """A section's title, its introduction and the header of its table."""
+    return ["", f"## {title}\n"] + ([intro + "\n"] if intro else []) + [
+        "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def write_table(path: Path, result: dict) -> str:
     from .run import _x, fmt_time
 
@@ -348,19 +354,20 @@ def write_table(path: Path, result: dict) -> str:
     L = [f"Measured {meta['date']} on {machine['cpu']}, {machine['logical_cpus']} logical CPUs (torch threads: "
          f"{', '.join(map(str, machine['torch_threads'])) or '?'}); Python {machine['python']}, torch "
          f"{machine['torch']}, transformers {machine.get('transformers')}, jitfreeze {machine['jitfreeze']}. "
-         f"Size {meta['size']}; {meta['repeat']} run(s) per figure, each start-up figure in a fresh process; median. "
-         f"Whole run {meta['wall_s'] / 60:.1f} min; load average at start {meta['loadavg_start']}, at end "
-         f"{meta['loadavg_end']}.", ""]
+         f"Size {meta['size']}; "
+         + (f"{meta['repeat']} run(s) per figure, each start-up figure in a fresh process; median. "
+            if result.get("summary") else "")
+         + f"Whole run {meta['wall_s'] / 60:.1f} min; load average at start {meta['loadavg_start']}, at end "
+         f"{meta['loadavg_end']}."]
     summary = result.get("summary")
     if summary:
         rows = summary["models"]
-        L += ["## Start-up\n",
-              "First calls (s), each in a fresh process: eager; jitfreeze cold (empty cache) and warm (the cache a "
-              "cold process filled); the limit (`torch.jit.load` of the same artifact + post-load passes + first "
-              "call); torch.compile cold (fresh inductor cache) and warm (filled).\n",
-              "| model | batch | params | jitfreeze | max abs / rel diff | eager | jf cold | jf warm | limit | "
-              "compile cold | compile warm | warm jf / limit | warm jf / compile | cold jf / compile |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        L += _head("Start-up", ["model", "batch", "params", "jitfreeze", "max abs / rel diff", "eager", "jf cold",
+                                "jf warm", "limit", "compile cold", "compile warm", "warm jf / limit",
+                                "warm jf / compile", "cold jf / compile"],
+                   "First calls, each in a fresh process: eager; jitfreeze cold (empty cache) and warm (the cache a "
+                   "cold process filled); the limit (`torch.jit.load` of the same artifact + post-load passes + "
+                   "first call); torch.compile cold (fresh inductor cache) and warm (filled).")
         for m, row in rows.items():
             arch, _, batch = _parse(m)
             if row["compiled"]:
@@ -378,11 +385,9 @@ def write_table(path: Path, result: dict) -> str:
                      + " | ".join(fmt_time(f[k]) for k in ("eager", "jitfreeze_cold", "jitfreeze_warm", "limit",
                                                           "compile_cold", "compile_warm"))
                      + f" | {_x(x['warm_jf_limit'])} | {_x(x['warm_jf_compile'])} | {_x(x['cold_jf_compile'])} |")
-        L += ["", "## Steady state and memory\n",
-              "Per call, all systems taking turns in one process; peak RSS (`ru_maxrss`) of each fresh process.\n",
-              "| model | batch | eager | jit.trace+freeze+ofi | torch.compile | jitfreeze | jf / eager | "
-              "jf / torch.compile | peak RSS (MB) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        L += _head("Steady state and memory", ["model", "batch", "eager", "jit.trace+freeze+ofi", "torch.compile",
+                                               "jitfreeze", "jf / eager", "jf / torch.compile", "peak RSS (MB)"],
+                   "Per call, all systems taking turns in one process; peak RSS (`ru_maxrss`) of each fresh process.")
         for m, row in rows.items():
             arch, _, batch = _parse(m)
             s, x = row["steady"], row["ratios"]
@@ -401,10 +406,9 @@ def write_table(path: Path, result: dict) -> str:
         if errors:
             L += ["", "### Failures\n"] + [f"- {_md(e)[:500]}" for e in errors]
     if result.get("varbatch"):
-        L += ["", f"## Variable batch sizes 1..{meta['varbatch_max']}, two fresh processes on one jitfreeze cache\n",
-              "| model | process | compiles | loads | hits | signatures | fallbacks (eager) | warnings | "
-              "allclose to eager | loop | eager loop | target (second: 0 compiles, no eager) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        L += _head(f"Variable batch sizes 1..{meta['varbatch_max']}, two fresh processes on one jitfreeze cache",
+                   ["model", "process", "compiles", "loads", "hits", "signatures", "fallbacks (eager)", "warnings",
+                    "allclose to eager", "loop", "eager loop", "target (second: 0 compiles, no eager)"])
         for v in result["varbatch"]:
             arch = _parse(v["model"])[0]
             if not v["ok"]:
@@ -414,7 +418,7 @@ def write_table(path: Path, result: dict) -> str:
             L.append(f"| {arch} | {v['process']} | {v['compiles']} | {v['loads']} | {v['hits']} | {v['signatures']} "
                      f"| {v['fallbacks']} | {_md('; '.join(v['warnings'])) or 'none'} | {v['all_close']} | "
                      f"{fmt_time(v['loop_s'])} | {fmt_time(v['eager_loop_s'])} | {target} |")
-    L += ["", "## Models\n", "| model | class | matches | params |", "|---|---|---|---|"]
+    L += _head("Models", ["model", "class", "matches", "params"])
     for arch, i in info.items():
         L.append(f"| {arch} | {ZOO[arch].cls.rpartition('.')[2]} | {_md(ZOO[arch].checkpoint)} | "
                  f"{_params(i['params'])} |")
