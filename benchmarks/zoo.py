@@ -294,6 +294,8 @@ def summarize(records, names) -> dict:
                                  and r.get("max_abs_diff") is not None), default=None),
             "max_rel_diff": max((r["max_rel_diff"] for r in ok if r.get("system") == "jitfreeze"
                                  and r.get("max_rel_diff") is not None), default=None),
+            "diffs": {r["system"]: [r["max_abs_diff"], r["max_rel_diff"]] for r in ok     # every system's, vs eager
+                      if r["case"] == "steady" and r.get("max_abs_diff") is not None},
             "first": {"eager": get("warm", m, "eager"), "jitfreeze_cold": get("cold", m, "jitfreeze"),
                       "jitfreeze_warm": get("warm", m, "jitfreeze"), "limit": get("warm", m, "limit"),
                       "compile_cold": get("cold", m, "compile"), "compile_warm": get("warm", m, "compile")},
