@@ -79,12 +79,28 @@ def all_buckets(quick: bool) -> list[dict]:
     return [tokenize(["x " * (s - 3)] * b, quick) for b in batch_sizes for s in lengths]
 
 
+def make_function(quick: bool, cache_dir: str | None = None):
+    """The jitfreeze-wrapped classifier: exact shapes (requests come in buckets), one graph per bucket."""
+    batch_sizes, lengths = buckets(quick)
+    return jf(build_model(quick), cache_dir=cache_dir, dynamic=False, max_signatures=len(batch_sizes) * len(lengths))
+
+
+def precompile_entry(shapes=None):
+    """For ``jitfreeze precompile app:precompile_entry [--shapes 1,4,16]`` (examples/image): the service's
+    function and one example per bucket; ``shapes``: batch sizes to compile instead of the service's own
+    (``SERVICE_QUICK=1``: the quick model)."""
+    quick = os.environ.get("SERVICE_QUICK") == "1"
+    examples = all_buckets(quick)
+    if shapes is not None:
+        lengths = buckets(quick)[1]
+        examples = [tokenize(["x " * (s - 3)] * b, quick) for b in shapes for s in lengths]
+    return make_function(quick), examples
+
+
 def make_app(quick: bool, cache_dir: str | None = None):
     from fastapi import FastAPI, HTTPException
 
-    model = build_model(quick)
-    batch_sizes, lengths = buckets(quick)
-    fast = jf(model, cache_dir=cache_dir, dynamic=False, max_signatures=len(batch_sizes) * len(lengths))
+    fast = make_function(quick, cache_dir)
     report = jitfreeze.precompile(fast, all_buckets(quick))      # before the first request, not on it
     app = FastAPI(title="jitfreeze text classifier")
 
@@ -108,7 +124,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--quick", action="store_true", help="a tiny model and two buckets (for tests)")
+    p.add_argument("--quick", action="store_true", default=os.environ.get("SERVICE_QUICK") == "1",
+                   help="a tiny model and two buckets, for tests (also SERVICE_QUICK=1)")
     p.add_argument("--cache-dir", help="jitfreeze cache directory (default: the environment's)")
     args = p.parse_args(argv)
     import uvicorn

@@ -31,8 +31,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(port: int, cache_dir: str, quick: bool, log_path: str, env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, APP, "--host", "127.0.0.1", "--port", str(port), "--cache-dir", cache_dir]
+def start(port: int, cache_dir: str | None, quick: bool, log_path: str, env: dict | None = None) -> subprocess.Popen:
+    """The server on 127.0.0.1:port (``cache_dir`` None: the cache the environment names)."""
+    cmd = [sys.executable, APP, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--cache-dir", cache_dir] if cache_dir else []
     with open(log_path, "ab") as log:
         return subprocess.Popen(cmd + (["--quick"] if quick else []), stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})})
@@ -70,7 +72,7 @@ def stop(proc: subprocess.Popen, grace: float = 10) -> None:
             proc.wait(grace)
 
 
-def serve_once(cache_dir: str, quick: bool, log_path: str, env: dict | None = None) -> dict:
+def serve_once(cache_dir: str | None, quick: bool, log_path: str, env: dict | None = None) -> dict:
     """Start a server, time its first response, send REQUESTS, read /stats, stop it."""
     port = free_port()
     t0 = time.perf_counter()
