@@ -72,8 +72,8 @@ def stop(proc: subprocess.Popen, grace: float = 10) -> None:
             proc.wait(grace)
 
 
-def serve_once(cache_dir: str | None, quick: bool, log_path: str, env: dict | None = None) -> dict:
-    """Start a server, time its first response, send REQUESTS, read /stats, stop it."""
+def serve_once(cache_dir: str | None, quick: bool, log_path: str, env: dict | None = None, probe=None) -> dict:
+    """Start a server, time its first response, send REQUESTS, read /stats, (``probe(port)``,) stop it."""
     port = free_port()
     t0 = time.perf_counter()
     proc = start(port, cache_dir, quick, log_path, env)
@@ -81,6 +81,8 @@ def serve_once(cache_dir: str | None, quick: bool, log_path: str, env: dict | No
         ttfr, _ = first_response(proc, port, {"texts": REQUESTS[0]}, t0)
         answers = [request(port, "/classify", {"texts": texts}) for texts in REQUESTS]
         stats = request(port, "/stats")
+        if probe is not None:
+            probe(port)
     finally:
         stop(proc)
     return {"ttfr_s": ttfr, "answers": answers, "stats": stats}
