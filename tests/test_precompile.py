@@ -279,3 +279,12 @@ def test_cli_precompile_exit_codes(entry_module, capsys):
 def test_parse_shapes():
     assert cli.parse_shapes("1,8,32") == [1, 8, 32]
     assert cli.parse_shapes("1x128, 8X512") == [(1, 128), (8, 512)]
+
+
+def test_public_names():
+    from jitfreeze import jitfreeze as decorator
+
+    assert decorator.precompile is jitfreeze.precompile is precompile      # the README's jitfreeze.precompile(...)
+    assert {"precompile", "PrecompileResult", "PrecompileReport", "__version__"} <= set(jitfreeze.__all__)
+    assert jitfreeze.__version__ == "0.1.0"
+    assert (__import__("pathlib").Path(jitfreeze.__file__).parent / "py.typed").is_file()
