@@ -48,8 +48,8 @@ def __getattr__(name: str):
     if name in _LAZY:
         from . import core
 
-        core.jitfreeze.clear_cache = clear_cache   # ``jitfreeze.clear_cache(...)`` on the decorator too
-        core.jitfreeze.precompile = precompile     # and ``jitfreeze.precompile(...)``
+        core.jitfreeze.clear_cache = clear_cache   # type: ignore[attr-defined]  # jitfreeze.clear_cache() too
+        core.jitfreeze.precompile = precompile     # type: ignore[attr-defined]  # and jitfreeze.precompile()
         for attr in _LAZY:
             globals()[attr] = getattr(core, attr)
         return globals()[name]

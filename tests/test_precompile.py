@@ -116,6 +116,13 @@ def test_fallback_is_reported_with_its_reason(cache_dir):
     assert again[0].outcome == "fallback" and "earlier" in again[0].reason
 
 
+def test_strict_mode_error_is_the_fallback_reason(cache_dir, monkeypatch):
+    monkeypatch.setenv("JITFREEZE_STRICT", "1")
+    fast = jitfreeze.jitfreeze(nonzero_rows, cache_dir=cache_dir)
+    report = precompile(fast, [(torch.tensor([0.0, 3.0]),)], progress=False)
+    assert report[0].outcome == "fallback" and "data-dependent" in report[0].reason
+
+
 def test_disabled_is_a_fallback(cache_dir, monkeypatch):
     monkeypatch.setenv("JITFREEZE_DISABLE", "1")
     report = precompile(jitfreeze.jitfreeze(affine, cache_dir=cache_dir), [(torch.randn(2, 16), W)], progress=False)
