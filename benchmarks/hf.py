@@ -128,12 +128,9 @@ def build(name: str, size: str):
 
 
 def max_diff(a, b) -> float | None:
-    from torch.utils import _pytree as pytree
+    from .worker import output_diff
 
-    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
-    if len(la) != len(lb):
-        return None
-    return max((float((x - y).abs().max()) for x, y in zip(la, lb) if hasattr(x, "shape")), default=0.0)
+    return output_diff(a, b)["max_abs_diff"]
 
 
 # -- the worker (one figure, this fresh process) ----------------------------------------------

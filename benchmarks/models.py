@@ -65,10 +65,24 @@ def varbatch(name: str, label: str):
     return register
 
 
+# Models named "PREFIX:..." come from another module's ``build(name)`` / ``build_varbatch(name)``
+# (benchmarks.zoo: "zoo:ARCH:SIZE:BATCH", "zoo:ARCH:SIZE" for the variable-batch case).
+PROVIDERS = {"zoo": "benchmarks.zoo"}
+
+
+def _builder(name: str, registry: dict, attr: str):
+    prefix = name.split(":", 1)[0]
+    if ":" in name and prefix in PROVIDERS:
+        import functools
+        import importlib
+        return functools.partial(getattr(importlib.import_module(PROVIDERS[prefix]), attr), name)
+    return registry[name].builder
+
+
 def build_varbatch(name: str, seed: int = 0):
     """(module in eval mode, make_inputs(batch) -> tuple of inputs, deterministic per batch size)."""
     torch.manual_seed(seed)
-    fn, make = VARBATCH[name].builder()
+    fn, make = _builder(name, VARBATCH, "build_varbatch")()
     fn.eval()
     for p in fn.parameters():
         p.requires_grad_(False)
@@ -83,7 +97,7 @@ def build_varbatch(name: str, seed: int = 0):
 def build(name: str, seed: int = 0):
     """(module in eval mode, or a plain function; tuple of example inputs)."""
     torch.manual_seed(seed)
-    fn, inputs = MODELS[name].builder()
+    fn, inputs = _builder(name, MODELS, "build")()
     if isinstance(fn, nn.Module):
         fn.eval()
         for p in fn.parameters():

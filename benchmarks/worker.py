@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 
 PREFIX = "@@result "
 PROGRESS = "@@progress "     # varbatch: one line per batch size, so a killed worker (OOM) still tells how far it got
@@ -128,6 +129,21 @@ def measure_steady(named: dict, inputs, budget_s: float, min_rounds: int = 5, pa
     return out
 
 
+def output_diff(out, ref) -> dict:
+    """Max abs difference of ``out`` from ``ref`` over their tensors, and that over the largest
+    magnitude of ``ref`` (max rel diff); None for both when their structures differ."""
+    from torch.utils import _pytree as pytree
+
+    la, lb = pytree.tree_leaves(out), pytree.tree_leaves(ref)
+    pairs = [(a, b) for a, b in zip(la, lb) if hasattr(a, "shape")]
+    if len(la) != len(lb) or any(a.shape != b.shape for a, b in pairs):
+        return {"max_abs_diff": None, "max_rel_diff": None}
+    pairs = [(a.double(), b.double()) for a, b in pairs if a.numel()]
+    abs_diff = max((float((a - b).abs().max()) for a, b in pairs), default=0.0)
+    rel = max((float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in pairs), default=0.0)
+    return {"max_abs_diff": abs_diff, "max_rel_diff": rel}
+
+
 def _system_info(name, target, ctx) -> dict:
     from . import systems
 
@@ -135,6 +151,7 @@ def _system_info(name, target, ctx) -> dict:
     real = systems.unwrap(target)
     if name.startswith("jitfreeze") and hasattr(real, "cache_info"):
         info["cache_info"] = real.cache_info()._asdict()
+        info["fallback_reasons"] = [str(r) for r in getattr(real, "_fallbacks", {}).values()]
     if name == "compile":
         from torch._dynamo.utils import counters
         info["inductor"] = {k: v for k, v in counters["inductor"].items() if "cache" in k}
@@ -171,11 +188,13 @@ def run(args) -> dict:
     if args.case != "steady":
         raise SystemExit(f"unknown case {args.case!r}")
     named, infos, graphs, pairs = {}, {}, {}, {}
+    reference = fn(*inputs)                          # eager outputs, for each system's diff
     for name in names:
         ctx = systems.Context(model=args.model, cache_dir=args.cache_dir)
         target = systems.SYSTEMS[name].make(fn, inputs, ctx)
-        target(*inputs)                              # the first call (compile / load), untimed
-        infos[name] = _system_info(name, target, ctx)
+        out = target(*inputs)                        # the first call (compile / load), untimed
+        infos[name] = dict(_system_info(name, target, ctx), **output_diff(out, reference))
+        del out
         target = systems.unwrap(target)
         named[name] = target
         graphs[name] = systems.graph_summary(target)
@@ -183,6 +202,7 @@ def run(args) -> dict:
         if table and args.overhead:                  # the entry's compiled function (ScriptMethod)
             named["jitfreeze.direct"] = next(iter(table.values())).fwd
             pairs[name] = (name, "jitfreeze.direct")
+    del reference
     measured = measure_steady(named, inputs, args.budget, pairs=pairs)
     results = []
     for name in names:
@@ -236,25 +256,28 @@ def measure_varbatch(name: str, args) -> dict:
     sizes = list(range(1, args.max_batch + 1))
     per_call, eager, mismatched, max_diff = [], [], [], 0.0
     gc.collect()
-    for b in sizes:
-        inputs = make_inputs(b)
-        t0 = time.perf_counter()
-        out = target(*inputs)
-        per_call.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        ref = fn(*inputs)                           # eager reference, outside the loop's time
-        eager.append(time.perf_counter() - t0)
-        pairs = list(zip(pytree.tree_leaves(out), pytree.tree_leaves(ref)))
-        diff = max((float((a - b_).abs().max()) for a, b_ in pairs), default=0.0)
-        max_diff = max(max_diff, diff)
-        if len(pytree.tree_leaves(out)) != len(pytree.tree_leaves(ref)) or not all(
-                a.shape == b_.shape and torch.allclose(a, b_, rtol=VARBATCH_RTOL, atol=VARBATCH_ATOL)
-                for a, b_ in pairs):
-            mismatched.append(b)
-        real = systems.unwrap(target)
-        print(PROGRESS + json.dumps({"batch": b, "loop_s": sum(per_call), "eager_loop_s": sum(eager),
-                                     "compiles": real.cache_info().compiles if name.startswith("jitfreeze") else None,
-                                     "mismatched_sizes": mismatched, "rss_mb": _rss_mb()}), flush=True)
+    with warnings.catch_warnings(record=True) as recorded:   # every warning, to report jitfreeze's
+        warnings.simplefilter("always")
+        for b in sizes:
+            inputs = make_inputs(b)
+            t0 = time.perf_counter()
+            out = target(*inputs)
+            per_call.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            ref = fn(*inputs)                           # eager reference, outside the loop's time
+            eager.append(time.perf_counter() - t0)
+            pairs = list(zip(pytree.tree_leaves(out), pytree.tree_leaves(ref)))
+            diff = max((float((a - b_).abs().max()) for a, b_ in pairs), default=0.0)
+            max_diff = max(max_diff, diff)
+            if len(pytree.tree_leaves(out)) != len(pytree.tree_leaves(ref)) or not all(
+                    a.shape == b_.shape and torch.allclose(a, b_, rtol=VARBATCH_RTOL, atol=VARBATCH_ATOL)
+                    for a, b_ in pairs):
+                mismatched.append(b)
+            real = systems.unwrap(target)
+            compiles = real.cache_info().compiles if name.startswith("jitfreeze") else None
+            print(PROGRESS + json.dumps({"batch": b, "loop_s": sum(per_call), "eager_loop_s": sum(eager),
+                                         "compiles": compiles, "mismatched_sizes": mismatched,
+                                         "rss_mb": _rss_mb()}), flush=True)
     res = {"system": name, "sizes": [sizes[0], sizes[-1]], "loop_s": sum(per_call), "eager_loop_s": sum(eager),
            "first_s": per_call[0], "per_call_s_list": [round(t, 6) for t in per_call],
            "all_close": not mismatched, "mismatched_sizes": mismatched, "max_diff": max_diff,
@@ -266,6 +289,9 @@ def measure_varbatch(name: str, args) -> dict:
         res["compiles"] = ci.compiles
         res["fallbacks"] = ci.fallbacks
         res["traces"] = getattr(real, "traces", None)
+        res["signatures"] = getattr(real, "_signatures", None)      # signatures counted against max_signatures
+        from jitfreeze import JitFreezeWarning
+        res["warnings"] = sorted({str(w.message) for w in recorded if issubclass(w.category, JitFreezeWarning)})
         res["artifacts"] = jitfreeze_artifacts(args.cache_dir)
         used, files = disk_usage(args.cache_dir)
     else:

@@ -8,18 +8,31 @@
 
     fast = jitfreeze(model.eval())
 
+    report = jitfreeze.precompile(fast, [(torch.randn(b, 3, 224, 224),) for b in (1, 8, 32)])
+
 The decorator and its classes import torch on first use, so ``import jitfreeze`` (and the
 ``jitfreeze`` command line) start without it.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
 from .cache import clear_cache
 from .errors import JitFreezeError, JitFreezeWarning, ParametersDiscardedError
+from .precompile import PrecompileReport, PrecompileResult, precompile
+
+if TYPE_CHECKING:                      # imported lazily at run time (they import torch)
+    from .core import CacheInfo, JitFreezeFunction, jitfreeze
 
 __all__ = [
     "jitfreeze",
     "clear_cache",
+    "precompile",
+    "PrecompileResult",
+    "PrecompileReport",
     "CacheInfo",
     "JitFreezeFunction",
     "JitFreezeWarning",
@@ -31,16 +44,17 @@ __all__ = [
 _LAZY = {"jitfreeze", "CacheInfo", "JitFreezeFunction"}
 
 
-def __getattr__(name):
+def __getattr__(name: str):
     if name in _LAZY:
         from . import core
 
-        core.jitfreeze.clear_cache = clear_cache   # ``jitfreeze.clear_cache(...)`` on the decorator too
+        core.jitfreeze.clear_cache = clear_cache   # type: ignore[attr-defined]  # jitfreeze.clear_cache() too
+        core.jitfreeze.precompile = precompile     # type: ignore[attr-defined]  # and jitfreeze.precompile()
         for attr in _LAZY:
             globals()[attr] = getattr(core, attr)
         return globals()[name]
     raise AttributeError(f"module 'jitfreeze' has no attribute {name!r}")
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(set(globals()) | _LAZY)

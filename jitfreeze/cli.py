@@ -4,6 +4,7 @@
     jitfreeze explain
     jitfreeze export BUNDLE
     jitfreeze import BUNDLE [--into DIR]
+    jitfreeze precompile package.module:function [--shapes 1,8,32] [--bundle OUT]
 
 Every command takes ``--json`` (one JSON document on stdout) and ``--cache-dir``
 (default: ``JITFREEZE_CACHE_PATH``'s last entry, else ``JITFREEZE_CACHE_DIR``,
@@ -17,6 +18,7 @@ unreachable Redis).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -481,6 +483,97 @@ def cmd_import(args) -> int:
     return EXIT_PROBLEMS if report["rejected"] else EXIT_OK
 
 
+# -- precompile ------------------------------------------------------------------------------------
+
+
+def parse_shapes(text: str) -> list:
+    """``"1,8,32"`` -> [1, 8, 32]; ``"1x128,8x512"`` -> [(1, 128), (8, 512)]."""
+    out = []
+    for item in text.split(","):
+        dims = item.strip().lower().split("x")
+        if not all(d.strip().isdigit() for d in dims):
+            raise argparse.ArgumentTypeError(f"cannot parse shapes {text!r}: use e.g. 1,8,32 or 1x128,8x512")
+        out.append(int(dims[0]) if len(dims) == 1 else tuple(int(d) for d in dims))
+    return out
+
+
+def load_entry(text: str, shapes=None):
+    """Import ``package.module:function`` and call it (with ``shapes=`` when given): ``(fn, examples)``."""
+    import importlib
+    import inspect
+
+    module_name, _, attr = text.partition(":")
+    if not module_name or not attr:
+        raise _UsageError(f"ENTRY must be package.module:function, not {text!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())           # like python -m: modules in the current directory
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as exc:  # noqa: BLE001 - the user's module: any import error
+        raise CommandError(f"cannot load {text}: {type(exc).__name__}: {exc}") from None
+    if not callable(obj):
+        raise _UsageError(f"{text} is not callable")
+    kwargs = {}
+    if shapes is not None:
+        try:
+            inspect.signature(obj).bind(shapes=shapes)
+        except TypeError:
+            raise _UsageError(f"--shapes given, but {text} takes no shapes= argument") from None
+        except ValueError:
+            pass                                    # no signature to check (a builtin): just call it
+        kwargs["shapes"] = shapes
+    try:
+        made = obj(**kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise CommandError(f"{text} raised {type(exc).__name__}: {exc}") from None
+    if not (isinstance(made, tuple) and len(made) == 2):
+        raise _UsageError(f"{text} must return (model or function, examples), not {type(made).__name__}")
+    return made
+
+
+class _UsageError(Exception):
+    """The command was given something unusable (exit status 2)."""
+
+
+def cmd_precompile(args) -> int:
+    from .precompile import precompile
+
+    if args.cache_dir:
+        # the entry's functions take their cache from the environment (unless they name one)
+        os.environ["JITFREEZE_CACHE_DIR"] = str(args.cache_dir)
+        path = os.environ.get("JITFREEZE_CACHE_PATH", "")
+        if path.strip():
+            os.environ["JITFREEZE_CACHE_PATH"] = os.pathsep.join(path.split(os.pathsep)[:-1] + [str(args.cache_dir)])
+    try:
+        fn, examples = load_entry(args.entry, args.shapes)
+        report = precompile(fn, examples, bundle=args.bundle, progress=not args.no_progress)
+    except _UsageError as exc:
+        print(f"jitfreeze: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (TypeError, ValueError) as exc:          # the examples the entry returned
+        print(f"jitfreeze: error: {args.entry}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RuntimeError as exc:                     # the function raised on an example
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"cannot write {args.bundle}: {exc}") from None
+    data = {"entry": args.entry, "function": report.function.name, "counts": report.counts(),
+            "results": [dataclasses.asdict(r) for r in report], "bundle": report.bundle}
+    rows = [[r.signature, r.outcome, f"{r.seconds:.2f}s", r.reason] for r in report]
+    counts = ", ".join(f"{n} {o}" for o, n in data["counts"].items())
+    lines = [f"{report.function.name}: {counts}", _table(rows, ["SIGNATURE", "OUTCOME", "TIME", "REASON"])]
+    if report.bundle is not None:
+        b = report.bundle
+        lines.append(f"wrote {b['entries']} entries ({_human(b['bytes'])}) to {b['path']}"
+                     f" (next: jitfreeze import {b['path']} --into DIR)")
+        for s in b["skipped"]:
+            lines.append(f"skipped bad entry {s['key'][:18]} in {s['layer']}: {s['error']}")
+    _emit(args, data, "\n".join(lines))
+    return EXIT_OK if report.ok else EXIT_PROBLEMS
+
+
 # -- the parser ------------------------------------------------------------------------------------
 
 
@@ -495,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="jitfreeze", parents=[common],
-        description="Inspect and manage the jitfreeze persistent cache.",
+        description="Inspect and manage the jitfreeze persistent cache, and precompile models into it.",
         epilog="Exit status: 0 ok, 1 problems found (bad entries removed or rejected), 2 usage error, "
                "3 the command could not run.")
     parser.set_defaults(json=False, cache_dir=None, verbose=False)
@@ -555,6 +648,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--into", metavar="DIR", help="build a read-only layer directory (for JITFREEZE_CACHE_PATH)")
     p.add_argument("--dry-run", action="store_true", help="verify only")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("precompile", parents=[common], help="compile every signature of a model ahead of time",
+                       description="Import ENTRY (package.module:function), call it -- with shapes=[...] when "
+                                   "--shapes is given -- to get (model or function, examples), call the model "
+                                   "once per example under torch.no_grad(), report what was compiled, loaded, "
+                                   "reused or fell back and why, and optionally write a bundle. Exit status 1 "
+                                   "when any example fell back to eager.")
+    p.add_argument("entry", metavar="ENTRY", help="package.module:function returning (model or function, examples)")
+    p.add_argument("--shapes", type=parse_shapes, metavar="LIST",
+                   help="passed to ENTRY as shapes=[...]: 1,8,32 -> [1, 8, 32]; 1x128,8x512 -> [(1, 128), (8, 512)]")
+    p.add_argument("--bundle", metavar="OUT", help="then write the function's entries to this bundle file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-signature lines on stderr")
+    p.set_defaults(func=cmd_precompile)
     return parser
 
 

@@ -41,6 +41,8 @@ from .errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
 from .key import KeyParts, device_text, environment_parts
 from .pipeline import (HOISTED_PREFIX, BindingError, TorchScriptBackend, graph_text, module_weights, outputs_match,
                        tensor_layout, trace)
+from .reach import reads as _reads
+from .reach import rebound as _rebound
 
 __all__ = ["jitfreeze", "JitFreezeFunction", "CacheInfo"]
 
@@ -113,29 +115,43 @@ class _Watch:
       anywhere since (``RemovableHandle.next_id`` moved).
     - For a module, after any parameter, buffer or submodule was (re)assigned anywhere
       (``_generation``): that it still has the same submodules and tensors.
+    - The names the function reads from its globals and closure cells (:mod:`jitfreeze.reach`):
+      that each still holds the object it held (``W = torch.randn(...)``, ``scale = 3.0``,
+      ``model = build()`` rebound in a notebook). Modules reached that way are watched like a
+      wrapped module: their tensors, submodules' ``training`` flags, hooks and structure.
     - Grad mode on: that no watched tensor requires grad.
     - That no tensor argument shares storage with a watched tensor: a graph traced without that
       aliasing holds a frozen copy of the weight, which an in-place write to the argument misses
       (and one traced with it reads the weight through the argument).
     """
 
-    __slots__ = ("tensors", "versions", "ptrs", "keep", "module", "ids", "gen", "check_grad", "mods", "flags",
-                 "nhooks", "hook_keys", "hook_id", "storages")
+    __slots__ = ("tensors", "versions", "ptrs", "keep", "roots", "ids", "gen", "check_grad", "mods", "flags",
+                 "nhooks", "hook_keys", "hook_id", "storages", "bindings")
 
-    def __init__(self, tensors, module, check_grad: bool):
+    def __init__(self, tensors, module, check_grad: bool, reads=((), ())):
+        """``module``: the wrapped module (or None); ``reads``: :func:`jitfreeze.reach.reads` of the
+        function (the names it reads, and the modules they hold)."""
+        bindings, reached = reads
+        roots = [module] if module is not None else []
+        roots += [m for m in reached if all(m is not r for r in roots)]
+        mods: dict = {}
+        for root in roots:
+            for m in root.modules():
+                mods.setdefault(id(m), m)
         tensors = list(tensors)
-        if module is not None:
-            seen = {id(t) for t in tensors}
-            tensors += [t for t in _module_tensors(module) if id(t) not in seen]
+        seen = {id(t) for t in tensors}
+        for root in roots:
+            tensors += [t for t in _module_tensors(root) if id(t) not in seen and not seen.add(id(t))]
         self.tensors = tuple(tensors)
         self.keep = tuple(t.detach() for t in self.tensors)
         self.versions = tuple(t._version for t in self.keep)
         self.ptrs = tuple(t.data_ptr() for t in self.tensors)
         self.storages = _storages(self.tensors)
-        self.module = weakref.ref(module) if module is not None else None
-        self.mods = tuple(module.modules()) if module is not None else ()
+        self.roots = tuple(roots)
+        self.bindings = bindings
+        self.mods = tuple(mods.values())
         self.flags = tuple(m.training for m in self.mods)
-        self.ids = _structure(module) if module is not None else None
+        self.ids = tuple(_structure(r) for r in self.roots)
         self.gen = _generation[0]
         self.nhooks = _hook_count(self.mods)
         self.hook_keys = _hook_keys(self.mods)
@@ -160,11 +176,11 @@ class _Watch:
             if _hook_keys(self.mods) != self.hook_keys:
                 return False
             self.hook_id = _Handle.next_id
+        if self.bindings and _rebound(self.bindings):
+            return False
         if self.gen != _generation[0]:
-            if self.module is not None:
-                module = self.module()
-                if module is None or _structure(module) != self.ids:
-                    return False
+            if tuple(_structure(r) for r in self.roots) != self.ids:
+                return False
             self.gen = _generation[0]
         if self.check_grad:
             for t in self.tensors:
@@ -756,8 +772,7 @@ class JitFreezeFunction:
             module = self._load(cache, key, artifact[1], call)
             if module is None:
                 continue
-            watch = _Watch(fp_tensors, self.module, check_grad=call.mode[0]) \
-                if fp_tensors or self.module is not None else None
+            watch = self._watch(fp_tensors, call)
             outs, fwd = self._first_call(module, tensors)
             entry = _Entry(fwd, key, call, out_spec, out_tensor_idx, out_consts, watch, "index")
             result = entry.rebuild(outs)
@@ -923,9 +938,15 @@ class JitFreezeFunction:
         """``fwd``: a loaded module's runner (:meth:`TorchScriptBackend.runner`)."""
         # The weights to watch: the function's and module's, not the numbers the pipeline hoisted.
         watch_tensors = [t for name, t in traced.constants if not name.startswith(HOISTED_PREFIX)]
-        watch = _Watch(watch_tensors, self.module, check_grad=call.mode[0]) \
-            if watch_tensors or self.module is not None else None
-        return _Entry(fwd, key, call, traced.out_spec, traced.out_tensor_idx, traced.out_consts, watch, source)
+        return _Entry(fwd, key, call, traced.out_spec, traced.out_tensor_idx, traced.out_consts,
+                      self._watch(watch_tensors, call), source)
+
+    def _watch(self, tensors, call):
+        """The freshness check of a new entry (None: nothing to watch)."""
+        reads = _reads(self.fn)
+        if not tensors and self.module is None and not reads[0] and not reads[1]:
+            return None
+        return _Watch(tensors, self.module, check_grad=call.mode[0], reads=reads)
 
     def _cache_for(self):
         if self._cache is None:

@@ -88,6 +88,6 @@ def test_docs_site_builds_strict(tmp_path):
 def test_public_api_is_small_and_exported():
     assert set(jitfreeze.__all__) == {"jitfreeze", "clear_cache", "CacheInfo", "JitFreezeFunction",
                                       "JitFreezeWarning", "JitFreezeError", "ParametersDiscardedError",
-                                      "__version__"}
+                                      "precompile", "PrecompileResult", "PrecompileReport", "__version__"}
     for name in jitfreeze.__all__:
         assert hasattr(jitfreeze, name)
