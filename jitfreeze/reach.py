@@ -8,17 +8,19 @@ such binding with the object it holds now; :func:`rebound` tells, by identity, w
 holds another object since (a few tens of nanoseconds per name: the hot path runs it).
 
 Followed: the function's code (nested code objects too), its closure cells, and, transitively,
-the user functions, bound methods and ``functools.partial`` objects reached that way, and the
-``forward`` of every user-defined module class reached (a wrapped module's included) -- at most
-:data:`MAX_FUNCTIONS` functions. Not followed: fixed code (torch's, the standard library's,
-numpy's, jitfreeze's: recognised by file, as the fingerprint does), attributes of objects and
-imported modules (``helpers.scale``, ``self.p``) and mutation in place (``cfg["scale"] = 3``): the
-README's contract says what to do for those.
+the user functions, bound methods and ``functools.partial`` objects reached that way (also inside
+dicts, lists and tuples those names hold, a few levels deep), and the ``forward`` of every
+user-defined module class reached (a wrapped module's included) -- at most :data:`MAX_FUNCTIONS`
+functions. Not followed: fixed code (torch's, the standard library's, numpy's, jitfreeze's:
+recognised by file, as the fingerprint does), attributes of objects and imported modules
+(``helpers.scale``, ``self.p``) and mutation in place (``cfg["scale"] = 3``, ``OPS["act"] =
+other``): the README's contract says what to do for those.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import types
 
 import torch
@@ -26,6 +28,8 @@ import torch
 __all__ = ["reads", "rebound", "MAX_FUNCTIONS"]
 
 MAX_FUNCTIONS = 256
+_CONTAINER_DEPTH = 3         # dicts, lists and tuples followed this deep, this many items each
+_CONTAINER_ITEMS = 1024
 
 _MISSING = object()
 _Module = torch.nn.Module
@@ -54,10 +58,15 @@ def reads(fn) -> tuple[tuple, tuple]:
     todo = [fn]
     followed = 0
 
-    def reach(obj):
+    def reach(obj, depth=0):
         if id(obj) in seen:
             return
-        if isinstance(obj, _Module):
+        if isinstance(obj, (dict, list, tuple)) and depth < _CONTAINER_DEPTH:
+            seen.add(id(obj))        # functions and modules kept in a container the code reads
+            items = obj.values() if isinstance(obj, dict) else obj
+            for item in itertools.islice(items, _CONTAINER_ITEMS):
+                reach(item, depth + 1)
+        elif isinstance(obj, _Module):
             seen.add(id(obj))
             modules.append(obj)
             for sub in obj.modules():

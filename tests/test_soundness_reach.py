@@ -39,6 +39,13 @@ def uses_helper(x):
     return _helper(x) + 1
 
 
+HELPERS = {"scale": lambda x: x * SCALE}
+
+
+def uses_helper_in_a_dict(x):
+    return HELPERS["scale"](x)
+
+
 @pytest.fixture
 def globals_restored():
     saved = dict(W=W, SCALE=SCALE, MODEL=MODEL, _helper=_helper)
@@ -52,6 +59,7 @@ def globals_restored():
     (uses_module_global, "MODEL", lambda: nn.Linear(4, 4)),
     (uses_helper, "SCALE", lambda: -1.5),                         # read by a helper the function calls
     (uses_helper, "_helper", lambda: (lambda x: x - 7.0)),         # the helper itself rebound
+    (uses_helper_in_a_dict, "SCALE", lambda: 5.0),                 # read by a function kept in a dict
 ])
 def test_rebound_globals_give_eagers_answer(fn, name, new, cache_dir, globals_restored):
     torch.manual_seed(0)
