@@ -7,8 +7,8 @@ deterministic; ``JITFREEZE_HYPOTHESIS_EXAMPLES`` asks for more). A program is a 
 ``h`` (starting from ``x``) that may read the second input ``y``, write into it, use ``h``'s size
 as a Python number, and call the module's submodules; between calls the test changes the module
 the way users do (``.data`` writes, a swapped activation, a submodule in training mode, running
-statistics updated by a train-mode pass, a hook). Fallbacks are fine (eager's answer); a
-different answer is not.
+statistics updated by a train-mode pass, a hook, a module-level name an op reads rebound).
+Fallbacks are fine (eager's answer); a different answer is not.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from jitfreeze import JitFreezeWarning, jitfreeze  # noqa: E402
@@ -40,7 +40,10 @@ def _size_range_sum(h):
     return h + acc
 
 
+GAIN = 1.5                 # a module-level name an op reads; the "rebind_gain" mutation rebinds it
+
 OPS = {
+    "gain": lambda m, h, y, c: h * GAIN,
     "relu": lambda m, h, y, c: torch.relu(h),
     "scale": lambda m, h, y, c: h * c,
     "lin": lambda m, h, y, c: m.lin(h),
@@ -70,7 +73,13 @@ MUTATIONS = {
     "bn_stats": lambda m: _update_running_stats(m),
     "hook": lambda m: m.lin.register_forward_hook(lambda mod, inp, out: out * 2.0),
     "half_float": lambda m: m.half().float(),
+    "rebind_gain": lambda m: globals().__setitem__("GAIN", -GAIN + 0.25),
 }
+
+
+# In-place writes through ``.data`` move no version counter and no pointer: the README's contract
+# asks for ``cache_clear()`` after them, and so does this test.
+NEEDS_CACHE_CLEAR = {"data_add"}
 
 
 def _update_running_stats(m):
@@ -130,8 +139,23 @@ steps_st = st.lists(st.one_of(call_st, call_st, mutation_st), min_size=2, max_si
 _PHASES = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("JITFREEZE_HYPOTHESIS_SHRINK") else [])
 
 
-@settings(max_examples=int(os.environ.get("JITFREEZE_HYPOTHESIS_EXAMPLES", "30")), deadline=None,
+@settings(max_examples=int(os.environ.get("JITFREEZE_HYPOTHESIS_EXAMPLES", "60")), deadline=None,
           derandomize=True, suppress_health_check=list(HealthCheck), database=None, phases=_PHASES)
+# One explicit example per class of wrong answer seen before (then the generated ones).
+@example(ops=["size_sqrt", "size_range", "lin"], consts=[0.5] * 5, wrap="module", dynamic=None,
+         steps=[("call", 0, "separate", 0), ("call", 1, "separate", 0), ("call", 2, "separate", 0),
+                ("call", 3, "separate", 1)])                                         # sizes as numbers
+@example(ops=["write_y", "add_y"], consts=[2.0] * 5, wrap="module", dynamic=False,
+         steps=[("call", 3, "same", 0), ("call", 3, "separate", 0), ("call", 3, "view", 0),
+                ("call", 3, "overlap", 0), ("call", 3, "same", 1)])                  # aliasing
+@example(ops=["lin", "norm", "act", "drop"], consts=[1.0] * 5, wrap="module", dynamic=False,
+         steps=[("call", 2, "separate", 0), ("mutate", "data_assign"), ("call", 2, "separate", 0),
+                ("mutate", "swap_act"), ("call", 2, "separate", 0), ("mutate", "bn_stats"),
+                ("call", 2, "separate", 0), ("mutate", "hook"), ("call", 2, "separate", 0),
+                ("mutate", "half_float"), ("call", 2, "separate", 0)])              # module state
+@example(ops=["norm", "gain"], consts=[1.0] * 5, wrap="closure", dynamic=False,
+         steps=[("call", 2, "separate", 0), ("mutate", "rebind_gain"), ("call", 2, "separate", 0),
+                ("mutate", "norm_train"), ("call", 2, "separate", 0)])              # names rebound
 @given(ops=ops_st, consts=st.lists(st.sampled_from([0.5, 2.0, -1.0, 3.0]), min_size=5, max_size=5),
        steps=steps_st, wrap=st.sampled_from(["module", "closure"]), dynamic=st.sampled_from([None, False]))
 def test_random_programs_answer_as_eager(ops, consts, steps, wrap, dynamic):
@@ -149,6 +173,8 @@ def test_random_programs_answer_as_eager(ops, consts, steps, wrap, dynamic):
             log.append(step)
             if step[0] == "mutate":
                 MUTATIONS[step[1]](model)
+                if step[1] in NEEDS_CACHE_CLEAR:
+                    fast.cache_clear()
                 continue
             _, batch, alias, seed = step
             if batch == 0 and "norm" in ops and model.norm.training:
@@ -157,7 +183,7 @@ def test_random_programs_answer_as_eager(ops, consts, steps, wrap, dynamic):
             out_in = _inputs(seed, batch, alias)
             try:
                 ref = model(*ref_in)
-            except RuntimeError:
+            except (RuntimeError, ValueError):
                 continue                 # eager itself refuses these inputs: nothing to compare
             out = fast(*out_in)
             assert _same(out, ref), f"output differs from eager after {log}"
