@@ -35,12 +35,10 @@ from . import signature as sig_mod
 from . import treespec
 from .cache import DECISION, INDEX, open_cache
 from .config import Config
-from .digest import digest_tensors
 from .dynamic import Guards, dynamic_texts
 from .errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
-from .key import KeyParts, device_text, environment_parts
-from .pipeline import (HOISTED_PREFIX, BindingError, TorchScriptBackend, graph_text, module_weights, outputs_match,
-                       tensor_layout, trace)
+from .key import decision_key, graph_key, index_key
+from .pipeline import HOISTED_PREFIX, BindingError, TorchScriptBackend, module_weights, outputs_match, trace
 from .reach import reads as _reads
 from .watch import Watch, install_hooks, module_tensors, storages
 
@@ -51,10 +49,6 @@ log = logging.getLogger("jitfreeze")
 CacheInfo = collections.namedtuple("CacheInfo", "hits loads compiles fallbacks entries")
 
 _TABLE_LIMIT = 4096          # concrete signatures kept in one function's in-process table
-# Part of every index key. 4: index entries written before symbolic traces guarded the sizes they
-# turned into numbers (and sizes 0/1) hold no guard for them: never served. 5: fingerprints made
-# before the walk refused what it cannot hash (it skipped it): never trusted.
-_INDEX_VERSION = "5"
 _Tensor = torch.Tensor
 _fast_key = sig_mod.fast_key
 _tensor_guards = sig_mod.tensor_guards
@@ -451,7 +445,7 @@ class JitFreezeFunction:
                 traced.real_outputs = [real_leaves[i] for i in traced.out_tensor_idx] \
                     if len(real_leaves) == traced.out_spec.num_leaves else []
             if indexed is not None:
-                key, _ = self._key(call, traced, texts)
+                key, _ = graph_key(self.name, self._backend.name, call, traced, texts, self._bindings(traced))
                 if key == indexed[0].key:
                     log.info("%s: verify=True: the index entry matches the traced graph", self.name)
                     return indexed[0], traced.real_result, True
@@ -541,17 +535,9 @@ class JitFreezeFunction:
                  self.name, _dims_text(specialized), "them" if sum(map(len, specialized.values())) > 1 else "it")
         self._store_decision(call, tensors, state["dims"], static)
 
-    def _decision_key(self, call, tensors) -> str:
-        parts = KeyParts(environment_parts())
-        parts.add("function", self.name)
-        parts.add("structure", call.spec_text() + "\n" + "\n".join(
-            f"{t.dtype} {t.device} ndim={t.dim()}" for t in tensors) + "\n" + "\n".join(
-            call.texts[i] for i, _ in call.consts))
-        return parts.key(self.name + " (dynamic decision)")
-
     def _load_decision(self, call, tensors) -> tuple[dict, dict]:
         """The stored decision: ({leaf: dynamic dims}, {leaf: dims kept static}), or two empty dicts."""
-        found = self._cache_for().get(self._decision_key(call, tensors), ns=DECISION)
+        found = self._cache_for().get(decision_key(self.name, call, tensors), ns=DECISION)
         if found is None:
             return {}, {}
         try:
@@ -570,7 +556,7 @@ class JitFreezeFunction:
     def _store_decision(self, call, tensors, dims, static) -> None:
         meta = {"dims": {str(j): sorted(d) for j, d in dims.items()},
                 "static": {str(j): sorted(d) for j, d in static.items()}, "qualname": self.name}
-        self._cache_for().put(self._decision_key(call, tensors), meta, b"", ns=DECISION)
+        self._cache_for().put(decision_key(self.name, call, tensors), meta, b"", ns=DECISION)
 
     # -- the trace-free index -------------------------------------------------------------------
 
@@ -587,17 +573,7 @@ class JitFreezeFunction:
                 log.info("%s: the fingerprint index is not used: %s; tracing (the graph key finds stored "
                          "artifacts)", self.name, exc)
             return None
-        devices = list(call.devices)
-        for t in tensors:
-            if t.device not in devices:
-                devices.append(t.device)
-        parts = KeyParts(environment_parts())
-        parts.add("backend", self._backend.name)
-        parts.add("index", _INDEX_VERSION)
-        parts.add("device", ",".join(device_text(d) for d in devices) or "none")
-        parts.add("signature", call.signature_text(texts))
-        parts.add("code+weights", digest)
-        return parts.key(self.name + " (index)"), tensors, modules
+        return index_key(self.name, self._backend.name, call, texts, digest, tensors), tensors, modules
 
     def _from_index(self, call, fp, tensors):
         """(entry, result, guards) from the fingerprint index, or None. No trace."""
@@ -684,7 +660,7 @@ class JitFreezeFunction:
             # The trace ran under no_grad; this call wants a graph for autograd: eager it is.
             raise _GradFallback("weights the function uses require grad and frozen graphs are inference-only")
         bindings = self._bindings(traced)
-        key, parts = self._key(call, traced, texts, bindings)
+        key, parts = graph_key(self.name, self._backend.name, call, traced, texts, bindings)
         cache = self._cache_for()
         found = cache.get(key)
         if found is not None:
@@ -806,27 +782,6 @@ class JitFreezeFunction:
         if self._cache is None:
             self._cache = open_cache(self.cache_dir, self._config)
         return self._cache
-
-    def _key(self, call, traced, texts, bindings=None):
-        devices = list(call.devices)
-        for _, t in traced.constants:
-            if t.device not in devices:
-                devices.append(t.device)
-        parts = KeyParts(environment_parts())
-        parts.add("backend", self._backend.name)
-        parts.add("device", ",".join(device_text(d) for d in devices) or "none")
-        parts.add("signature", call.signature_text(texts))
-        if traced.guards:
-            parts.add("guards", "\n".join(traced.guards))
-        parts.add("graph", graph_text(traced))
-        parts.add("weights", digest_tensors([t for _, t in traced.constants]))
-        if bindings is None:
-            bindings = self._bindings(traced)
-        if bindings:
-            layouts = dict(traced.constants)
-            parts.add("bindings", "\n".join(f"{attr}={name} {tensor_layout(layouts[attr])}"
-                                             for attr, name in bindings.items()))
-        return parts.key(self.name), parts
 
     def _meta(self, call, parts):
         import platform
