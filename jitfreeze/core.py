@@ -33,11 +33,11 @@ from torch.utils import _pytree as pytree
 from . import gcpause
 from . import signature as sig_mod
 from . import treespec
-from .cache import DECISION, INDEX, open_cache
+from .cache import INDEX, open_cache
 from .config import Config
-from .dynamic import Guards, dynamic_texts
+from .dynamic import AutoDynamic, Guards, dynamic_texts
 from .errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
-from .key import decision_key, graph_key, index_key
+from .key import graph_key, index_key
 from .pipeline import HOISTED_PREFIX, BindingError, TorchScriptBackend, module_weights, outputs_match, trace
 from .reach import reads as _reads
 from .watch import Watch, install_hooks, module_tensors, storages
@@ -142,9 +142,10 @@ class JitFreezeFunction:
             raise TypeError("dynamic must be None (automatic), True, False or a dict {argument: dims}")
         self.dynamic = dynamic
         self._dyn: dict = {}         # (structure, mode, dynamic texts, aliasing) -> [(Guards, entry)]
-        self._auto: dict = {}        # automatic dynamic: shape class -> {"shapes", "dims", "static"}
         self.traces = 0          # how many times this function was traced (tests assert warm paths trace nothing)
         self.name = name or _qualname(fn, module)
+        me = weakref.ref(self)       # not a bound method: no cycle keeps the function (and its module) alive
+        self._shapes = AutoDynamic(self.name, dynamic, lambda: me()._cache_for())   # which dims trace symbolically
         self._parent = _parent
         self._bound = weakref.WeakKeyDictionary()
         self._table: dict = {}
@@ -253,7 +254,7 @@ class JitFreezeFunction:
             self._table.clear()
             self._fallbacks.clear()
             self._dyn.clear()
-            self._auto.clear()
+            self._shapes.clear()
             self._signatures = 0
             self._hits = self._loads = self._compiles = 0
         for bound in list(self._bound.values()):
@@ -394,7 +395,7 @@ class JitFreezeFunction:
         """
         leaves = pytree.tree_leaves((args, kwargs))
         tensors = [leaves[i] for i in call.tensor_idx]
-        dims = self._dynamic_dims(call, tensors) if tensors else {}
+        dims = self._shapes.dims(call, tensors) if tensors else {}
         texts = call.texts
         if dims:
             texts = dynamic_texts(call, tensors, dims)
@@ -432,7 +433,7 @@ class JitFreezeFunction:
         traced = trace(self.fn, call, tensors, dims, recorder=self._config.tracer == "auto")
         t_trace = time.perf_counter() - t0
         if traced.specialized and self.dynamic is None:
-            self._pin_static(call, tensors, traced.specialized)
+            self._shapes.pin_static(call, tensors, traced.specialized)
         try:
             if storages(tensors) & storages([t for _, t in traced.constants]):
                 raise FallbackReason(_SHARES_WEIGHT)
@@ -473,90 +474,6 @@ class JitFreezeFunction:
     def _remember_dynamic(self, call, texts, guards, entry):
         if guards is not None:
             self._dyn.setdefault((call.in_spec, call.mode, texts, call.alias), []).append((guards, entry))
-
-    # -- dynamic shapes -------------------------------------------------------------------------
-
-    def _dynamic_dims(self, call, tensors) -> dict:
-        """{tensor leaf number: frozenset(dims)} to trace symbolically for this call ({}: static)."""
-        dynamic = self.dynamic
-        if dynamic is False:
-            return {}
-        if dynamic is True:
-            return {j: frozenset(range(t.dim())) for j, t in enumerate(tensors) if t.dim()}
-        if isinstance(dynamic, dict):
-            dims = {}
-            for j, (pos, name) in enumerate(call.tensor_args):
-                spec = dynamic.get(name, dynamic.get(pos)) if (name is not None or pos is not None) else None
-                if spec:
-                    dims[j] = frozenset(d % tensors[j].dim() for d in spec) if tensors[j].dim() else frozenset()
-            return {j: d for j, d in dims.items() if d}
-        # automatic: static first; dims whose size changes between calls become dynamic, once,
-        # unless the function specialized them (see _pin_static).
-        shape_class = self._shape_class(call, tensors)
-        shapes = tuple(tuple(t.shape) for t in tensors)
-        state = self._auto.get(shape_class)
-        if state is None:
-            decided, static = self._load_decision(call, tensors)
-            self._auto[shape_class] = {"shapes": shapes, "dims": decided, "static": static}
-            if decided:
-                log.info("%s: using the stored dynamic-shape decision %s", self.name, _dims_text(decided))
-            return decided
-        changed = {j: frozenset(d for d, (a, b) in enumerate(zip(shape, state["shapes"][j])) if a != b)
-                   for j, shape in enumerate(shapes)}
-        merged = {j: (state["dims"].get(j, frozenset()) | changed.get(j, frozenset()))
-                  - state["static"].get(j, frozenset()) for j in range(len(shapes))}
-        merged = {j: d for j, d in merged.items() if d}
-        if merged != state["dims"]:
-            log.info("%s: recompiling: %s changed size (%s vs %s); marking them dynamic", self.name,
-                     _dims_text({j: d - state["dims"].get(j, frozenset()) for j, d in merged.items()}),
-                     _shapes_text(shapes), _shapes_text(state["shapes"]))
-            state["dims"] = merged
-            self._store_decision(call, tensors, merged, state["static"])
-        return state["dims"]
-
-    def _shape_class(self, call, tensors) -> tuple:
-        return (call.in_spec, call.mode, call.alias, tuple(call.texts[i] for i, _ in call.consts),
-                tuple((t.dtype, t.device, t.dim()) for t in tensors))
-
-    def _pin_static(self, call, tensors, specialized: dict) -> None:
-        """Automatic dynamic shapes: the function turned these dims' sizes into numbers in a
-        symbolic trace (``float(x.shape[0])``, ``range(n)``, ...). That trace's entry is guarded on
-        their sizes; from now on they are traced statically (one graph per size), in this process
-        and, through the stored decision, in later ones."""
-        state = self._auto.get(self._shape_class(call, tensors))
-        if state is None:
-            return
-        static = dict(state["static"])
-        for j, d in specialized.items():
-            static[j] = static.get(j, frozenset()) | d
-        dims = {j: d - static.get(j, frozenset()) for j, d in state["dims"].items()}
-        state["static"], state["dims"] = static, {j: d for j, d in dims.items() if d}
-        log.info("%s: the function uses the size of %s as a number; tracing %s statically from now on",
-                 self.name, _dims_text(specialized), "them" if sum(map(len, specialized.values())) > 1 else "it")
-        self._store_decision(call, tensors, state["dims"], static)
-
-    def _load_decision(self, call, tensors) -> tuple[dict, dict]:
-        """The stored decision: ({leaf: dynamic dims}, {leaf: dims kept static}), or two empty dicts."""
-        found = self._cache_for().get(decision_key(self.name, call, tensors), ns=DECISION)
-        if found is None:
-            return {}, {}
-        try:
-            dims, static = ({int(j): frozenset(int(d) for d in ds) for j, ds in found[0].get(part, {}).items()}
-                            for part in ("dims", "static"))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            return {}, {}
-
-        def fits(d: dict) -> dict:
-            return {j: ds for j, ds in d.items() if j < len(tensors) and all(x < tensors[j].dim() for x in ds)}
-
-        static = fits(static)
-        dims = {j: ds - static.get(j, frozenset()) for j, ds in fits(dims).items()}
-        return {j: ds for j, ds in dims.items() if ds}, static
-
-    def _store_decision(self, call, tensors, dims, static) -> None:
-        meta = {"dims": {str(j): sorted(d) for j, d in dims.items()},
-                "static": {str(j): sorted(d) for j, d in static.items()}, "qualname": self.name}
-        self._cache_for().put(decision_key(self.name, call, tensors), meta, b"", ns=DECISION)
 
     # -- the trace-free index -------------------------------------------------------------------
 
@@ -822,15 +739,6 @@ def _discarded_forward(module, args):
     raise ParametersDiscardedError(
         f"calling {type(module).__name__} directly: {_DISCARDED}. Call it through its jitfreeze function, "
         "with signatures compiled before the parameters were discarded")
-
-
-def _dims_text(dims) -> str:
-    return ", ".join(f"input {j} dim{'s' if len(d) > 1 else ''} {','.join(map(str, sorted(d)))}"
-                     for j, d in sorted(dims.items())) or "no dims"
-
-
-def _shapes_text(shapes) -> str:
-    return ", ".join(str(tuple(s)) for s in shapes)
 
 
 def _fast_positions(args, call):

@@ -17,10 +17,10 @@ import sys
 import torch
 
 from .digest import digest_tensors
-from .pipeline import graph_text, tensor_layout
 
 __all__ = ["FORMAT_VERSION", "INDEX_VERSION", "KeyParts", "device_text", "environment_parts", "graph_key",
-           "index_key", "decision_key"]
+           "index_key", "decision_key", "graph_text",
+           "tensor_layout"]
 
 log = logging.getLogger("jitfreeze")
 
@@ -88,6 +88,16 @@ class KeyParts:
         for name, text in self.parts:
             out[name] = text if len(text) <= 200 else "sha256:" + hashlib.sha256(text.encode()).hexdigest()
         return out
+
+
+def graph_text(traced) -> str:
+    """Canonical text of the graph: generated code, no source ranges, no addresses."""
+    return traced.graph_module.code
+
+
+def tensor_layout(t: torch.Tensor) -> list:
+    """What a bound weight must look like for the graph saved against it to run on it."""
+    return [str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride()), t.storage_offset(), str(t.device)]
 
 
 # -- the three recipes: the graph key, the fingerprint index's key, the dynamic-shape decision's key --
