@@ -32,12 +32,12 @@ from torch.utils import _pytree as pytree
 
 from . import gcpause
 from . import signature as sig_mod
-from . import treespec
-from .cache import INDEX, open_cache
+from .cache import open_cache
 from .config import Config
 from .dynamic import AutoDynamic, Guards, dynamic_texts
 from .errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
-from .key import graph_key, index_key
+from .index import FingerprintIndex
+from .key import graph_key
 from .pipeline import HOISTED_PREFIX, BindingError, TorchScriptBackend, module_weights, outputs_match, trace
 from .reach import reads as _reads
 from .watch import Watch, install_hooks, module_tensors, storages
@@ -164,7 +164,7 @@ class JitFreezeFunction:
         self._cache = None
         self._backend = TorchScriptBackend(optimize)
         self._param_names = None
-        self._index_refusal_logged = False     # why the index can't be used: logged once
+        self._index = FingerprintIndex(self.name, self._backend.name, fn, _parent._index if _parent else None)
         if module is None and not isinstance(fn, torch.nn.Module):
             functools.update_wrapper(self, fn, updated=())
         else:
@@ -414,8 +414,8 @@ class JitFreezeFunction:
                 f"{self.name}: a new signature needs the module's weights (to trace it, or to bind them to "
                 "a stored graph), but its parameters were discarded (discard_parameters=True)")
         self._check_cap()
-        fp = self._fingerprint(call, texts) if self.index else None
-        weights = (list(fp[1]) if fp is not None else []) + (
+        fp = self._index.fingerprint(call, texts) if self.index else None
+        weights = (list(fp.tensors) if fp is not None else []) + (
             module_tensors(self.module) if self.module is not None else [])
         if storages(tensors) & storages(weights):
             raise FallbackReason(_SHARES_WEIGHT)
@@ -453,7 +453,7 @@ class JitFreezeFunction:
                 trouble(f"jitfreeze: {self.name}: stale fingerprint index entry (the traced graph differs from "
                         "the indexed one: something the fingerprint cannot see changed, e.g. a helper in "
                         "another module); replacing it", None, strict=self._config.strict,
-                        once=(self._serial, "stale", fp[0]))
+                        once=(self._serial, "stale", fp.key))
             entry, result = self._load_or_compile(call, traced, copies, t0, t_trace, texts)
         except _GradFallback:
             raise      # the result must carry autograd history: run eagerly
@@ -468,7 +468,7 @@ class JitFreezeFunction:
                 raise FallbackReason(f"the dynamic trace's own guard fails for this call: {failed}")
         self._remember_dynamic(call, texts, guards, entry)
         if fp is not None:
-            self._write_index(fp, entry, traced)
+            self._index.write(self._cache_for(), fp.key, entry, traced)
         return entry, result, True
 
     def _remember_dynamic(self, call, texts, guards, entry):
@@ -477,79 +477,29 @@ class JitFreezeFunction:
 
     # -- the trace-free index -------------------------------------------------------------------
 
-    def _fingerprint(self, call, texts):
-        """(index key, tensors, modules) for this call without tracing, or None."""
-        from .fingerprint import Unfingerprintable, function_fingerprint
-        try:
-            digest, tensors, modules = function_fingerprint(self.fn)
-        except Unfingerprintable as exc:
-            # Not the index, then: trace, and find the artifact by the graph's key.
-            root = self._parent or self
-            if not root._index_refusal_logged:
-                root._index_refusal_logged = True
-                log.info("%s: the fingerprint index is not used: %s; tracing (the graph key finds stored "
-                         "artifacts)", self.name, exc)
-            return None
-        return index_key(self.name, self._backend.name, call, texts, digest, tensors), tensors, modules
-
     def _from_index(self, call, fp, tensors):
         """(entry, result, guards) from the fingerprint index, or None. No trace."""
-        index_key, fp_tensors, _ = fp
-        if call.mode[0] and any(t.requires_grad for t in fp_tensors):
+        if call.mode[0] and any(t.requires_grad for t in fp.tensors):
             raise _GradFallback("weights the function uses require grad and frozen graphs are inference-only")
         cache = self._cache_for()
-        found = cache.get(index_key, ns=INDEX)
-        if found is None:
-            return None
-        for candidate in found[0].get("candidates", []):
-            try:
-                guards = Guards(candidate["guards"]) if candidate["guards"] else None
-                if guards is not None and guards.failing(tensors) is not None:
-                    continue
-                out_spec = treespec.loads(candidate["out"])
-                out_tensor_idx = tuple(candidate["out_tensor_idx"])
-                out_consts = tuple((i, v) for i, v in candidate["out_consts"])
-                key = candidate["graph_key"]
-            except Exception as exc:  # noqa: BLE001 - e.g. an output class that no longer imports
-                cache.evict(index_key, "unusable index entry", exc, ns=INDEX)
-                return None
+        for candidate in self._index.candidates(cache, fp.key, tensors):
+            key = candidate.graph_key
             artifact = cache.get(key)
             if artifact is None:
                 continue
             module = self._load(cache, key, artifact[1], call)
             if module is None:
                 continue
-            watch = self._watch(fp_tensors, call)
+            watch = self._watch(fp.tensors, call)
             outs, fwd = self._first_call(module, tensors)
-            entry = _Entry(fwd, key, call, out_spec, out_tensor_idx, out_consts, watch, "index")
+            entry = _Entry(fwd, key, call, candidate.out_spec, candidate.out_tensor_idx, candidate.out_consts,
+                           watch, "index")
             result = entry.rebuild(outs)
             self._loads += 1
             log.info("%s: loaded %s for %s from %s (index hit, no trace)", self.name, key[:16], _short_sig(call),
                      cache.where())
-            return entry, result, guards
+            return entry, result, candidate.guards
         return None
-
-    def _write_index(self, fp, entry, traced):
-        if entry.source == "unstored":
-            return      # the artifact was not written (lock timeout, write failure): neither is its index
-        out = treespec.dumps(traced.out_spec)
-        consts = [[i, v] for i, v in traced.out_consts]
-        if out is None or not all(isinstance(v, (type(None), bool, int, float, str)) for _, v in consts):
-            log.debug("%s: output structure can't be stored; no index entry", self.name)
-            return
-        candidate = {"graph_key": entry.key, "out": out, "out_tensor_idx": list(entry.out_tensor_idx),
-                     "out_consts": consts, "guards": list(traced.guards)}
-        cache = self._cache_for()
-        with cache.lock("index-" + fp[0]) as held:
-            found = cache.get(fp[0], ns=INDEX)
-            candidates = [c for c in (found[0].get("candidates", []) if found else [])
-                          if isinstance(c, dict) and c.get("graph_key") != entry.key]
-            if not traced.guards:
-                candidates = []          # a static signature has one graph: replace (e.g. stale entries)
-            candidates.append(candidate)
-            if held:
-                cache.put(fp[0], {"candidates": candidates[-8:], "qualname": self.name, "created": time.time()},
-                          b"", ns=INDEX)
 
     def _discard_parameters(self):
         """Release the module's parameter and buffer storage: the frozen graphs hold the weights."""
