@@ -15,13 +15,11 @@ trace's own (eager) outputs, and put the entry in the in-process table.
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import inspect
 import itertools
 import logging
 import os
-import re
 import threading
 import time
 import weakref
@@ -38,9 +36,9 @@ from .dynamic import AutoDynamic, Guards, dynamic_texts
 from .errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
 from .index import FingerprintIndex
 from .key import graph_key
-from .pipeline import HOISTED_PREFIX, BindingError, TorchScriptBackend, module_weights, outputs_match, trace
-from .reach import reads as _reads
-from .watch import Watch, install_hooks, module_tensors, storages
+from .pipeline import TorchScriptBackend, trace
+from .resolve import GradFallback, Resolver, short_sig
+from .watch import install_hooks, module_tensors, storages
 
 __all__ = ["jitfreeze", "JitFreezeFunction", "CacheInfo"]
 
@@ -69,58 +67,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _Entry:
-    """A compiled function for one signature, plus how to feed it and rebuild its output."""
-
-    __slots__ = ("fwd", "key", "fast_idx", "tensor_idx", "out_kind", "out_spec", "out_n", "out_tensor_idx",
-                 "out_consts", "watch", "source")
-
-    def __init__(self, fwd, key, call, out_spec, out_tensor_idx, out_consts, watch, source):
-        self.fwd = fwd
-        self.key = key
-        self.tensor_idx = call.tensor_idx
-        self.fast_idx = None
-        self.out_spec = out_spec
-        self.out_n = out_spec.num_leaves
-        self.out_tensor_idx = tuple(out_tensor_idx)
-        self.out_consts = tuple(out_consts)
-        self.watch = watch
-        self.source = source
-        if out_spec.is_leaf() and self.out_tensor_idx == (0,):
-            self.out_kind = 0                       # a single tensor: the graph returns it as is
-        elif (out_spec.type is tuple and not out_consts and self.out_n == len(out_tensor_idx)
-              and all(c.is_leaf() for c in out_spec.children())):
-            self.out_kind = 1                       # a flat tuple of tensors
-        else:
-            self.out_kind = 2
-
-    def rebuild(self, outs):
-        kind = self.out_kind
-        if kind == 0:
-            return outs
-        if kind == 1:
-            return tuple(outs)
-        leaves = [None] * self.out_n
-        for i, t in zip(self.out_tensor_idx, outs):
-            leaves[i] = t
-        for i, v in self.out_consts:
-            leaves[i] = v
-        return pytree.tree_unflatten(leaves, self.out_spec)
-
-    def call_fast(self, args):
-        idx = self.fast_idx
-        outs = self.fwd(*args) if idx is None else self.fwd(*[args[i] for i in idx])
-        if self.out_kind == 0:
-            return outs
-        return self.rebuild(outs)
-
-    def call_leaves(self, leaves):
-        return self.rebuild(self.fwd(*[leaves[i] for i in self.tensor_idx]))
-
-    def call_leaves_tensors(self, tensors):
-        return self.rebuild(self.fwd(*tensors))
 
 
 class JitFreezeFunction:
@@ -153,7 +99,7 @@ class JitFreezeFunction:
         self._lasts: dict = {}               # fast key -> its _remember tuple
         self._fallbacks: dict = {}
         self._signatures = 0
-        self._hits = self._loads = self._compiles = 0
+        self._hits = 0
         self._lock = threading.RLock()
         # Names this function in once-per-function warnings: never its id(), which a new function
         # reuses once this one is gone (and would then not warn).
@@ -163,6 +109,7 @@ class JitFreezeFunction:
         self._disabled = False
         self._cache = None
         self._backend = TorchScriptBackend(optimize)
+        self._resolver = Resolver(self.name, fn, module, self._backend, lambda: me()._cache_for())
         self._param_names = None
         self._index = FingerprintIndex(self.name, self._backend.name, fn, _parent._index if _parent else None)
         if module is None and not isinstance(fn, torch.nn.Module):
@@ -245,7 +192,7 @@ class JitFreezeFunction:
 
     def cache_info(self) -> CacheInfo:
         entries = len({id(e) for e in self._table.values()})
-        return CacheInfo(self._hits, self._loads, self._compiles, len(self._fallbacks), entries)
+        return CacheInfo(self._hits, self._resolver.loads, self._resolver.compiles, len(self._fallbacks), entries)
 
     def cache_clear(self) -> None:
         """Empty the in-process table (and forget remembered fallbacks); the persistent cache stays."""
@@ -256,7 +203,7 @@ class JitFreezeFunction:
             self._dyn.clear()
             self._shapes.clear()
             self._signatures = 0
-            self._hits = self._loads = self._compiles = 0
+            self._hits = self._resolver.loads = self._resolver.compiles = 0
         for bound in list(self._bound.values()):
             bound.cache_clear()
 
@@ -347,7 +294,7 @@ class JitFreezeFunction:
                 with gcpause.paused():
                     entry, result, new = self._resolve(call, args, kwargs)
             except FallbackReason as reason:
-                self._fallback(key, str(reason), grad=isinstance(reason, _GradFallback))
+                self._fallback(key, str(reason), grad=isinstance(reason, GradFallback))
                 if reason.result is not NO_RESULT:
                     return reason.result      # the trace ran the function: don't run it twice
                 return self._eager(args, kwargs)
@@ -408,7 +355,7 @@ class JitFreezeFunction:
                     return entry, entry.call_leaves_tensors(tensors), False
                 failures.append(failed)
             if failures:
-                log.info("%s: recompiling: %s fails for %s", self.name, " / ".join(failures), _short_sig(call))
+                log.info("%s: recompiling: %s fails for %s", self.name, " / ".join(failures), short_sig(call))
         if self.module is not None and getattr(self.module, "_jitfreeze_discarded", False):
             raise ParametersDiscardedError(
                 f"{self.name}: a new signature needs the module's weights (to trace it, or to bind them to "
@@ -421,10 +368,10 @@ class JitFreezeFunction:
             raise FallbackReason(_SHARES_WEIGHT)
         indexed = None
         if fp is not None:
-            indexed = self._from_index(call, fp, tensors)
+            indexed = self._resolver.from_index(call, fp, self._index, tensors)
             if indexed is not None and not self.verify:
-                self._remember_dynamic(call, texts, indexed[2], indexed[0])
-                return indexed[0], indexed[1], True
+                self._remember_dynamic(call, texts, indexed.guards, indexed.entry)
+                return indexed.entry, indexed.result, True
         # The trace runs the function for real (it may mutate its inputs); verification runs the
         # compiled function on copies taken before.
         copies = _copies(tensors) if call.alias else [t.detach().clone() for t in tensors]
@@ -446,16 +393,16 @@ class JitFreezeFunction:
                 traced.real_outputs = [real_leaves[i] for i in traced.out_tensor_idx] \
                     if len(real_leaves) == traced.out_spec.num_leaves else []
             if indexed is not None:
-                key, _ = graph_key(self.name, self._backend.name, call, traced, texts, self._bindings(traced))
-                if key == indexed[0].key:
+                key, _ = graph_key(self.name, self._backend.name, call, traced, texts, self._resolver.bindings(traced))
+                if key == indexed.entry.key:
                     log.info("%s: verify=True: the index entry matches the traced graph", self.name)
-                    return indexed[0], traced.real_result, True
+                    return indexed.entry, traced.real_result, True
                 trouble(f"jitfreeze: {self.name}: stale fingerprint index entry (the traced graph differs from "
                         "the indexed one: something the fingerprint cannot see changed, e.g. a helper in "
                         "another module); replacing it", None, strict=self._config.strict,
                         once=(self._serial, "stale", fp.key))
-            entry, result = self._load_or_compile(call, traced, copies, t0, t_trace, texts)
-        except _GradFallback:
+            outcome = self._resolver.load_or_compile(call, traced, copies, t0, t_trace, texts)
+        except GradFallback:
             raise      # the result must carry autograd history: run eagerly
         except FallbackReason as reason:
             reason.result = traced.real_result
@@ -466,40 +413,15 @@ class JitFreezeFunction:
             failed = guards.failing(tensors)
             if failed is not None:       # cannot happen for a sound trace; never serve past a guard
                 raise FallbackReason(f"the dynamic trace's own guard fails for this call: {failed}")
+        entry = outcome.entry
         self._remember_dynamic(call, texts, guards, entry)
         if fp is not None:
             self._index.write(self._cache_for(), fp.key, entry, traced)
-        return entry, result, True
+        return entry, outcome.result, True
 
     def _remember_dynamic(self, call, texts, guards, entry):
         if guards is not None:
             self._dyn.setdefault((call.in_spec, call.mode, texts, call.alias), []).append((guards, entry))
-
-    # -- the trace-free index -------------------------------------------------------------------
-
-    def _from_index(self, call, fp, tensors):
-        """(entry, result, guards) from the fingerprint index, or None. No trace."""
-        if call.mode[0] and any(t.requires_grad for t in fp.tensors):
-            raise _GradFallback("weights the function uses require grad and frozen graphs are inference-only")
-        cache = self._cache_for()
-        for candidate in self._index.candidates(cache, fp.key, tensors):
-            key = candidate.graph_key
-            artifact = cache.get(key)
-            if artifact is None:
-                continue
-            module = self._load(cache, key, artifact[1], call)
-            if module is None:
-                continue
-            watch = self._watch(fp.tensors, call)
-            outs, fwd = self._first_call(module, tensors)
-            entry = _Entry(fwd, key, call, candidate.out_spec, candidate.out_tensor_idx, candidate.out_consts,
-                           watch, "index")
-            result = entry.rebuild(outs)
-            self._loads += 1
-            log.info("%s: loaded %s for %s from %s (index hit, no trace)", self.name, key[:16], _short_sig(call),
-                     cache.where())
-            return entry, result, candidate.guards
-        return None
 
     def _discard_parameters(self):
         """Release the module's parameter and buffer storage: the frozen graphs hold the weights."""
@@ -522,148 +444,13 @@ class JitFreezeFunction:
             entry.watch = None          # the weights can no longer change under the frozen copies
         log.info("%s: discarded the module's parameters (discard_parameters=True)", self.name)
 
-    def _load_or_compile(self, call, traced, copies, t0, t_trace, texts):
-        if call.mode[0] and any(t.requires_grad for _, t in traced.constants):
-            # The trace ran under no_grad; this call wants a graph for autograd: eager it is.
-            raise _GradFallback("weights the function uses require grad and frozen graphs are inference-only")
-        bindings = self._bindings(traced)
-        key, parts = graph_key(self.name, self._backend.name, call, traced, texts, bindings)
-        cache = self._cache_for()
-        found = cache.get(key)
-        if found is not None:
-            meta, payload = found
-            module = self._load(cache, key, payload, call)
-            if module is not None:
-                outs, fwd = self._first_call(module, copies)
-                why = outputs_match(_as_list(outs), traced.real_outputs)
-                if why is None:
-                    self._loads += 1
-                    log.info("%s: loaded %s for %s from %s", self.name, key[:16], _short_sig(call), cache.where())
-                    return self._entry(fwd, key, call, traced, "cache"), traced.real_result
-                cache.evict(key, f"its outputs differ from eager: {why}")
-        with cache.lock(key) as held:
-            if held:
-                found = cache.get(key)
-                if found is not None:
-                    module = self._load(cache, key, found[1], call)
-                    if module is not None:
-                        self._loads += 1
-                        log.info("%s: loaded %s (compiled by another process) from %s", self.name, key[:16], cache.where())
-                        return self._entry(self._backend.runner(module), key, call, traced, "cache"), traced.real_result
-            t1 = time.perf_counter()
-            # Saved straight into the cache's directory where it can be: storing it is then
-            # sealing it in place, not reading, packing and writing it again (BERT-size: 434 MB).
-            file = cache.new_file() if held else None
-            with file if file is not None else contextlib.nullcontext():     # closed once stored
-                try:
-                    saved = self._backend.compile(traced, file.path if file else None, bindings, copies)
-                except BaseException:
-                    if file is not None:
-                        file.discard()
-                    raise
-                if saved.error is not None:
-                    cache.write_failed(saved.error, key)
-                    file = None          # saved elsewhere (a temporary file): nothing to adopt
-                try:
-                    t2 = time.perf_counter()
-                    module = self._load(None, key, saved, call)
-                    if module is None:
-                        raise FallbackReason("the frozen artifact does not load back")
-                    t3 = time.perf_counter()
-                    outs, fwd = self._first_call(module, copies)
-                    why = outputs_match(_as_list(outs), traced.real_outputs)
-                    if why is not None:
-                        raise FallbackReason(f"the compiled function disagrees with eager: {why}")
-                    t4 = time.perf_counter()
-                    self._compiles += 1
-                    size = len(saved)
-                    stored = held and cache.put(key, self._meta(call, parts), saved, file=file)
-                finally:
-                    saved.remove()
-            log.info("%s: compiled %s in %.2fs (trace %.2fs, script+save %.2fs, load+bind+freeze %.2fs, "
-                     "first call %.2fs, store %.2fs)%s", self.name, _short_sig(call), time.perf_counter() - t0,
-                     t_trace, t2 - t1, t3 - t2, t4 - t3, time.perf_counter() - t4,
-                     f"; stored {size / 1e6:.1f} MB as {key[:16]}" if stored else "; not stored")
-            return self._entry(fwd, key, call, traced, "compiled" if stored else "unstored"), traced.real_result
-
-    def _weights(self) -> dict | None:
-        """The bound module's tensors by name (what stored graphs bind), or None."""
-        return module_weights(self.module)
-
-    def _bindings(self, traced) -> dict:
-        """{graph attribute: the module's name for it} for the traced constants that are the bound
-        module's own tensors, left out of the artifact and bound again when it loads -- when the
-        backend binds them (large weights) rather than freezing them in."""
-        weights = self._weights()
-        if not weights:
-            return {}
-        names: dict = {}
-        for name, t in weights.items():
-            names.setdefault(id(t), name)
-        return self._backend.bindings(traced, {attr: names[id(t)] for attr, t in traced.constants if id(t) in names})
-
-    def _load(self, cache, key, payload, call):
-        device = call.devices[0] if call.devices else None
-        try:
-            return self._backend.load(payload, device, self._weights())
-        except BindingError as exc:
-            # Not the artifact's fault: the key covers the weights' names and layouts, so the module
-            # changed since (another thread, or its parameters were discarded). A plain miss.
-            if cache is None:
-                raise FallbackReason(f"the compiled function does not bind the module's weights: {exc}") from exc
-            log.info("%s: %s not used: %s", self.name, key[:16], exc)
-            return None
-        except FallbackReason:
-            if cache is None:
-                raise
-            cache.evict(key, "torch.jit.freeze failed after loading")
-            return None
-        except Exception as exc:  # noqa: BLE001
-            path = getattr(payload, "path", None)
-            if cache is not None and path is not None and not os.path.exists(path):
-                return None          # evicted between verification and loading: a plain miss
-            if cache is None:
-                raise FallbackReason(f"the frozen artifact does not load back: {type(exc).__name__}: {exc}") from exc
-            cache.evict(key, "torch.jit.load failed", exc)
-            return None
-
-    def _first_call(self, module, tensors):
-        """Call a freshly loaded module once: (its outputs, the function to call it with from now on)."""
-        return self._backend.first_call(module, tensors)
-
-    def _entry(self, fwd, key, call, traced, source):
-        """``fwd``: a loaded module's runner (:meth:`TorchScriptBackend.runner`)."""
-        # The weights to watch: the function's and module's, not the numbers the pipeline hoisted.
-        watch_tensors = [t for name, t in traced.constants if not name.startswith(HOISTED_PREFIX)]
-        return _Entry(fwd, key, call, traced.out_spec, traced.out_tensor_idx, traced.out_consts,
-                      self._watch(watch_tensors, call), source)
-
-    def _watch(self, tensors, call):
-        """The freshness check of a new entry (None: nothing to watch)."""
-        reads = _reads(self.fn)
-        if not tensors and self.module is None and not reads[0] and not reads[1]:
-            return None
-        return Watch(tensors, self.module, check_grad=call.mode[0], reads=reads)
-
     def _cache_for(self):
         if self._cache is None:
             self._cache = open_cache(self.cache_dir, self._config)
         return self._cache
 
-    def _meta(self, call, parts):
-        import platform
-        return {"qualname": self.name, "signature": list(call.texts), "spec": call.spec_text(),
-                "device": [str(d) for d in call.devices], "torch": torch.__version__,
-                "python": platform.python_version(), "created": time.time(), "parts": parts.summary(),
-                "part_digests": parts.digests()}
-
-
 _SHARES_WEIGHT = ("an argument shares storage with a weight the function uses (a frozen graph holds its "
                   "own copy of the weights, or reads them through the argument)")
-
-
-class _GradFallback(FallbackReason):
-    pass
 
 
 _DISCARDED = ("its parameters and buffers were released by jitfreeze (discard_parameters=True); only the "
@@ -714,26 +501,6 @@ def _copies(tensors) -> list:
                 clone, t.storage_offset(), t.shape, t.stride())
         out.append(copy)
     return out
-
-
-def _as_list(out):
-    return list(out) if isinstance(out, (list, tuple)) else [out]
-
-
-def _short_sig(call) -> str:
-    """``(4x8 float32, 8x16 float32, scale=2.0)``-style text for log lines."""
-    items = []
-    for text in call.texts:
-        m = _SHAPE_RE.match(text)
-        if m:
-            dims = "x".join(d.strip() for d in m.group(1).split(",") if d.strip()) or "scalar"
-            items.append(f"{dims} {m.group(2).replace('torch.', '')}")
-        else:
-            items.append(text)
-    return "(" + ", ".join(items) + ")"
-
-
-_SHAPE_RE = re.compile(r"Tensor\(shape=\(([^)]*)\), dtype=([^,]+)")
 
 
 def _qualname(fn, module) -> str:
