@@ -32,6 +32,7 @@ from . import gcpause
 from . import signature as sig_mod
 from .cache import open_cache
 from .config import Config
+from .discard import discard_parameters
 from .dynamic import AutoDynamic, Guards, dynamic_texts
 from .errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
 from .index import FingerprintIndex
@@ -425,21 +426,8 @@ class JitFreezeFunction:
 
     def _discard_parameters(self):
         """Release the module's parameter and buffer storage: the frozen graphs hold the weights."""
-        module = self.module
-        if getattr(module, "_jitfreeze_discarded", False):
+        if not discard_parameters(self.module, served=JitFreezeFunction):
             return
-        with torch.no_grad():
-            for t in list(module.parameters()) + list(module.buffers()):
-                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
-        object.__setattr__(module, "_jitfreeze_discarded", True)
-        # What is left would save as an empty checkpoint, and compute with empty weights: refused
-        # with ParametersDiscardedError instead, on the module and each of its submodules. Not a
-        # forward served by jitfreeze (a decorated forward method): its compiled path never calls it.
-        for sub in module.modules():
-            sub.register_state_dict_pre_hook(_discarded_state_dict)
-            sub.register_load_state_dict_pre_hook(_discarded_load_state_dict)
-            if not isinstance(getattr(sub, "forward", None), JitFreezeFunction):
-                sub.register_forward_pre_hook(_discarded_forward)
         for entry in self._table.values():
             entry.watch = None          # the weights can no longer change under the frozen copies
         log.info("%s: discarded the module's parameters (discard_parameters=True)", self.name)
@@ -449,33 +437,9 @@ class JitFreezeFunction:
             self._cache = open_cache(self.cache_dir, self._config)
         return self._cache
 
+
 _SHARES_WEIGHT = ("an argument shares storage with a weight the function uses (a frozen graph holds its "
                   "own copy of the weights, or reads them through the argument)")
-
-
-_DISCARDED = ("its parameters and buffers were released by jitfreeze (discard_parameters=True); only the "
-              "frozen graphs hold the weights")
-
-
-def _discarded_state_dict(module, prefix, keep_vars):
-    raise ParametersDiscardedError(
-        f"{type(module).__name__}{' ' + prefix.rstrip('.') if prefix else ''}.state_dict(): {_DISCARDED}, so "
-        "the checkpoint would be empty. Save the state dict before the first call, or create the "
-        "module without discard_parameters=True")
-
-
-def _discarded_load_state_dict(module, state_dict, prefix, *_):
-    # Loading weights back would make the eager module and the frozen graphs (which keep the old
-    # weights, no longer watched) disagree without a word.
-    raise ParametersDiscardedError(
-        f"{type(module).__name__}{' ' + prefix.rstrip('.') if prefix else ''}.load_state_dict(): {_DISCARDED}, "
-        "and they would go on serving the old ones. Load the weights into a fresh module and jitfreeze that")
-
-
-def _discarded_forward(module, args):
-    raise ParametersDiscardedError(
-        f"calling {type(module).__name__} directly: {_DISCARDED}. Call it through its jitfreeze function, "
-        "with signatures compiled before the parameters were discarded")
 
 
 def _fast_positions(args, call):
