@@ -20,7 +20,8 @@ from .cache import DECISION
 from .key import decision_key
 
 
-__all__ = ["AutoDynamic", "Guards", "GuardError", "dynamic_texts", "symbolic_inputs", "produce_guards", "value_shaped_op"]
+__all__ = ["AutoDynamic", "Guards", "GuardError", "dynamic_texts", "symbolic_inputs", "produce_guards",
+           "value_shaped_op"]
 
 
 log = logging.getLogger("jitfreeze")
