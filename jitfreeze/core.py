@@ -2,7 +2,7 @@
 
 Hot path (every call after the first with a given signature): build a small
 tuple key from the positional arguments (with which of them alias), one dict
-lookup, a freshness check (:class:`_Watch`: the baked-in weights' versions and
+lookup, a freshness check (:class:`jitfreeze.watch.Watch`: the baked-in weights' versions and
 storage pointers, the module tree's training flags and hooks), the compiled
 call, and the output rebuilt. No locks, no logging, no pytree walk for plain calls.
 
@@ -15,13 +15,11 @@ trace's own (eager) outputs, and put the entry in the in-process table.
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import inspect
 import itertools
 import logging
 import os
-import re
 import threading
 import time
 import weakref
@@ -32,17 +30,16 @@ from torch.utils import _pytree as pytree
 
 from . import gcpause
 from . import signature as sig_mod
-from . import treespec
-from .cache import DECISION, INDEX, open_cache
+from .cache import open_cache
 from .config import Config
-from .digest import digest_tensors
-from .dynamic import Guards, dynamic_texts
+from .discard import discard_parameters
+from .dynamic import AutoDynamic, Guards, dynamic_texts
 from .errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
-from .key import KeyParts, device_text, environment_parts
-from .pipeline import (HOISTED_PREFIX, BindingError, TorchScriptBackend, graph_text, module_weights, outputs_match,
-                       tensor_layout, trace)
-from .reach import reads as _reads
-from .reach import rebound as _rebound
+from .index import FingerprintIndex
+from .key import graph_key
+from .pipeline import TorchScriptBackend, trace
+from .resolve import GradFallback, Resolver, short_sig
+from .watch import install_hooks, module_tensors, storages
 
 __all__ = ["jitfreeze", "JitFreezeFunction", "CacheInfo"]
 
@@ -51,27 +48,12 @@ log = logging.getLogger("jitfreeze")
 CacheInfo = collections.namedtuple("CacheInfo", "hits loads compiles fallbacks entries")
 
 _TABLE_LIMIT = 4096          # concrete signatures kept in one function's in-process table
-# Part of every index key. 4: index entries written before symbolic traces guarded the sizes they
-# turned into numbers (and sizes 0/1) hold no guard for them: never served. 5: fingerprints made
-# before the walk refused what it cannot hash (it skipped it): never trusted.
-_INDEX_VERSION = "5"
 _Tensor = torch.Tensor
 _fast_key = sig_mod.fast_key
 _tensor_guards = sig_mod.tensor_guards
 _grad_enabled = torch.is_grad_enabled
 _call_mode = sig_mod.call_mode
 _alias_pattern = sig_mod.alias_pattern
-
-# Bumped whenever any module registers a parameter or buffer (e.g. ``m.weight = Parameter(...)``):
-# entries then re-check that the tensors they baked in are still the module's.
-_generation = [0]
-
-
-def _bump(*_args):
-    _generation[0] += 1
-
-
-_HOOKS_INSTALLED = False
 
 # Every JitFreezeFunction, so that a forked child gets fresh locks: a fork taken while another
 # thread holds one (compiling) would otherwise leave the child blocked on it forever.
@@ -86,193 +68,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _install_hooks() -> None:
-    global _HOOKS_INSTALLED
-    if _HOOKS_INSTALLED:
-        return
-    _HOOKS_INSTALLED = True
-    mm = torch.nn.modules.module
-    for name in ("register_module_parameter_registration_hook", "register_module_buffer_registration_hook",
-                 "register_module_module_registration_hook"):
-        hook = getattr(mm, name, None)
-        if hook is not None:
-            hook(_bump)
-
-
-class _Watch:
-    """Is the entry still what eager would compute? Checked on every hit.
-
-    - The weights it baked in (and, for a module, all its parameters and buffers): each one's
-      version counter (in-place writes) and data pointer (``p.data = t``, ``vector_to_parameters``,
-      ``.half().float()``: a new storage under the same tensor, and its version counter does not
-      move). The old storages are kept alive while the entry lives, so that a new one cannot get
-      the old address. A BatchNorm train-mode pass writes its running statistics without a
-      version bump but bumps ``num_batches_tracked``: a module's buffers are all watched.
-    - Torch's global forward (pre-)hooks, and for a module every submodule's ``training`` flag
-      and forward (pre-)hooks: counts on every hit; which hooks, when any hook was registered
-      anywhere since (``RemovableHandle.next_id`` moved).
-    - For a module, after any parameter, buffer or submodule was (re)assigned anywhere
-      (``_generation``): that it still has the same submodules and tensors.
-    - The names the function reads from its globals and closure cells (:mod:`jitfreeze.reach`):
-      that each still holds the object it held (``W = torch.randn(...)``, ``scale = 3.0``,
-      ``model = build()`` rebound in a notebook). Modules reached that way are watched like a
-      wrapped module: their tensors, submodules' ``training`` flags, hooks and structure.
-    - Grad mode on: that no watched tensor requires grad.
-    - That no tensor argument shares storage with a watched tensor: a graph traced without that
-      aliasing holds a frozen copy of the weight, which an in-place write to the argument misses
-      (and one traced with it reads the weight through the argument).
-    """
-
-    __slots__ = ("tensors", "versions", "ptrs", "keep", "roots", "ids", "gen", "check_grad", "mods", "flags",
-                 "nhooks", "hook_keys", "hook_id", "storages", "bindings")
-
-    def __init__(self, tensors, module, check_grad: bool, reads=((), ())):
-        """``module``: the wrapped module (or None); ``reads``: :func:`jitfreeze.reach.reads` of the
-        function (the names it reads, and the modules they hold)."""
-        bindings, reached = reads
-        roots = [module] if module is not None else []
-        roots += [m for m in reached if all(m is not r for r in roots)]
-        mods: dict = {}
-        for root in roots:
-            for m in root.modules():
-                mods.setdefault(id(m), m)
-        tensors = list(tensors)
-        seen = {id(t) for t in tensors}
-        for root in roots:
-            tensors += [t for t in _module_tensors(root) if id(t) not in seen and not seen.add(id(t))]
-        self.tensors = tuple(tensors)
-        self.keep = tuple(t.detach() for t in self.tensors)
-        self.versions = tuple(t._version for t in self.keep)
-        self.ptrs = tuple(t.data_ptr() for t in self.tensors)
-        self.storages = _storages(self.tensors)
-        self.roots = tuple(roots)
-        self.bindings = bindings
-        self.mods = tuple(mods.values())
-        self.flags = tuple(m.training for m in self.mods)
-        self.ids = tuple(_structure(r) for r in self.roots)
-        self.gen = _generation[0]
-        self.nhooks = _hook_count(self.mods)
-        self.hook_keys = _hook_keys(self.mods)
-        self.hook_id = _Handle.next_id
-        self.check_grad = check_grad
-
-    def fresh(self, args) -> bool:
-        """``args``: the call's positional arguments (the hot path) or its leaves."""
-        # versions read on the detached aliases: they share the tensors' version counters, and
-        # reading a plain tensor's is ~4x cheaper than a Parameter's
-        for t, k, v, p in zip(self.tensors, self.keep, self.versions, self.ptrs):
-            if k._version != v or t.data_ptr() != p:
-                return False
-        n = len(_global_hooks) + len(_global_pre_hooks)
-        for m, training in zip(self.mods, self.flags):
-            if m.training is not training:
-                return False
-            n += len(m._forward_hooks) + len(m._forward_pre_hooks)
-        if n != self.nhooks:
-            return False
-        if self.hook_id != _Handle.next_id:
-            if _hook_keys(self.mods) != self.hook_keys:
-                return False
-            self.hook_id = _Handle.next_id
-        if self.bindings and _rebound(self.bindings):
-            return False
-        if self.gen != _generation[0]:
-            if tuple(_structure(r) for r in self.roots) != self.ids:
-                return False
-            self.gen = _generation[0]
-        if self.check_grad:
-            for t in self.tensors:
-                if t.requires_grad:
-                    return False
-        storages = self.storages
-        for a in args:
-            if isinstance(a, _Tensor) and a.untyped_storage().data_ptr() in storages:
-                return False
-        return True
-
-
-_mm = torch.nn.modules.module
-_global_hooks = _mm._global_forward_hooks
-_global_pre_hooks = _mm._global_forward_pre_hooks
-_Handle = torch.utils.hooks.RemovableHandle
-
-
-def _storages(tensors) -> frozenset:
-    """The data pointers of the tensors' storages (0, no storage, left out)."""
-    return frozenset(t.untyped_storage().data_ptr() for t in tensors) - {0}
-
-
-def _module_tensors(module) -> list:
-    return list(module.parameters()) + list(module.buffers())
-
-
-def _structure(module) -> tuple:
-    """Which submodules and tensors the module has (by identity)."""
-    return tuple(id(m) for m in module.modules()), tuple(id(t) for t in _module_tensors(module))
-
-
-def _hook_count(mods) -> int:
-    return len(_global_hooks) + len(_global_pre_hooks) + sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in mods)
-
-
-def _hook_keys(mods) -> tuple:
-    return (tuple(_global_hooks), tuple(_global_pre_hooks)) + tuple(
-        (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for m in mods)
-
-
-class _Entry:
-    """A compiled function for one signature, plus how to feed it and rebuild its output."""
-
-    __slots__ = ("fwd", "key", "fast_idx", "tensor_idx", "out_kind", "out_spec", "out_n", "out_tensor_idx",
-                 "out_consts", "watch", "source")
-
-    def __init__(self, fwd, key, call, out_spec, out_tensor_idx, out_consts, watch, source):
-        self.fwd = fwd
-        self.key = key
-        self.tensor_idx = call.tensor_idx
-        self.fast_idx = None
-        self.out_spec = out_spec
-        self.out_n = out_spec.num_leaves
-        self.out_tensor_idx = tuple(out_tensor_idx)
-        self.out_consts = tuple(out_consts)
-        self.watch = watch
-        self.source = source
-        if out_spec.is_leaf() and self.out_tensor_idx == (0,):
-            self.out_kind = 0                       # a single tensor: the graph returns it as is
-        elif (out_spec.type is tuple and not out_consts and self.out_n == len(out_tensor_idx)
-              and all(c.is_leaf() for c in out_spec.children())):
-            self.out_kind = 1                       # a flat tuple of tensors
-        else:
-            self.out_kind = 2
-
-    def rebuild(self, outs):
-        kind = self.out_kind
-        if kind == 0:
-            return outs
-        if kind == 1:
-            return tuple(outs)
-        leaves = [None] * self.out_n
-        for i, t in zip(self.out_tensor_idx, outs):
-            leaves[i] = t
-        for i, v in self.out_consts:
-            leaves[i] = v
-        return pytree.tree_unflatten(leaves, self.out_spec)
-
-    def call_fast(self, args):
-        idx = self.fast_idx
-        outs = self.fwd(*args) if idx is None else self.fwd(*[args[i] for i in idx])
-        if self.out_kind == 0:
-            return outs
-        return self.rebuild(outs)
-
-    def call_leaves(self, leaves):
-        return self.rebuild(self.fwd(*[leaves[i] for i in self.tensor_idx]))
-
-    def call_leaves_tensors(self, tensors):
-        return self.rebuild(self.fwd(*tensors))
 
 
 class JitFreezeFunction:
@@ -294,9 +89,10 @@ class JitFreezeFunction:
             raise TypeError("dynamic must be None (automatic), True, False or a dict {argument: dims}")
         self.dynamic = dynamic
         self._dyn: dict = {}         # (structure, mode, dynamic texts, aliasing) -> [(Guards, entry)]
-        self._auto: dict = {}        # automatic dynamic: shape class -> {"shapes", "dims", "static"}
         self.traces = 0          # how many times this function was traced (tests assert warm paths trace nothing)
         self.name = name or _qualname(fn, module)
+        me = weakref.ref(self)       # not a bound method: no cycle keeps the function (and its module) alive
+        self._shapes = AutoDynamic(self.name, dynamic, lambda: me()._cache_for())   # which dims trace symbolically
         self._parent = _parent
         self._bound = weakref.WeakKeyDictionary()
         self._table: dict = {}
@@ -304,7 +100,7 @@ class JitFreezeFunction:
         self._lasts: dict = {}               # fast key -> its _remember tuple
         self._fallbacks: dict = {}
         self._signatures = 0
-        self._hits = self._loads = self._compiles = 0
+        self._hits = 0
         self._lock = threading.RLock()
         # Names this function in once-per-function warnings: never its id(), which a new function
         # reuses once this one is gone (and would then not warn).
@@ -314,8 +110,9 @@ class JitFreezeFunction:
         self._disabled = False
         self._cache = None
         self._backend = TorchScriptBackend(optimize)
+        self._resolver = Resolver(self.name, fn, module, self._backend, lambda: me()._cache_for())
         self._param_names = None
-        self._index_refusal_logged = False     # why the index can't be used: logged once
+        self._index = FingerprintIndex(self.name, self._backend.name, fn, _parent._index if _parent else None)
         if module is None and not isinstance(fn, torch.nn.Module):
             functools.update_wrapper(self, fn, updated=())
         else:
@@ -396,7 +193,7 @@ class JitFreezeFunction:
 
     def cache_info(self) -> CacheInfo:
         entries = len({id(e) for e in self._table.values()})
-        return CacheInfo(self._hits, self._loads, self._compiles, len(self._fallbacks), entries)
+        return CacheInfo(self._hits, self._resolver.loads, self._resolver.compiles, len(self._fallbacks), entries)
 
     def cache_clear(self) -> None:
         """Empty the in-process table (and forget remembered fallbacks); the persistent cache stays."""
@@ -405,9 +202,9 @@ class JitFreezeFunction:
             self._table.clear()
             self._fallbacks.clear()
             self._dyn.clear()
-            self._auto.clear()
+            self._shapes.clear()
             self._signatures = 0
-            self._hits = self._loads = self._compiles = 0
+            self._hits = self._resolver.loads = self._resolver.compiles = 0
         for bound in list(self._bound.values()):
             bound.cache_clear()
 
@@ -426,7 +223,7 @@ class JitFreezeFunction:
         if self.verify is None:
             self.verify = config.verify
         self._config = config
-        _install_hooks()
+        install_hooks()
 
     def _eager(self, args, kwargs):
         if self.module is not None and getattr(self.module, "_jitfreeze_discarded", False):
@@ -498,7 +295,7 @@ class JitFreezeFunction:
                 with gcpause.paused():
                     entry, result, new = self._resolve(call, args, kwargs)
             except FallbackReason as reason:
-                self._fallback(key, str(reason), grad=isinstance(reason, _GradFallback))
+                self._fallback(key, str(reason), grad=isinstance(reason, GradFallback))
                 if reason.result is not NO_RESULT:
                     return reason.result      # the trace ran the function: don't run it twice
                 return self._eager(args, kwargs)
@@ -546,7 +343,7 @@ class JitFreezeFunction:
         """
         leaves = pytree.tree_leaves((args, kwargs))
         tensors = [leaves[i] for i in call.tensor_idx]
-        dims = self._dynamic_dims(call, tensors) if tensors else {}
+        dims = self._shapes.dims(call, tensors) if tensors else {}
         texts = call.texts
         if dims:
             texts = dynamic_texts(call, tensors, dims)
@@ -559,23 +356,23 @@ class JitFreezeFunction:
                     return entry, entry.call_leaves_tensors(tensors), False
                 failures.append(failed)
             if failures:
-                log.info("%s: recompiling: %s fails for %s", self.name, " / ".join(failures), _short_sig(call))
+                log.info("%s: recompiling: %s fails for %s", self.name, " / ".join(failures), short_sig(call))
         if self.module is not None and getattr(self.module, "_jitfreeze_discarded", False):
             raise ParametersDiscardedError(
                 f"{self.name}: a new signature needs the module's weights (to trace it, or to bind them to "
                 "a stored graph), but its parameters were discarded (discard_parameters=True)")
         self._check_cap()
-        fp = self._fingerprint(call, texts) if self.index else None
-        weights = (list(fp[1]) if fp is not None else []) + (
-            _module_tensors(self.module) if self.module is not None else [])
-        if _storages(tensors) & _storages(weights):
+        fp = self._index.fingerprint(call, texts) if self.index else None
+        weights = (list(fp.tensors) if fp is not None else []) + (
+            module_tensors(self.module) if self.module is not None else [])
+        if storages(tensors) & storages(weights):
             raise FallbackReason(_SHARES_WEIGHT)
         indexed = None
         if fp is not None:
-            indexed = self._from_index(call, fp, tensors)
+            indexed = self._resolver.from_index(call, fp, self._index, tensors)
             if indexed is not None and not self.verify:
-                self._remember_dynamic(call, texts, indexed[2], indexed[0])
-                return indexed[0], indexed[1], True
+                self._remember_dynamic(call, texts, indexed.guards, indexed.entry)
+                return indexed.entry, indexed.result, True
         # The trace runs the function for real (it may mutate its inputs); verification runs the
         # compiled function on copies taken before.
         copies = _copies(tensors) if call.alias else [t.detach().clone() for t in tensors]
@@ -584,9 +381,9 @@ class JitFreezeFunction:
         traced = trace(self.fn, call, tensors, dims, recorder=self._config.tracer == "auto")
         t_trace = time.perf_counter() - t0
         if traced.specialized and self.dynamic is None:
-            self._pin_static(call, tensors, traced.specialized)
+            self._shapes.pin_static(call, tensors, traced.specialized)
         try:
-            if _storages(tensors) & _storages([t for _, t in traced.constants]):
+            if storages(tensors) & storages([t for _, t in traced.constants]):
                 raise FallbackReason(_SHARES_WEIGHT)
             if dims:
                 # A symbolic trace computed nothing real: run eagerly once for this call's answer
@@ -597,16 +394,16 @@ class JitFreezeFunction:
                 traced.real_outputs = [real_leaves[i] for i in traced.out_tensor_idx] \
                     if len(real_leaves) == traced.out_spec.num_leaves else []
             if indexed is not None:
-                key, _ = self._key(call, traced, texts)
-                if key == indexed[0].key:
+                key, _ = graph_key(self.name, self._backend.name, call, traced, texts, self._resolver.bindings(traced))
+                if key == indexed.entry.key:
                     log.info("%s: verify=True: the index entry matches the traced graph", self.name)
-                    return indexed[0], traced.real_result, True
+                    return indexed.entry, traced.real_result, True
                 trouble(f"jitfreeze: {self.name}: stale fingerprint index entry (the traced graph differs from "
                         "the indexed one: something the fingerprint cannot see changed, e.g. a helper in "
                         "another module); replacing it", None, strict=self._config.strict,
-                        once=(self._serial, "stale", fp[0]))
-            entry, result = self._load_or_compile(call, traced, copies, t0, t_trace, texts)
-        except _GradFallback:
+                        once=(self._serial, "stale", fp.key))
+            outcome = self._resolver.load_or_compile(call, traced, copies, t0, t_trace, texts)
+        except GradFallback:
             raise      # the result must carry autograd history: run eagerly
         except FallbackReason as reason:
             reason.result = traced.real_result
@@ -617,411 +414,32 @@ class JitFreezeFunction:
             failed = guards.failing(tensors)
             if failed is not None:       # cannot happen for a sound trace; never serve past a guard
                 raise FallbackReason(f"the dynamic trace's own guard fails for this call: {failed}")
+        entry = outcome.entry
         self._remember_dynamic(call, texts, guards, entry)
         if fp is not None:
-            self._write_index(fp, entry, traced)
-        return entry, result, True
+            self._index.write(self._cache_for(), fp.key, entry, traced)
+        return entry, outcome.result, True
 
     def _remember_dynamic(self, call, texts, guards, entry):
         if guards is not None:
             self._dyn.setdefault((call.in_spec, call.mode, texts, call.alias), []).append((guards, entry))
 
-    # -- dynamic shapes -------------------------------------------------------------------------
-
-    def _dynamic_dims(self, call, tensors) -> dict:
-        """{tensor leaf number: frozenset(dims)} to trace symbolically for this call ({}: static)."""
-        dynamic = self.dynamic
-        if dynamic is False:
-            return {}
-        if dynamic is True:
-            return {j: frozenset(range(t.dim())) for j, t in enumerate(tensors) if t.dim()}
-        if isinstance(dynamic, dict):
-            dims = {}
-            for j, (pos, name) in enumerate(call.tensor_args):
-                spec = dynamic.get(name, dynamic.get(pos)) if (name is not None or pos is not None) else None
-                if spec:
-                    dims[j] = frozenset(d % tensors[j].dim() for d in spec) if tensors[j].dim() else frozenset()
-            return {j: d for j, d in dims.items() if d}
-        # automatic: static first; dims whose size changes between calls become dynamic, once,
-        # unless the function specialized them (see _pin_static).
-        shape_class = self._shape_class(call, tensors)
-        shapes = tuple(tuple(t.shape) for t in tensors)
-        state = self._auto.get(shape_class)
-        if state is None:
-            decided, static = self._load_decision(call, tensors)
-            self._auto[shape_class] = {"shapes": shapes, "dims": decided, "static": static}
-            if decided:
-                log.info("%s: using the stored dynamic-shape decision %s", self.name, _dims_text(decided))
-            return decided
-        changed = {j: frozenset(d for d, (a, b) in enumerate(zip(shape, state["shapes"][j])) if a != b)
-                   for j, shape in enumerate(shapes)}
-        merged = {j: (state["dims"].get(j, frozenset()) | changed.get(j, frozenset()))
-                  - state["static"].get(j, frozenset()) for j in range(len(shapes))}
-        merged = {j: d for j, d in merged.items() if d}
-        if merged != state["dims"]:
-            log.info("%s: recompiling: %s changed size (%s vs %s); marking them dynamic", self.name,
-                     _dims_text({j: d - state["dims"].get(j, frozenset()) for j, d in merged.items()}),
-                     _shapes_text(shapes), _shapes_text(state["shapes"]))
-            state["dims"] = merged
-            self._store_decision(call, tensors, merged, state["static"])
-        return state["dims"]
-
-    def _shape_class(self, call, tensors) -> tuple:
-        return (call.in_spec, call.mode, call.alias, tuple(call.texts[i] for i, _ in call.consts),
-                tuple((t.dtype, t.device, t.dim()) for t in tensors))
-
-    def _pin_static(self, call, tensors, specialized: dict) -> None:
-        """Automatic dynamic shapes: the function turned these dims' sizes into numbers in a
-        symbolic trace (``float(x.shape[0])``, ``range(n)``, ...). That trace's entry is guarded on
-        their sizes; from now on they are traced statically (one graph per size), in this process
-        and, through the stored decision, in later ones."""
-        state = self._auto.get(self._shape_class(call, tensors))
-        if state is None:
-            return
-        static = dict(state["static"])
-        for j, d in specialized.items():
-            static[j] = static.get(j, frozenset()) | d
-        dims = {j: d - static.get(j, frozenset()) for j, d in state["dims"].items()}
-        state["static"], state["dims"] = static, {j: d for j, d in dims.items() if d}
-        log.info("%s: the function uses the size of %s as a number; tracing %s statically from now on",
-                 self.name, _dims_text(specialized), "them" if sum(map(len, specialized.values())) > 1 else "it")
-        self._store_decision(call, tensors, state["dims"], static)
-
-    def _decision_key(self, call, tensors) -> str:
-        parts = KeyParts(environment_parts())
-        parts.add("function", self.name)
-        parts.add("structure", call.spec_text() + "\n" + "\n".join(
-            f"{t.dtype} {t.device} ndim={t.dim()}" for t in tensors) + "\n" + "\n".join(
-            call.texts[i] for i, _ in call.consts))
-        return parts.key(self.name + " (dynamic decision)")
-
-    def _load_decision(self, call, tensors) -> tuple[dict, dict]:
-        """The stored decision: ({leaf: dynamic dims}, {leaf: dims kept static}), or two empty dicts."""
-        found = self._cache_for().get(self._decision_key(call, tensors), ns=DECISION)
-        if found is None:
-            return {}, {}
-        try:
-            dims, static = ({int(j): frozenset(int(d) for d in ds) for j, ds in found[0].get(part, {}).items()}
-                            for part in ("dims", "static"))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            return {}, {}
-
-        def fits(d: dict) -> dict:
-            return {j: ds for j, ds in d.items() if j < len(tensors) and all(x < tensors[j].dim() for x in ds)}
-
-        static = fits(static)
-        dims = {j: ds - static.get(j, frozenset()) for j, ds in fits(dims).items()}
-        return {j: ds for j, ds in dims.items() if ds}, static
-
-    def _store_decision(self, call, tensors, dims, static) -> None:
-        meta = {"dims": {str(j): sorted(d) for j, d in dims.items()},
-                "static": {str(j): sorted(d) for j, d in static.items()}, "qualname": self.name}
-        self._cache_for().put(self._decision_key(call, tensors), meta, b"", ns=DECISION)
-
-    # -- the trace-free index -------------------------------------------------------------------
-
-    def _fingerprint(self, call, texts):
-        """(index key, tensors, modules) for this call without tracing, or None."""
-        from .fingerprint import Unfingerprintable, function_fingerprint
-        try:
-            digest, tensors, modules = function_fingerprint(self.fn)
-        except Unfingerprintable as exc:
-            # Not the index, then: trace, and find the artifact by the graph's key.
-            root = self._parent or self
-            if not root._index_refusal_logged:
-                root._index_refusal_logged = True
-                log.info("%s: the fingerprint index is not used: %s; tracing (the graph key finds stored "
-                         "artifacts)", self.name, exc)
-            return None
-        devices = list(call.devices)
-        for t in tensors:
-            if t.device not in devices:
-                devices.append(t.device)
-        parts = KeyParts(environment_parts())
-        parts.add("backend", self._backend.name)
-        parts.add("index", _INDEX_VERSION)
-        parts.add("device", ",".join(device_text(d) for d in devices) or "none")
-        parts.add("signature", call.signature_text(texts))
-        parts.add("code+weights", digest)
-        return parts.key(self.name + " (index)"), tensors, modules
-
-    def _from_index(self, call, fp, tensors):
-        """(entry, result, guards) from the fingerprint index, or None. No trace."""
-        index_key, fp_tensors, _ = fp
-        if call.mode[0] and any(t.requires_grad for t in fp_tensors):
-            raise _GradFallback("weights the function uses require grad and frozen graphs are inference-only")
-        cache = self._cache_for()
-        found = cache.get(index_key, ns=INDEX)
-        if found is None:
-            return None
-        for candidate in found[0].get("candidates", []):
-            try:
-                guards = Guards(candidate["guards"]) if candidate["guards"] else None
-                if guards is not None and guards.failing(tensors) is not None:
-                    continue
-                out_spec = treespec.loads(candidate["out"])
-                out_tensor_idx = tuple(candidate["out_tensor_idx"])
-                out_consts = tuple((i, v) for i, v in candidate["out_consts"])
-                key = candidate["graph_key"]
-            except Exception as exc:  # noqa: BLE001 - e.g. an output class that no longer imports
-                cache.evict(index_key, "unusable index entry", exc, ns=INDEX)
-                return None
-            artifact = cache.get(key)
-            if artifact is None:
-                continue
-            module = self._load(cache, key, artifact[1], call)
-            if module is None:
-                continue
-            watch = self._watch(fp_tensors, call)
-            outs, fwd = self._first_call(module, tensors)
-            entry = _Entry(fwd, key, call, out_spec, out_tensor_idx, out_consts, watch, "index")
-            result = entry.rebuild(outs)
-            self._loads += 1
-            log.info("%s: loaded %s for %s from %s (index hit, no trace)", self.name, key[:16], _short_sig(call),
-                     cache.where())
-            return entry, result, guards
-        return None
-
-    def _write_index(self, fp, entry, traced):
-        if entry.source == "unstored":
-            return      # the artifact was not written (lock timeout, write failure): neither is its index
-        out = treespec.dumps(traced.out_spec)
-        consts = [[i, v] for i, v in traced.out_consts]
-        if out is None or not all(isinstance(v, (type(None), bool, int, float, str)) for _, v in consts):
-            log.debug("%s: output structure can't be stored; no index entry", self.name)
-            return
-        candidate = {"graph_key": entry.key, "out": out, "out_tensor_idx": list(entry.out_tensor_idx),
-                     "out_consts": consts, "guards": list(traced.guards)}
-        cache = self._cache_for()
-        with cache.lock("index-" + fp[0]) as held:
-            found = cache.get(fp[0], ns=INDEX)
-            candidates = [c for c in (found[0].get("candidates", []) if found else [])
-                          if isinstance(c, dict) and c.get("graph_key") != entry.key]
-            if not traced.guards:
-                candidates = []          # a static signature has one graph: replace (e.g. stale entries)
-            candidates.append(candidate)
-            if held:
-                cache.put(fp[0], {"candidates": candidates[-8:], "qualname": self.name, "created": time.time()},
-                          b"", ns=INDEX)
-
     def _discard_parameters(self):
         """Release the module's parameter and buffer storage: the frozen graphs hold the weights."""
-        module = self.module
-        if getattr(module, "_jitfreeze_discarded", False):
+        if not discard_parameters(self.module, served=JitFreezeFunction):
             return
-        with torch.no_grad():
-            for t in list(module.parameters()) + list(module.buffers()):
-                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
-        object.__setattr__(module, "_jitfreeze_discarded", True)
-        # What is left would save as an empty checkpoint, and compute with empty weights: refused
-        # with ParametersDiscardedError instead, on the module and each of its submodules. Not a
-        # forward served by jitfreeze (a decorated forward method): its compiled path never calls it.
-        for sub in module.modules():
-            sub.register_state_dict_pre_hook(_discarded_state_dict)
-            sub.register_load_state_dict_pre_hook(_discarded_load_state_dict)
-            if not isinstance(getattr(sub, "forward", None), JitFreezeFunction):
-                sub.register_forward_pre_hook(_discarded_forward)
         for entry in self._table.values():
             entry.watch = None          # the weights can no longer change under the frozen copies
         log.info("%s: discarded the module's parameters (discard_parameters=True)", self.name)
-
-    def _load_or_compile(self, call, traced, copies, t0, t_trace, texts):
-        if call.mode[0] and any(t.requires_grad for _, t in traced.constants):
-            # The trace ran under no_grad; this call wants a graph for autograd: eager it is.
-            raise _GradFallback("weights the function uses require grad and frozen graphs are inference-only")
-        bindings = self._bindings(traced)
-        key, parts = self._key(call, traced, texts, bindings)
-        cache = self._cache_for()
-        found = cache.get(key)
-        if found is not None:
-            meta, payload = found
-            module = self._load(cache, key, payload, call)
-            if module is not None:
-                outs, fwd = self._first_call(module, copies)
-                why = outputs_match(_as_list(outs), traced.real_outputs)
-                if why is None:
-                    self._loads += 1
-                    log.info("%s: loaded %s for %s from %s", self.name, key[:16], _short_sig(call), cache.where())
-                    return self._entry(fwd, key, call, traced, "cache"), traced.real_result
-                cache.evict(key, f"its outputs differ from eager: {why}")
-        with cache.lock(key) as held:
-            if held:
-                found = cache.get(key)
-                if found is not None:
-                    module = self._load(cache, key, found[1], call)
-                    if module is not None:
-                        self._loads += 1
-                        log.info("%s: loaded %s (compiled by another process) from %s", self.name, key[:16], cache.where())
-                        return self._entry(self._backend.runner(module), key, call, traced, "cache"), traced.real_result
-            t1 = time.perf_counter()
-            # Saved straight into the cache's directory where it can be: storing it is then
-            # sealing it in place, not reading, packing and writing it again (BERT-size: 434 MB).
-            file = cache.new_file() if held else None
-            with file if file is not None else contextlib.nullcontext():     # closed once stored
-                try:
-                    saved = self._backend.compile(traced, file.path if file else None, bindings, copies)
-                except BaseException:
-                    if file is not None:
-                        file.discard()
-                    raise
-                if saved.error is not None:
-                    cache.write_failed(saved.error, key)
-                    file = None          # saved elsewhere (a temporary file): nothing to adopt
-                try:
-                    t2 = time.perf_counter()
-                    module = self._load(None, key, saved, call)
-                    if module is None:
-                        raise FallbackReason("the frozen artifact does not load back")
-                    t3 = time.perf_counter()
-                    outs, fwd = self._first_call(module, copies)
-                    why = outputs_match(_as_list(outs), traced.real_outputs)
-                    if why is not None:
-                        raise FallbackReason(f"the compiled function disagrees with eager: {why}")
-                    t4 = time.perf_counter()
-                    self._compiles += 1
-                    size = len(saved)
-                    stored = held and cache.put(key, self._meta(call, parts), saved, file=file)
-                finally:
-                    saved.remove()
-            log.info("%s: compiled %s in %.2fs (trace %.2fs, script+save %.2fs, load+bind+freeze %.2fs, "
-                     "first call %.2fs, store %.2fs)%s", self.name, _short_sig(call), time.perf_counter() - t0,
-                     t_trace, t2 - t1, t3 - t2, t4 - t3, time.perf_counter() - t4,
-                     f"; stored {size / 1e6:.1f} MB as {key[:16]}" if stored else "; not stored")
-            return self._entry(fwd, key, call, traced, "compiled" if stored else "unstored"), traced.real_result
-
-    def _weights(self) -> dict | None:
-        """The bound module's tensors by name (what stored graphs bind), or None."""
-        return module_weights(self.module)
-
-    def _bindings(self, traced) -> dict:
-        """{graph attribute: the module's name for it} for the traced constants that are the bound
-        module's own tensors, left out of the artifact and bound again when it loads -- when the
-        backend binds them (large weights) rather than freezing them in."""
-        weights = self._weights()
-        if not weights:
-            return {}
-        names: dict = {}
-        for name, t in weights.items():
-            names.setdefault(id(t), name)
-        return self._backend.bindings(traced, {attr: names[id(t)] for attr, t in traced.constants if id(t) in names})
-
-    def _load(self, cache, key, payload, call):
-        device = call.devices[0] if call.devices else None
-        try:
-            return self._backend.load(payload, device, self._weights())
-        except BindingError as exc:
-            # Not the artifact's fault: the key covers the weights' names and layouts, so the module
-            # changed since (another thread, or its parameters were discarded). A plain miss.
-            if cache is None:
-                raise FallbackReason(f"the compiled function does not bind the module's weights: {exc}") from exc
-            log.info("%s: %s not used: %s", self.name, key[:16], exc)
-            return None
-        except FallbackReason:
-            if cache is None:
-                raise
-            cache.evict(key, "torch.jit.freeze failed after loading")
-            return None
-        except Exception as exc:  # noqa: BLE001
-            path = getattr(payload, "path", None)
-            if cache is not None and path is not None and not os.path.exists(path):
-                return None          # evicted between verification and loading: a plain miss
-            if cache is None:
-                raise FallbackReason(f"the frozen artifact does not load back: {type(exc).__name__}: {exc}") from exc
-            cache.evict(key, "torch.jit.load failed", exc)
-            return None
-
-    def _first_call(self, module, tensors):
-        """Call a freshly loaded module once: (its outputs, the function to call it with from now on)."""
-        return self._backend.first_call(module, tensors)
-
-    def _entry(self, fwd, key, call, traced, source):
-        """``fwd``: a loaded module's runner (:meth:`TorchScriptBackend.runner`)."""
-        # The weights to watch: the function's and module's, not the numbers the pipeline hoisted.
-        watch_tensors = [t for name, t in traced.constants if not name.startswith(HOISTED_PREFIX)]
-        return _Entry(fwd, key, call, traced.out_spec, traced.out_tensor_idx, traced.out_consts,
-                      self._watch(watch_tensors, call), source)
-
-    def _watch(self, tensors, call):
-        """The freshness check of a new entry (None: nothing to watch)."""
-        reads = _reads(self.fn)
-        if not tensors and self.module is None and not reads[0] and not reads[1]:
-            return None
-        return _Watch(tensors, self.module, check_grad=call.mode[0], reads=reads)
 
     def _cache_for(self):
         if self._cache is None:
             self._cache = open_cache(self.cache_dir, self._config)
         return self._cache
 
-    def _key(self, call, traced, texts, bindings=None):
-        devices = list(call.devices)
-        for _, t in traced.constants:
-            if t.device not in devices:
-                devices.append(t.device)
-        parts = KeyParts(environment_parts())
-        parts.add("backend", self._backend.name)
-        parts.add("device", ",".join(device_text(d) for d in devices) or "none")
-        parts.add("signature", call.signature_text(texts))
-        if traced.guards:
-            parts.add("guards", "\n".join(traced.guards))
-        parts.add("graph", graph_text(traced))
-        parts.add("weights", digest_tensors([t for _, t in traced.constants]))
-        if bindings is None:
-            bindings = self._bindings(traced)
-        if bindings:
-            layouts = dict(traced.constants)
-            parts.add("bindings", "\n".join(f"{attr}={name} {tensor_layout(layouts[attr])}"
-                                             for attr, name in bindings.items()))
-        return parts.key(self.name), parts
-
-    def _meta(self, call, parts):
-        import platform
-        return {"qualname": self.name, "signature": list(call.texts), "spec": call.spec_text(),
-                "device": [str(d) for d in call.devices], "torch": torch.__version__,
-                "python": platform.python_version(), "created": time.time(), "parts": parts.summary(),
-                "part_digests": parts.digests()}
-
 
 _SHARES_WEIGHT = ("an argument shares storage with a weight the function uses (a frozen graph holds its "
                   "own copy of the weights, or reads them through the argument)")
-
-
-class _GradFallback(FallbackReason):
-    pass
-
-
-_DISCARDED = ("its parameters and buffers were released by jitfreeze (discard_parameters=True); only the "
-              "frozen graphs hold the weights")
-
-
-def _discarded_state_dict(module, prefix, keep_vars):
-    raise ParametersDiscardedError(
-        f"{type(module).__name__}{' ' + prefix.rstrip('.') if prefix else ''}.state_dict(): {_DISCARDED}, so "
-        "the checkpoint would be empty. Save the state dict before the first call, or create the "
-        "module without discard_parameters=True")
-
-
-def _discarded_load_state_dict(module, state_dict, prefix, *_):
-    # Loading weights back would make the eager module and the frozen graphs (which keep the old
-    # weights, no longer watched) disagree without a word.
-    raise ParametersDiscardedError(
-        f"{type(module).__name__}{' ' + prefix.rstrip('.') if prefix else ''}.load_state_dict(): {_DISCARDED}, "
-        "and they would go on serving the old ones. Load the weights into a fresh module and jitfreeze that")
-
-
-def _discarded_forward(module, args):
-    raise ParametersDiscardedError(
-        f"calling {type(module).__name__} directly: {_DISCARDED}. Call it through its jitfreeze function, "
-        "with signatures compiled before the parameters were discarded")
-
-
-def _dims_text(dims) -> str:
-    return ", ".join(f"input {j} dim{'s' if len(d) > 1 else ''} {','.join(map(str, sorted(d)))}"
-                     for j, d in sorted(dims.items())) or "no dims"
-
-
-def _shapes_text(shapes) -> str:
-    return ", ".join(str(tuple(s)) for s in shapes)
 
 
 def _fast_positions(args, call):
@@ -1047,26 +465,6 @@ def _copies(tensors) -> list:
                 clone, t.storage_offset(), t.shape, t.stride())
         out.append(copy)
     return out
-
-
-def _as_list(out):
-    return list(out) if isinstance(out, (list, tuple)) else [out]
-
-
-def _short_sig(call) -> str:
-    """``(4x8 float32, 8x16 float32, scale=2.0)``-style text for log lines."""
-    items = []
-    for text in call.texts:
-        m = _SHAPE_RE.match(text)
-        if m:
-            dims = "x".join(d.strip() for d in m.group(1).split(",") if d.strip()) or "scalar"
-            items.append(f"{dims} {m.group(2).replace('torch.', '')}")
-        else:
-            items.append(text)
-    return "(" + ", ".join(items) + ")"
-
-
-_SHAPE_RE = re.compile(r"Tensor\(shape=\(([^)]*)\), dtype=([^,]+)")
 
 
 def _qualname(fn, module) -> str:

@@ -10,13 +10,21 @@ whitelisting evaluator (no ``eval`` of arbitrary code read from the cache).
 from __future__ import annotations
 
 import ast
+import logging
 import operator
 from typing import Callable
 
 import torch
 
+from .cache import DECISION
+from .key import decision_key
 
-__all__ = ["Guards", "GuardError", "dynamic_texts", "symbolic_inputs", "produce_guards", "value_shaped_op"]
+
+__all__ = ["AutoDynamic", "Guards", "GuardError", "dynamic_texts", "symbolic_inputs", "produce_guards",
+           "value_shaped_op"]
+
+
+log = logging.getLogger("jitfreeze")
 
 
 class GuardError(ValueError):
@@ -233,3 +241,114 @@ def value_shaped_op(target, args, kwargs, value: Callable, varies: Callable) -> 
         classes = args[1] if len(args) > 1 else kwargs.get("num_classes", -1)
         return not (isinstance(classes, int) and classes >= 0)
     return True
+
+
+class AutoDynamic:
+    """Which dims of a call to trace symbolically, by the function's ``dynamic=`` option.
+
+    ``False``: none; ``True``: all; a dict: the named (or numbered) arguments' dims. ``None``
+    (automatic): static first; the dims whose size changes between calls of one shape class become
+    dynamic, once, unless the function specialized them (:meth:`pin_static`). The decision is
+    stored in the persistent cache (``cache()``, namespace ``DECISION``) for later processes.
+    """
+
+    def __init__(self, name: str, option, cache: Callable):
+        self.name = name
+        self.option = option
+        self._cache = cache
+        self._auto: dict = {}        # shape class -> {"shapes", "dims", "static"}
+
+    def clear(self) -> None:
+        self._auto.clear()
+
+    def dims(self, call, tensors) -> dict:
+        """{tensor leaf number: frozenset(dims)} to trace symbolically for this call ({}: static)."""
+        dynamic = self.option
+        if dynamic is False:
+            return {}
+        if dynamic is True:
+            return {j: frozenset(range(t.dim())) for j, t in enumerate(tensors) if t.dim()}
+        if isinstance(dynamic, dict):
+            dims = {}
+            for j, (pos, name) in enumerate(call.tensor_args):
+                spec = dynamic.get(name, dynamic.get(pos)) if (name is not None or pos is not None) else None
+                if spec:
+                    dims[j] = frozenset(d % tensors[j].dim() for d in spec) if tensors[j].dim() else frozenset()
+            return {j: d for j, d in dims.items() if d}
+        # automatic: static first; dims whose size changes between calls become dynamic, once,
+        # unless the function specialized them (see pin_static).
+        shape_class = self._shape_class(call, tensors)
+        shapes = tuple(tuple(t.shape) for t in tensors)
+        state = self._auto.get(shape_class)
+        if state is None:
+            decided, static = self._load(call, tensors)
+            self._auto[shape_class] = {"shapes": shapes, "dims": decided, "static": static}
+            if decided:
+                log.info("%s: using the stored dynamic-shape decision %s", self.name, _dims_text(decided))
+            return decided
+        changed = {j: frozenset(d for d, (a, b) in enumerate(zip(shape, state["shapes"][j])) if a != b)
+                   for j, shape in enumerate(shapes)}
+        merged = {j: (state["dims"].get(j, frozenset()) | changed.get(j, frozenset()))
+                  - state["static"].get(j, frozenset()) for j in range(len(shapes))}
+        merged = {j: d for j, d in merged.items() if d}
+        if merged != state["dims"]:
+            log.info("%s: recompiling: %s changed size (%s vs %s); marking them dynamic", self.name,
+                     _dims_text({j: d - state["dims"].get(j, frozenset()) for j, d in merged.items()}),
+                     _shapes_text(shapes), _shapes_text(state["shapes"]))
+            state["dims"] = merged
+            self._store(call, tensors, merged, state["static"])
+        return state["dims"]
+
+    def pin_static(self, call, tensors, specialized: dict) -> None:
+        """Automatic dynamic shapes: the function turned these dims' sizes into numbers in a
+        symbolic trace (``float(x.shape[0])``, ``range(n)``, ...). That trace's entry is guarded on
+        their sizes; from now on they are traced statically (one graph per size), in this process
+        and, through the stored decision, in later ones."""
+        state = self._auto.get(self._shape_class(call, tensors))
+        if state is None:
+            return
+        static = dict(state["static"])
+        for j, d in specialized.items():
+            static[j] = static.get(j, frozenset()) | d
+        dims = {j: d - static.get(j, frozenset()) for j, d in state["dims"].items()}
+        state["static"], state["dims"] = static, {j: d for j, d in dims.items() if d}
+        log.info("%s: the function uses the size of %s as a number; tracing %s statically from now on",
+                 self.name, _dims_text(specialized), "them" if sum(map(len, specialized.values())) > 1 else "it")
+        self._store(call, tensors, state["dims"], static)
+
+    @staticmethod
+    def _shape_class(call, tensors) -> tuple:
+        return (call.in_spec, call.mode, call.alias, tuple(call.texts[i] for i, _ in call.consts),
+                tuple((t.dtype, t.device, t.dim()) for t in tensors))
+
+    def _load(self, call, tensors) -> tuple[dict, dict]:
+        """The stored decision: ({leaf: dynamic dims}, {leaf: dims kept static}), or two empty dicts."""
+        found = self._cache().get(decision_key(self.name, call, tensors), ns=DECISION)
+        if found is None:
+            return {}, {}
+        try:
+            dims, static = ({int(j): frozenset(int(d) for d in ds) for j, ds in found[0].get(part, {}).items()}
+                            for part in ("dims", "static"))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return {}, {}
+
+        def fits(d: dict) -> dict:
+            return {j: ds for j, ds in d.items() if j < len(tensors) and all(x < tensors[j].dim() for x in ds)}
+
+        static = fits(static)
+        dims = {j: ds - static.get(j, frozenset()) for j, ds in fits(dims).items()}
+        return {j: ds for j, ds in dims.items() if ds}, static
+
+    def _store(self, call, tensors, dims, static) -> None:
+        meta = {"dims": {str(j): sorted(d) for j, d in dims.items()},
+                "static": {str(j): sorted(d) for j, d in static.items()}, "qualname": self.name}
+        self._cache().put(decision_key(self.name, call, tensors), meta, b"", ns=DECISION)
+
+
+def _dims_text(dims) -> str:
+    return ", ".join(f"input {j} dim{'s' if len(d) > 1 else ''} {','.join(map(str, sorted(d)))}"
+                     for j, d in sorted(dims.items())) or "no dims"
+
+
+def _shapes_text(shapes) -> str:
+    return ", ".join(str(tuple(s)) for s in shapes)

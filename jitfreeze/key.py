@@ -16,12 +16,21 @@ import sys
 
 import torch
 
-__all__ = ["FORMAT_VERSION", "KeyParts", "device_text", "environment_parts"]
+from .digest import digest_tensors
+
+__all__ = ["FORMAT_VERSION", "INDEX_VERSION", "KeyParts", "device_text", "environment_parts", "graph_key",
+           "index_key", "decision_key", "graph_text",
+           "tensor_layout"]
 
 log = logging.getLogger("jitfreeze")
 
 #: Bump when the artifact layout or anything the key covers changes meaning.
 FORMAT_VERSION = 1
+
+# Part of every index key. 4: index entries written before symbolic traces guarded the sizes they
+# turned into numbers (and sizes 0/1) hold no guard for them: never served. 5: fingerprints made
+# before the walk refused what it cannot hash (it skipped it): never trusted.
+INDEX_VERSION = "5"
 
 
 def device_text(device: torch.device) -> str:
@@ -79,3 +88,64 @@ class KeyParts:
         for name, text in self.parts:
             out[name] = text if len(text) <= 200 else "sha256:" + hashlib.sha256(text.encode()).hexdigest()
         return out
+
+
+def graph_text(traced) -> str:
+    """Canonical text of the graph: generated code, no source ranges, no addresses."""
+    return traced.graph_module.code
+
+
+def tensor_layout(t: torch.Tensor) -> list:
+    """What a bound weight must look like for the graph saved against it to run on it."""
+    return [str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride()), t.storage_offset(), str(t.device)]
+
+
+# -- the three recipes: the graph key, the fingerprint index's key, the dynamic-shape decision's key --
+
+def _devices_text(call, tensors) -> str:
+    """The call's devices, then those of the weights not among them."""
+    devices = list(call.devices)
+    for t in tensors:
+        if t.device not in devices:
+            devices.append(t.device)
+    return ",".join(device_text(d) for d in devices) or "none"
+
+
+def graph_key(name: str, backend: str, call, traced, texts, bindings: dict) -> tuple[str, KeyParts]:
+    """The key of a traced graph (``name``: the function's, for the DEBUG log): (key, its parts).
+    ``bindings``: {graph attribute: the module's name for it} (the weights bound at load)."""
+    parts = KeyParts(environment_parts())
+    parts.add("backend", backend)
+    parts.add("device", _devices_text(call, [t for _, t in traced.constants]))
+    parts.add("signature", call.signature_text(texts))
+    if traced.guards:
+        parts.add("guards", "\n".join(traced.guards))
+    parts.add("graph", graph_text(traced))
+    parts.add("weights", digest_tensors([t for _, t in traced.constants]))
+    if bindings:
+        layouts = dict(traced.constants)
+        parts.add("bindings", "\n".join(f"{attr}={name} {tensor_layout(layouts[attr])}"
+                                         for attr, name in bindings.items()))
+    return parts.key(name), parts
+
+
+def index_key(name: str, backend: str, call, texts, digest: str, tensors) -> str:
+    """The fingerprint index's key for a call: no trace, the function's code and weights
+    (``digest``, over ``tensors``) in place of its graph."""
+    parts = KeyParts(environment_parts())
+    parts.add("backend", backend)
+    parts.add("index", INDEX_VERSION)
+    parts.add("device", _devices_text(call, tensors))
+    parts.add("signature", call.signature_text(texts))
+    parts.add("code+weights", digest)
+    return parts.key(name + " (index)")
+
+
+def decision_key(name: str, call, tensors) -> str:
+    """The key of the automatic dynamic-shape decision for a call's structure (not its sizes)."""
+    parts = KeyParts(environment_parts())
+    parts.add("function", name)
+    parts.add("structure", call.spec_text() + "\n" + "\n".join(
+        f"{t.dtype} {t.device} ndim={t.dim()}" for t in tensors) + "\n" + "\n".join(
+        call.texts[i] for i, _ in call.consts))
+    return parts.key(name + " (dynamic decision)")

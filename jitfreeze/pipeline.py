@@ -31,9 +31,10 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .errors import NO_RESULT, FallbackReason
+from .key import tensor_layout
 from .signature import CallSpec
 
-__all__ = ["Traced", "trace", "HOISTED_PREFIX", "graph_text", "TorchScriptBackend", "BindingError", "module_weights",
+__all__ = ["Traced", "trace", "HOISTED_PREFIX", "TorchScriptBackend", "BindingError", "module_weights",
            "tensor_layout", "outputs_match"]
 
 log = logging.getLogger("jitfreeze")
@@ -390,11 +391,6 @@ def _record(flat_fn: Callable, tensors: list):
     return None
 
 
-def graph_text(traced: Traced) -> str:
-    """Canonical text of the graph: generated code, no source ranges, no addresses."""
-    return traced.graph_module.code
-
-
 def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
     if dtype in (torch.float16, torch.bfloat16):
         return 2e-2, 2e-2
@@ -508,11 +504,6 @@ def module_weights(module) -> dict | None:
     weights = dict(module.named_parameters(remove_duplicate=False))
     weights.update(module.named_buffers(remove_duplicate=False))
     return weights
-
-
-def tensor_layout(t: torch.Tensor) -> list:
-    """What a bound weight must look like for the graph saved against it to run on it."""
-    return [str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride()), t.storage_offset(), str(t.device)]
 
 
 class TorchScriptBackend:

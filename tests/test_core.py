@@ -372,7 +372,7 @@ def test_binding_errors_are_clear_and_a_plain_miss(cache_dir, monkeypatch, no_jf
     with torch.no_grad():
         ref = fast(x)
     payload = fast._cache_for().get(next(iter(fast._table.values())).key)[1]
-    backend, weights = TorchScriptBackend(), fast._weights()
+    backend, weights = TorchScriptBackend(), fast._resolver.weights()
     with pytest.raises(BindingError, match="does not have"):
         backend.load(payload, None, {k: v for k, v in weights.items() if not k.endswith("bias")})
     with pytest.raises(BindingError, match="compiled for"):
@@ -408,7 +408,7 @@ def test_loaded_graphs_run_unprofiled(cache_dir, no_jf_warnings):
         fast(x)
     entry = next(iter(fast._table.values()))
     backend = TorchScriptBackend()
-    module = backend.load(fast._cache_for().get(entry.key)[1], None, fast._weights())
+    module = backend.load(fast._cache_for().get(entry.key)[1], None, fast._resolver.weights())
     run = backend.runner(module)
     assert not isinstance(run, torch._C.ScriptMethod) and run.graph is module.forward.graph
     assert torch._C._get_graph_executor_optimize()

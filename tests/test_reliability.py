@@ -956,12 +956,12 @@ def test_disk_full_injected(cache_dir, monkeypatch, fault):
 
 def test_torch_version_change_is_a_miss(cache_dir, monkeypatch):
     """Fault 13: another torch version (as the key sees it) is a miss, on the traced and the index path."""
-    import jitfreeze.core as core
+    import jitfreeze.key as key
     from jitfreeze.key import environment_parts
 
     model, (x,) = make("mlp")
     run(model, x, cache_dir)
-    monkeypatch.setattr(core, "environment_parts",
+    monkeypatch.setattr(key, "environment_parts",
                         lambda: [(k, "9.9.9" if k == "torch" else v) for k, v in environment_parts()])
     fast, out = run(model, x, cache_dir)
     assert fast.cache_info().compiles == 1 and fast.cache_info().loads == 0

@@ -1,6 +1,6 @@
 """Names a function reads from its globals and closure cells, rebound after the first call (a
 notebook's ``W = ...``, ``scale = ...``, ``model = build()``), and modules reached through them
-changed after it: every call gives eager's answer on the same inputs (jitfreeze.reach, _Watch)."""
+changed after it: every call gives eager's answer on the same inputs (jitfreeze.reach, jitfreeze.watch.Watch)."""
 
 import types
 import warnings

@@ -159,10 +159,10 @@ def test_functions_that_keep_sizes_symbolic_stay_one_graph(cache_dir, no_jf_warn
 def test_index_entries_written_without_size_guards_are_not_served(cache_dir, monkeypatch, no_jf_warnings):
     """A cache written by a version whose symbolic traces dropped the specialization: its index entry
     (``guards: []``) must not serve another size."""
-    from jitfreeze import core, dynamic
+    from jitfreeze import dynamic, key
 
     with monkeypatch.context() as old:
-        old.setattr(core, "_INDEX_VERSION", "3")
+        old.setattr(key, "INDEX_VERSION", "3")
         old.setattr(dynamic, "_specializations", lambda placeholders, dims: ([], {}))
         jf(scale_float, cache_dir=cache_dir, dynamic=True)(torch.randn(3, 3))
     x = torch.randn(5, 3)
