@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from .cache import INDEX
 from .entry import Entry
 from .errors import FallbackReason
 from .key import graph_key
@@ -71,7 +72,14 @@ class Resolver:
             if module is None:
                 continue
             watch = self._watch(fp.tensors, call)
-            outs, fwd = self._first_call(module, tensors)
+            try:
+                outs, fwd = self._first_call(module, tensors)
+            except Exception as exc:  # noqa: BLE001 - a graph that can't run this call doesn't fit it
+                # The index said this graph fits the call and it raised: the index entry is wrong
+                # (it was written by code whose guards missed something). Never let its error reach
+                # the caller: drop the entry and trace.
+                cache.evict(fp.key, "the indexed graph failed on this call", exc, ns=INDEX)
+                return None
             entry = Entry(fwd, key, call, candidate.out_spec, candidate.out_tensor_idx, candidate.out_consts,
                            watch, "index")
             result = entry.rebuild(outs)

@@ -219,3 +219,33 @@ def test_discard_parameters_on_warm_start(user_code, cache_dir):
     run_script(code, user_code, cache_dir)
     warm, _ = run_script(code, user_code, cache_dir)
     assert warm["traces"] == 0 and warm["ok"]
+
+
+def test_an_indexed_graph_that_fails_on_the_call_is_dropped_and_traced(cache_dir, monkeypatch):
+    """An index entry whose graph raises on the call it was chosen for (its guards missed
+    something) never passes the error on: the entry is dropped with one warning, the call traced,
+    and the answer is eager's."""
+    import jitfreeze as jf
+    from jitfreeze.pipeline import TorchScriptBackend
+
+    def f(x):
+        return torch.relu(x) * 2.0
+
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        jf.jitfreeze(f, cache_dir=cache_dir)(x)                     # fills the cache and the index
+        real = TorchScriptBackend.first_call
+        failures = []
+
+        def first_call_failing_once(self, module, tensors):
+            if not failures:
+                failures.append(1)
+                raise RuntimeError("The size of tensor a (4) must match the size of tensor b (7)")
+            return real(self, module, tensors)
+
+        monkeypatch.setattr(TorchScriptBackend, "first_call", first_call_failing_once)
+        g = jf.jitfreeze(f, cache_dir=cache_dir)
+        with pytest.warns(jf.JitFreezeWarning, match="failed on this call"):
+            out = g(x)
+    assert torch.equal(out, f(x))
+    assert failures == [1] and g.traces == 1
