@@ -70,6 +70,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class _CapReached(FallbackReason):
+    """``max_signatures`` reached: new signatures run eagerly (one warning per function)."""
+
+
 class JitFreezeFunction:
     """What ``@jitfreeze`` returns: call it like the function (or module) it wraps."""
 
@@ -243,11 +247,15 @@ class JitFreezeFunction:
                 self._param_names = []
         return self._param_names
 
-    def _fallback(self, key, reason: str, *, grad: bool = False):
+    def _fallback(self, key, reason: str, *, grad: bool = False, cap: bool = False):
         """Remember that this signature runs eagerly; warn once per function and signature, or,
-        when grad mode is the reason (``grad``), once per function with the fix."""
+        when grad mode is the reason (``grad``), once per function with the fix, and once per
+        function when ``max_signatures`` is reached (``cap``)."""
         self._fallbacks[key] = reason
-        if grad:
+        if cap:
+            trouble(f"jitfreeze: {self.name}: {reason}", None, strict=self._config.strict,
+                    once=(self._serial, "cap"), error=FallbackReason)
+        elif grad:
             trouble(f"jitfreeze: {self.name} runs eagerly (no compiled graph) while grad is enabled: {reason}. "
                     "Call it under torch.no_grad() or torch.inference_mode() to use the frozen graph "
                     "(or filter this warning if the gradients are wanted)", None,
@@ -295,7 +303,8 @@ class JitFreezeFunction:
                 with gcpause.paused():
                     entry, result, new = self._resolve(call, args, kwargs)
             except FallbackReason as reason:
-                self._fallback(key, str(reason), grad=isinstance(reason, GradFallback))
+                self._fallback(key, str(reason), grad=isinstance(reason, GradFallback),
+                               cap=isinstance(reason, _CapReached))
                 if reason.result is not NO_RESULT:
                     return reason.result      # the trace ran the function: don't run it twice
                 return self._eager(args, kwargs)
@@ -332,7 +341,7 @@ class JitFreezeFunction:
 
     def _check_cap(self):
         if self._signatures >= self.max_signatures:
-            raise FallbackReason(f"{self.name} already has {self._signatures} signatures "
+            raise _CapReached(f"{self.name} already has {self._signatures} signatures "
                                  f"(max_signatures={self.max_signatures}, JITFREEZE_MAX_SIGNATURES); "
                                  "new signatures run eagerly")
 

@@ -243,6 +243,15 @@ def value_shaped_op(target, args, kwargs, value: Callable, varies: Callable) -> 
     return True
 
 
+def _above_one(dims: dict, shapes) -> dict:
+    """``dims`` less those whose size is 0 or 1 in this call: a symbolic trace specializes those
+    sizes anyway (a graph guarded on ``== 1``), so the call is traced statically there -- the same
+    graph and key as the static trace made before the dim became dynamic, in this process or in
+    any other, instead of a second graph for the same size."""
+    out = {j: frozenset(d for d in ds if shapes[j][d] > 1) for j, ds in dims.items()}
+    return {j: ds for j, ds in out.items() if ds}
+
+
 class AutoDynamic:
     """Which dims of a call to trace symbolically, by the function's ``dynamic=`` option.
 
@@ -285,7 +294,7 @@ class AutoDynamic:
             self._auto[shape_class] = {"shapes": shapes, "dims": decided, "static": static}
             if decided:
                 log.info("%s: using the stored dynamic-shape decision %s", self.name, _dims_text(decided))
-            return decided
+            return _above_one(decided, shapes)
         changed = {j: frozenset(d for d, (a, b) in enumerate(zip(shape, state["shapes"][j])) if a != b)
                    for j, shape in enumerate(shapes)}
         merged = {j: (state["dims"].get(j, frozenset()) | changed.get(j, frozenset()))
@@ -297,7 +306,7 @@ class AutoDynamic:
                      _shapes_text(shapes), _shapes_text(state["shapes"]))
             state["dims"] = merged
             self._store(call, tensors, merged, state["static"])
-        return state["dims"]
+        return _above_one(state["dims"], shapes)
 
     def pin_static(self, call, tensors, specialized: dict) -> None:
         """Automatic dynamic shapes: the function turned these dims' sizes into numbers in a

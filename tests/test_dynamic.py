@@ -101,3 +101,37 @@ def test_dynamic_decision_persists_across_processes(cache_dir):
     second, _ = run_script(DECISION, cache_dir, "13")          # a size never seen: the dynamic artifact
     assert second["ok"] and second["info"]["compiles"] == 0 and second["info"]["loads"] == 1
     assert second["traces"] == 0
+
+
+_SIZES_AGAIN = """
+import json, sys, warnings, torch
+from jitfreeze import JitFreezeWarning, jitfreeze
+from tests.models import make
+warnings.simplefilter("error", JitFreezeWarning)
+model, _ = make(sys.argv[2])
+fast = jitfreeze(model, cache_dir=sys.argv[1])
+torch.manual_seed(1)
+ok = True
+with torch.no_grad():
+    for b in [1, 2, 3, 1, 5, 8, 2, 16, 12]:
+        x = torch.randn(b, *json.loads(sys.argv[3]))
+        ok = ok and torch.allclose(fast(x), model(x), atol=1e-4, rtol=1e-3)
+print(json.dumps(dict(fast.cache_info()._asdict(), traces=fast.traces, ok=bool(ok))))
+"""
+
+
+@pytest.mark.parametrize("name,shape", [("cnn", [3, 16, 16]), ("mlp", None)])
+def test_a_second_process_serves_every_size_from_the_first_ones_artifacts(name, shape, cache_dir):
+    """Batch 1 first, then larger ones: the dims become dynamic and the decision is stored. A
+    second process that uses the stored decision from its first call traces batch 1 statically,
+    as the first process did (a symbolic trace would guard it on == 1: another graph for the
+    same size), so it loads everything and compiles nothing."""
+    import json
+    if shape is None:
+        _, (x,) = make(name)
+        shape = list(x.shape[1:])
+    first, _ = run_script(_SIZES_AGAIN, cache_dir, name, json.dumps(shape))
+    second, _ = run_script(_SIZES_AGAIN, cache_dir, name, json.dumps(shape))
+    assert first["ok"] and second["ok"]
+    assert (second["compiles"], second["fallbacks"], second["traces"]) == (0, 0, 0), second
+    assert second["loads"] == first["compiles"]

@@ -197,11 +197,12 @@ def test_lock_timeout_compiles_without_writing(cache_dir, monkeypatch):
 def test_max_signatures_caps_compiles(cache_dir, monkeypatch):
     monkeypatch.setenv("JITFREEZE_MAX_SIGNATURES", "2")
     fast = jitfreeze(lambda x: x * 2, cache_dir=cache_dir, dynamic=False)    # exact shapes
-    with pytest.warns(JitFreezeWarning, match="max_signatures=2"):
-        for n in range(1, 5):
+    with pytest.warns(JitFreezeWarning, match="max_signatures=2") as caught:
+        for n in range(1, 7):
             assert torch.equal(fast(torch.ones(n)), torch.full((n,), 2.0))
     info = fast.cache_info()
-    assert info.compiles == 2 and info.fallbacks == 2
+    assert info.compiles == 2 and info.fallbacks == 4
+    assert len([w for w in caught if "max_signatures" in str(w.message)]) == 1     # once per function
 
 
 def test_hmac_key_signs_and_refuses_unsigned(cache_dir):
