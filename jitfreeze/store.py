@@ -630,13 +630,18 @@ class DiskStore:
                 pass
         return removed
 
+    def _value_rows(self):
+        """(rowid, size, filename) of the rows kept in value files of the cache's own layout
+        (``unsafe_rows`` handles the others)."""
+        for rowid, size, filename in self._cache._sql(
+                "SELECT rowid, size, filename FROM Cache WHERE filename IS NOT NULL").fetchall():
+            if type(filename) is str and _VALUE_FILE.match(filename):
+                yield rowid, size, filename
+
     def missing_files(self) -> list[int]:
         """rowids whose value file is gone (or not a regular file): unreadable entries."""
         out = []
-        for rowid, filename in self._cache._sql(
-                "SELECT rowid, filename FROM Cache WHERE filename IS NOT NULL").fetchall():
-            if type(filename) is not str or not _VALUE_FILE.match(filename):
-                continue        # unsafe_rows handles these
+        for rowid, _, filename in self._value_rows():
             try:
                 ok = os.path.isfile(self.directory / filename) and not os.path.islink(self.directory / filename)
             except OSError:
@@ -648,10 +653,7 @@ class DiskStore:
     def wrong_sizes(self) -> list[int]:
         """rowids whose value file's size differs from the row's (truncated or grown files)."""
         out = []
-        for rowid, size, filename in self._cache._sql(
-                "SELECT rowid, size, filename FROM Cache WHERE filename IS NOT NULL").fetchall():
-            if type(filename) is not str or not _VALUE_FILE.match(filename):
-                continue
+        for rowid, size, filename in self._value_rows():
             with contextlib.suppress(OSError):
                 if os.lstat(self.directory / filename).st_size != size:
                     out.append(rowid)
@@ -663,10 +665,7 @@ class DiskStore:
         if not self.check_trust:
             return []
         out = []
-        for rowid, filename in self._cache._sql(
-                "SELECT rowid, filename FROM Cache WHERE filename IS NOT NULL").fetchall():
-            if type(filename) is not str or not _VALUE_FILE.match(filename):
-                continue        # unsafe_rows handles these
+        for rowid, _, filename in self._value_rows():
             try:
                 check_value_file(self.location, filename, os.lstat(self.directory / filename))
             except UnsafeEntry:
