@@ -1,0 +1,151 @@
+"""One line on stderr when a first call (trace and compile, or load) is slow (``JITFREEZE_PROGRESS_AFTER``).
+
+A miss that is still running after the threshold logs, from a timer thread, one INFO line to the
+``jitfreeze.progress`` logger::
+
+    jitfreeze: compiling demo.Net.forward for (1x3x224x224 float32): 5 s so far; later processes will load it from /root/.cache/jitfreeze
+
+and, when it ends, one more with the total (``compiled ... in 23.4 s; stored``). A miss that ends
+first logs nothing. The timer only reads what :class:`Watch` captured at the start (strings and
+numbers) and the current phase (a string the miss replaces as it goes).
+
+The logger: ``jitfreeze.progress``, set to INFO and given :class:`_DefaultHandler` (stderr) at
+import unless the user configured it first. That handler writes only when no other handler would
+show the record (the ``jitfreeze`` logger's, which ``JITFREEZE_LOG`` installs, or the root's): the
+line is printed once however logging is set up. Silence it with
+``logging.getLogger("jitfreeze.progress").setLevel(logging.WARNING)`` or ``JITFREEZE_PROGRESS_AFTER=off``.
+``jitfreeze.precompile`` reports each signature itself and turns these lines off while it runs (:func:`quiet`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import threading
+import time
+
+from .errors import FallbackReason
+
+__all__ = ["Watch", "quiet", "LOGGER_NAME"]
+
+LOGGER_NAME = "jitfreeze.progress"
+log = logging.getLogger(LOGGER_NAME)
+
+
+class _DefaultHandler(logging.Handler):
+    """stderr (looked up at each line, as ``logging.lastResort`` does), only when no other handler
+    on the way up from the ``jitfreeze.progress`` logger would take the record."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("jitfreeze: %(message)s"))
+
+    def handle(self, record):
+        if _handled_elsewhere(record.levelno, self):
+            return False
+        return super().handle(record)
+
+    def emit(self, record):
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - a closed stderr must not break a compile
+            self.handleError(record)
+
+
+def _handled_elsewhere(level: int, mine: logging.Handler) -> bool:
+    logger = log
+    while logger is not None:
+        if any(h is not mine and level >= h.level for h in logger.handlers):
+            return True
+        if not logger.propagate:
+            return False
+        logger = logger.parent
+    return False
+
+
+def _install() -> None:
+    if log.level == logging.NOTSET and not log.handlers:       # unless the user configured it first
+        log.setLevel(logging.INFO)
+        log.addHandler(_DefaultHandler())
+
+
+_install()
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def quiet():
+    """No progress lines for the misses this thread starts meanwhile (precompile shows its own)."""
+    depth = getattr(_local, "quiet", 0)
+    _local.quiet = depth + 1
+    try:
+        yield
+    finally:
+        _local.quiet = depth
+
+
+class Watch:
+    """The progress of one miss: ``with Watch(name, signature, where, after) as w:``; ``w.phase``
+    ("compiling", "loading", "waiting") as it goes; ``w.done = "compiled"`` etc. for the closing
+    line. ``where``: the cache directory (None: uncached). ``after``: seconds (None: never)."""
+
+    def __init__(self, name: str, signature: str, where: str | None, after: float | None):
+        self.name, self.signature, self.where = name, signature, where
+        self.phase = "compiling"
+        self.done = ""
+        self._fired = False
+        self._over = False
+        self._lock = threading.Lock()
+        self._t0 = time.monotonic()
+        self._timer = None
+        if after is not None and not getattr(_local, "quiet", 0) and log.isEnabledFor(logging.INFO):
+            self._timer = threading.Timer(after, self._fire)
+            self._timer.daemon = True
+            self._timer.name = "jitfreeze-progress"
+            self._timer.start()
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._timer is None:
+            return
+        self._timer.cancel()
+        with self._lock:
+            self._over = True
+            fired = self._fired
+        if fired:
+            seconds = time.monotonic() - self._t0
+            if exc_type is not None and issubclass(exc_type, FallbackReason):
+                log.info("%s for %s runs eagerly after %.1f s (see the warning)", self.name, self.signature, seconds)
+            elif exc_type is not None:
+                log.info("%s for %s stopped after %.1f s (%s)", self.name, self.signature, seconds,
+                         exc_type.__name__)
+            else:
+                log.info("%s for %s: %s in %.1f s", self.name, self.signature, self.done or "done", seconds)
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._over:
+                return
+            self._fired = True
+            seconds = time.monotonic() - self._t0
+            phase, where = self.phase, self.where
+            if phase == "loading":
+                log.info("loading %s for %s from %s: %s s so far", self.name, self.signature, where, _secs(seconds))
+            elif phase == "waiting":
+                log.info("waiting for another process compiling %s for %s: %s s so far; it will be loaded "
+                         "from %s", self.name, self.signature, _secs(seconds), where)
+            elif where is None:
+                log.info("compiling %s for %s: %s s so far (no usable cache: later processes compile it "
+                         "again)", self.name, self.signature, _secs(seconds))
+            else:
+                log.info("compiling %s for %s: %s s so far; later processes will load it from %s",
+                         self.name, self.signature, _secs(seconds), where)
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}"
