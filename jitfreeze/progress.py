@@ -7,7 +7,8 @@ A miss that is still running after the threshold logs, from a timer thread, one 
 
 and, when it ends, one more with the total (``compiled ... in 23.4 s; stored``). A miss that ends
 first logs nothing. The timer only reads what :class:`Watch` captured at the start (strings and
-numbers) and the current phase (a string the miss replaces as it goes).
+numbers) and the current phase (a string the miss replaces as it goes). One watchdog thread serves
+every miss (:class:`_Watchdog`).
 
 The logger: ``jitfreeze.progress``, set to INFO and given :class:`_DefaultHandler` (stderr) at
 import unless the user configured it first. That handler writes only when no other handler would
@@ -20,7 +21,10 @@ line is printed once however logging is set up. Silence it with
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
+import os
 import sys
 import threading
 import time
@@ -100,20 +104,16 @@ class Watch:
         self._over = False
         self._lock = threading.Lock()
         self._t0 = time.monotonic()
-        self._timer = None
-        if after is not None and not getattr(_local, "quiet", 0) and log.isEnabledFor(logging.INFO):
-            self._timer = threading.Timer(after, self._fire)
-            self._timer.daemon = True
-            self._timer.name = "jitfreeze-progress"
-            self._timer.start()
+        self._watched = after is not None and not getattr(_local, "quiet", 0) and log.isEnabledFor(logging.INFO)
+        if self._watched:
+            _watchdog.add(self._t0 + after, self)
 
     def __enter__(self) -> "Watch":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._timer is None:
+        if not self._watched:
             return
-        self._timer.cancel()
         with self._lock:
             self._over = True
             fired = self._fired
@@ -145,6 +145,48 @@ class Watch:
             else:
                 log.info("compiling %s for %s: %s s so far; later processes will load it from %s",
                          self.name, self.signature, _secs(seconds), where)
+
+
+class _Watchdog:
+    """One daemon thread for every miss being watched (started at the first): a thread per miss
+    (``threading.Timer``) costs 0.3-0.6 ms to start; adding a deadline here, a few microseconds.
+    A miss that ends first stays queued until its deadline and is skipped then."""
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: list = []            # (deadline, serial, watch)
+        self._serial = itertools.count()
+        self._thread = None
+
+    def add(self, deadline: float, watch: Watch) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (deadline, next(self._serial), watch))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="jitfreeze-progress", daemon=True)
+                self._thread.start()
+            elif self._heap[0][2] is watch:
+                self._cond.notify()          # the new deadline comes first
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    while self._heap and self._heap[0][2]._over:
+                        heapq.heappop(self._heap)
+                    now = time.monotonic()
+                    if self._heap and self._heap[0][0] <= now:
+                        watch = heapq.heappop(self._heap)[2]
+                        break
+                    self._cond.wait(self._heap[0][0] - now if self._heap else None)
+            watch._fire()
+
+
+_watchdog = _Watchdog()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_watchdog._reset)      # the thread does not survive a fork
 
 
 def _secs(seconds: float) -> str:

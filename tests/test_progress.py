@@ -34,7 +34,7 @@ def slow_run(cache_dir, sleep, after, setup="", **env):
         env["JITFREEZE_PROGRESS_AFTER"] = after
     info, proc = run_script(SLOW.format(setup=setup), cache_dir, sleep, env=env)
     assert info["compiles"] == 1
-    lines = [l for l in proc.stderr.splitlines() if "jitfreeze" in l]
+    lines = [l for l in proc.stderr.splitlines() if "__main__.slow" in l]      # not warnings naming jitfreeze files
     return [l for l in lines if "so far" in l], [l for l in lines if "so far" not in l]
 
 
@@ -62,8 +62,9 @@ def test_user_silences_the_logger(cache_dir):
 
 
 def test_printed_once_with_jitfreeze_log_or_user_logging(cache_dir):
-    so_far, _ = slow_run(cache_dir, 0.5, "0.05", JITFREEZE_LOG="info")
+    so_far, rest = slow_run(cache_dir, 0.5, "0.05", JITFREEZE_LOG="info")
     assert len(so_far) == 1 and so_far[0].startswith("jitfreeze INFO compiling __main__.slow"), so_far
+    assert sum("compiled and stored in" in l for l in rest) == 1, rest
     so_far, _ = slow_run(cache_dir / "basic", 0.5, "0.05", "logging.basicConfig(level=logging.INFO)")
     assert len(so_far) == 1 and so_far[0].startswith("INFO:jitfreeze.progress:compiling"), so_far
 
