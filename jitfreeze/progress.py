@@ -124,7 +124,7 @@ class Watch:
             elif exc_type is not None:
                 log.info("%s for %s stopped after %.1f s (%s)", self.name, self.signature, seconds,
                          exc_type.__name__)
-            else:
+            elif not log.parent.isEnabledFor(logging.INFO):     # else its own INFO line says so already
                 log.info("%s for %s: %s in %.1f s", self.name, self.signature, self.done or "done", seconds)
 
     def _fire(self) -> None:
