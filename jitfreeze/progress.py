@@ -1,12 +1,12 @@
 """One line on stderr when a first call (trace and compile, or load) is slow (``JITFREEZE_PROGRESS_AFTER``).
 
-A miss that is still running after the threshold logs, from a timer thread, one INFO line to the
+A miss that is still running after the threshold logs, from a watchdog thread, one INFO line to the
 ``jitfreeze.progress`` logger::
 
-    jitfreeze: compiling demo.Net.forward for (1x3x224x224 float32): 5 s so far; later processes will load it from /root/.cache/jitfreeze
+    jitfreeze: compiling demo.Net.forward for (1x3x224x224 float32): 5.0 s so far; later processes will load it from /root/.cache/jitfreeze
 
-and, when it ends, one more with the total (``compiled ... in 23.4 s; stored``). A miss that ends
-first logs nothing. The timer only reads what :class:`Watch` captured at the start (strings and
+and, when it ends, one more with the total (``...: compiled and stored in 23.4 s``; left out when the
+``jitfreeze`` logger's own INFO lines are on). A miss that ends first logs nothing. The watchdog only reads what :class:`Watch` captured at the start (strings and
 numbers) and the current phase (a string the miss replaces as it goes). One watchdog thread serves
 every miss (:class:`_Watchdog`).
 
