@@ -154,7 +154,7 @@ def test_default_handler_defers_to_other_handlers():
 
 
 def test_watch_cost_on_a_fast_miss():
-    """Starting and cancelling the timer of a miss that ends first: well under a millisecond."""
+    """Watching a miss that ends first: a deadline handed to the shared watchdog, microseconds."""
     for _ in range(20):
         with progress.Watch("f", "()", "/c", 60):
             pass
@@ -164,4 +164,4 @@ def test_watch_cost_on_a_fast_miss():
         with progress.Watch("f", "()", "/c", 60):
             pass
     per = (time.perf_counter() - t0) / n
-    assert per < 2e-3, per
+    assert per < 2e-4, per                 # a Timer thread per miss: 0.3-0.6 ms
