@@ -31,6 +31,7 @@ ENV_VARS = {
     "JITFREEZE_REMOTE_CACHE": "`redis://host:port/db` (or `rediss://`, `unix://`): a shared Redis behind the local cache (needs `redis`); entries are verified, and published after each compile. Needs `JITFREEZE_CACHE_KEY` (or `JITFREEZE_ALLOW_UNSAFE_CACHE_DIR=1`).",
     "JITFREEZE_REMOTE_TIMEOUT": "Seconds one Redis operation may take (default `1`); past it, one warning and the process carries on locally (retrying Redis 30 s later).",
     "JITFREEZE_REMOTE_LOCK_TTL": "Expiry in seconds of the fleet-wide compile lock in Redis (default `60`; renewed while the compile runs).",
+    "JITFREEZE_PROGRESS_AFTER": "Seconds a first call (trace and compile, or load) may run before one line on stderr says what is compiling (default `5`); `0` or `off`: never. The line goes to the `jitfreeze.progress` logger (see docs/operations.md).",
     "JITFREEZE_TRACER": "`make_fx`: trace every miss with `make_fx` (imports Dynamo, 2–3 s, on the first miss); default `auto`: jitfreeze's pre-dispatch recorder where it applies (the same graph, no Dynamo), `make_fx` elsewhere.",
 }
 
@@ -94,6 +95,7 @@ class Config:
     remote_timeout: float = 1.0
     remote_lock_ttl: float = 60.0
     tracer: str = "auto"                # JITFREEZE_TRACER: auto (the recorder where it applies) or make_fx
+    progress_after: float | None = 5.0  # JITFREEZE_PROGRESS_AFTER: seconds before a slow miss says so (None: never)
 
     @classmethod
     def from_env(cls, env=None) -> "Config":
@@ -130,6 +132,7 @@ class Config:
             remote_timeout=_seconds(env, "JITFREEZE_REMOTE_TIMEOUT", 1.0),
             remote_lock_ttl=_seconds(env, "JITFREEZE_REMOTE_LOCK_TTL", 60.0),
             tracer=tracer,
+            progress_after=_progress_after(env),
         )
 
 
@@ -143,6 +146,21 @@ def _cache_path(text: str) -> tuple[tuple, str | None]:
         raise ValueError(f"JITFREEZE_CACHE_PATH={text!r}: the last entry must be the writable cache directory")
     layers = tuple(Path(p.strip()).expanduser() for p in parts[:-1] if p.strip())
     return layers, parts[-1].strip()
+
+
+def _progress_after(env) -> float | None:
+    text = env.get("JITFREEZE_PROGRESS_AFTER", "").strip().lower()
+    if not text:
+        return 5.0
+    if text == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"JITFREEZE_PROGRESS_AFTER={text!r}: expected a number of seconds, or 0 or off")
+    return value or None
 
 
 def _seconds(env, name: str, default: float) -> float:

@@ -38,6 +38,7 @@ from .errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
 from .index import FingerprintIndex
 from .key import graph_key
 from .pipeline import TorchScriptBackend, trace
+from .progress import Watch
 from .resolve import GradFallback, Resolver, short_sig
 from .watch import install_hooks, module_tensors, storages
 
@@ -371,6 +372,18 @@ class JitFreezeFunction:
                 f"{self.name}: a new signature needs the module's weights (to trace it, or to bind them to "
                 "a stored graph), but its parameters were discarded (discard_parameters=True)")
         self._check_cap()
+        after = self._config.progress_after
+        where = None
+        if after is not None:
+            cache = self._cache_for()
+            where = cache.location if cache.store is not None else None
+        with Watch(self.name, short_sig(call) if after is not None else "", where, after) as watch:
+            entry, result, new = self._miss(call, args, kwargs, tensors, dims, texts, watch)
+            watch.done = _DONE.get(entry.source, "done")
+            return entry, result, new
+
+    def _miss(self, call, args, kwargs, tensors, dims, texts, watch):
+        """Index, or trace + key, then load or compile; ``watch``: its progress line (:mod:`jitfreeze.progress`)."""
         fp = self._index.fingerprint(call, texts) if self.index else None
         weights = (list(fp.tensors) if fp is not None else []) + (
             module_tensors(self.module) if self.module is not None else [])
@@ -378,7 +391,9 @@ class JitFreezeFunction:
             raise FallbackReason(_SHARES_WEIGHT)
         indexed = None
         if fp is not None:
+            watch.phase = "loading"
             indexed = self._resolver.from_index(call, fp, self._index, tensors)
+            watch.phase = "compiling"
             if indexed is not None and not self.verify:
                 self._remember_dynamic(call, texts, indexed.guards, indexed.entry)
                 return indexed.entry, indexed.result, True
@@ -411,7 +426,7 @@ class JitFreezeFunction:
                         "the indexed one: something the fingerprint cannot see changed, e.g. a helper in "
                         "another module); replacing it", None, strict=self._config.strict,
                         once=(self._serial, "stale", fp.key))
-            outcome = self._resolver.load_or_compile(call, traced, copies, t0, t_trace, texts)
+            outcome = self._resolver.load_or_compile(call, traced, copies, t0, t_trace, texts, watch)
         except GradFallback:
             raise      # the result must carry autograd history: run eagerly
         except FallbackReason as reason:
@@ -446,6 +461,9 @@ class JitFreezeFunction:
             self._cache = open_cache(self.cache_dir, self._config)
         return self._cache
 
+
+# An entry's source -> the closing progress line's words.
+_DONE = {"index": "loaded", "cache": "loaded", "compiled": "compiled and stored", "unstored": "compiled, not stored"}
 
 _SHARES_WEIGHT = ("an argument shares storage with a weight the function uses (a frozen graph holds its "
                   "own copy of the weights, or reads them through the argument)")

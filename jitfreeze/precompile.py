@@ -17,7 +17,8 @@ up: *compiled*; ``loads``: *loaded* (from the persistent cache or a read-only la
 *reused* (a graph already in this process serves it); none of them: *fallback* (it ran eagerly).
 The reason is what jitfreeze said during the call: its ``JitFreezeWarning`` messages and the
 ``jitfreeze`` logger's INFO lines (captured whatever the logger's level; shown to its handlers only
-at the level they had).
+at the level they had). The long-compile line (:mod:`jitfreeze.progress`) is off meanwhile: the
+progress display says which signature is compiling.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import warnings
 from typing import Any, Callable, Iterable
 
 from .errors import JitFreezeError, JitFreezeWarning
+from .progress import quiet as progress_quiet
 
 __all__ = ["precompile", "PrecompileResult", "PrecompileReport", "normalize_example", "describe_example"]
 
@@ -254,7 +256,7 @@ def precompile(fn: Callable, examples: Iterable, *, bundle: str | None = None,
             error = None
             t0 = time.perf_counter()
             try:
-                with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+                with warnings.catch_warnings(record=True) as caught, torch.no_grad(), progress_quiet():
                     warnings.simplefilter("always", JitFreezeWarning)
                     try:
                         target(*args, **kwargs)

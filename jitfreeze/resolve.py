@@ -90,7 +90,9 @@ class Resolver:
         return None
 
 
-    def load_or_compile(self, call, traced, copies, t0, t_trace, texts) -> Outcome:
+    def load_or_compile(self, call, traced, copies, t0, t_trace, texts, progress=None) -> Outcome:
+        """``progress``: the miss's :class:`jitfreeze.progress.Watch` (its phase is set here), or None."""
+        progress = progress if progress is not None else _NoProgress()
         if call.mode[0] and any(t.requires_grad for _, t in traced.constants):
             # The trace ran under no_grad; this call wants a graph for autograd: eager it is.
             raise GradFallback("weights the function uses require grad and frozen graphs are inference-only")
@@ -100,6 +102,7 @@ class Resolver:
         found = cache.get(key)
         if found is not None:
             meta, payload = found
+            progress.phase = "loading"
             module = self._load(cache, key, payload, call)
             if module is not None:
                 outs, fwd = self._first_call(module, copies)
@@ -109,16 +112,20 @@ class Resolver:
                     log.info("%s: loaded %s for %s from %s", self.name, key[:16], short_sig(call), cache.where())
                     return Outcome(self._entry(fwd, key, call, traced, "cache"), traced.real_result)
                 cache.evict(key, f"its outputs differ from eager: {why}")
+        progress.phase = "waiting" if cache.store is not None else "compiling"
         with cache.lock(key) as held:
+            progress.phase = "compiling"
             if held:
                 found = cache.get(key)
                 if found is not None:
+                    progress.phase = "loading"
                     module = self._load(cache, key, found[1], call)
                     if module is not None:
                         self.loads += 1
                         log.info("%s: loaded %s (compiled by another process) from %s", self.name, key[:16], cache.where())
                         return Outcome(self._entry(self._backend.runner(module), key, call, traced, "cache"),
                                        traced.real_result)
+            progress.phase = "compiling"
             t1 = time.perf_counter()
             # Saved straight into the cache's directory where it can be: storing it is then
             # sealing it in place, not reading, packing and writing it again (BERT-size: 434 MB).
@@ -222,6 +229,10 @@ class Resolver:
                 "device": [str(d) for d in call.devices], "torch": torch.__version__,
                 "python": platform.python_version(), "created": time.time(), "parts": parts.summary(),
                 "part_digests": parts.digests()}
+
+
+class _NoProgress:
+    phase = ""
 
 
 def as_list(out):

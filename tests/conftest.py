@@ -65,6 +65,9 @@ def run_script(code: str, *args, env=None, timeout=300, check=True):
     """Run ``code`` in a fresh Python process; return its last stdout line parsed as JSON."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("JITFREEZE_")}
     full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+    # No long-compile line (jitfreeze.progress) unless a test asks: what a test reads on stderr must not
+    # depend on how loaded the machine is.
+    full_env["JITFREEZE_PROGRESS_AFTER"] = "off"
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
                           capture_output=True, text=True, env=full_env, timeout=timeout)
