@@ -142,7 +142,9 @@ def test_matches_eager_full_and_padded_mask(name, transformers, hf_cache_dir, no
     with torch.no_grad():
         out = fast(**full)
         info = fast.cache_info()
-        assert (info.compiles, info.fallbacks) == (1, 0), info
+        # compiled here, or loaded: the session's directory may already hold it (in a shuffled
+        # order the second-process test below can run first and fill it)
+        assert (info.compiles + info.loads, info.fallbacks) == (1, 0), info
         ref = model(**full)
         assert type(out) is type(ref) and list(out.keys()) == list(ref.keys())
         assert_same(out, ref)
@@ -153,7 +155,7 @@ def test_matches_eager_full_and_padded_mask(name, transformers, hf_cache_dir, no
         ref_p = model(**padded)
         assert_same(out_p, ref_p)
         info = fast.cache_info()
-        assert (info.compiles, info.fallbacks, info.entries) == (1, 0, 1), info
+        assert (info.compiles + info.loads, info.fallbacks, info.entries) == (1, 0, 1), info
         assert info.hits >= 1, info
         # The padded call really is different (a baked-in mask would be caught above).
         assert max_diff(ref, ref_p) > 1e-4
