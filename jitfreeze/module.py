@@ -34,8 +34,8 @@ from .errors import ParametersDiscardedError
 __all__ = ["JitFreezeModule"]
 
 _mm = torch.nn.modules.module
-_global_hooks = (_mm._global_forward_hooks, _mm._global_forward_pre_hooks,
-                 _mm._global_backward_hooks, _mm._global_backward_pre_hooks)
+_g_fwd, _g_fwd_pre = _mm._global_forward_hooks, _mm._global_forward_pre_hooks    # torch mutates these in place
+_g_bwd, _g_bwd_pre = _mm._global_backward_hooks, _mm._global_backward_pre_hooks
 _module_call = torch.nn.Module.__call__
 _module_getattr = torch.nn.Module.__getattr__
 _PREFIX = "module."
@@ -54,8 +54,8 @@ class JitFreezeModule(torch.nn.Module):
     # -- calls ----------------------------------------------------------------------------------
 
     def __call__(self, *args, **kwargs):
-        if (self._forward_pre_hooks or self._forward_hooks or self._backward_hooks or self._backward_pre_hooks
-                or self._compiled_call_impl is not None or any(_global_hooks)):
+        if (_g_fwd or _g_fwd_pre or _g_bwd or _g_bwd_pre or self._forward_pre_hooks or self._forward_hooks
+                or self._backward_hooks or self._backward_pre_hooks or self._compiled_call_impl is not None):
             return _module_call(self, *args, **kwargs)
         return self._jitfreeze_function(*args, **kwargs)
 
@@ -114,7 +114,9 @@ class JitFreezeModule(torch.nn.Module):
             pass
         d = self.__dict__
         model = d["_modules"].get("module") if "_modules" in d else None
-        if model is None:           # not built yet (__init__, unpickling): no fall-through
+        # Not built yet (__init__, unpickling): no fall-through. Nor for protocol names
+        # (``__deepcopy__``, ``__array__``...): the model's would act on the model, not the wrapper.
+        if model is None or (name.startswith("__") and name.endswith("__")):
             raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
         try:
             return getattr(model, name)
@@ -166,7 +168,9 @@ def _holds(obj, name: str) -> bool:
     d = vars(obj)
     if name in d:
         return True
-    return isinstance(obj, torch.nn.Module) and any(name in d.get(k, ()) for k in ("_parameters", "_buffers", "_modules"))
+    if not isinstance(obj, torch.nn.Module):
+        return False
+    return any(name in d.get(k, ()) for k in ("_parameters", "_buffers", "_modules"))
 
 
 def _insert_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
