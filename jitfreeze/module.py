@@ -54,10 +54,15 @@ class JitFreezeModule(torch.nn.Module):
     # -- calls ----------------------------------------------------------------------------------
 
     def __call__(self, *args, **kwargs):
-        if (_g_fwd or _g_fwd_pre or _g_bwd or _g_bwd_pre or self._forward_pre_hooks or self._forward_hooks
-                or self._backward_hooks or self._backward_pre_hooks or self._compiled_call_impl is not None):
+        # One attribute lookup (a class with __getattr__ gets no specialized attribute access),
+        # then dict reads. compile() puts _compiled_call_impl in the instance dict.
+        d = self.__dict__
+        if (_g_fwd or _g_fwd_pre or _g_bwd or _g_bwd_pre or d["_forward_pre_hooks"] or d["_forward_hooks"]
+                or d["_backward_hooks"] or d["_backward_pre_hooks"] or "_compiled_call_impl" in d):
             return _module_call(self, *args, **kwargs)
-        return self._jitfreeze_function(*args, **kwargs)
+        if kwargs:
+            return d["_jitfreeze_function"](*args, **kwargs)
+        return d["_jitfreeze_function"](*args)
 
     def forward(self, *args, **kwargs):
         return self._jitfreeze_function(*args, **kwargs)
