@@ -133,6 +133,9 @@ class JitFreezeModule(torch.nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         d = self.__dict__
+        if name == "module" and "_jitfreeze_function" in d:
+            raise AttributeError("the wrapped model cannot be replaced (its jitfreeze function serves the old "
+                                 "one): wrap the new model instead, jitfreeze(new_model)")
         if "_modules" in d and name not in d and name not in d["_modules"] and not hasattr(type(self), name):
             for target in (d["_modules"].get("module"), d.get("_jitfreeze_function")):
                 if target is not None and _holds(target, name):

@@ -207,6 +207,12 @@ def test_attribute_fallthrough(cache_dir):
     assert "fc1" in dir(fast) and "cache_info" in dir(fast)
 
 
+def test_the_model_cannot_be_swapped_under_the_function(cache_dir):
+    fast = jitfreeze(_net(), cache_dir=cache_dir)
+    with pytest.raises(AttributeError, match="jitfreeze"):
+        fast.module = _net(seed=3)
+
+
 def test_transformers_config_fallthrough(cache_dir, no_jf_warnings):
     pytest.importorskip("transformers")
     from .test_hf_models import build, make_inputs
