@@ -26,6 +26,7 @@ from .precompile import PrecompileReport, PrecompileResult, precompile
 
 if TYPE_CHECKING:                      # imported lazily at run time (they import torch)
     from .core import CacheInfo, JitFreezeFunction, jitfreeze
+    from .module import JitFreezeModule
 
 __all__ = [
     "jitfreeze",
@@ -35,13 +36,14 @@ __all__ = [
     "PrecompileReport",
     "CacheInfo",
     "JitFreezeFunction",
+    "JitFreezeModule",
     "JitFreezeWarning",
     "JitFreezeError",
     "ParametersDiscardedError",
     "__version__",
 ]
 
-_LAZY = {"jitfreeze", "CacheInfo", "JitFreezeFunction"}
+_LAZY = {"jitfreeze", "CacheInfo", "JitFreezeFunction", "JitFreezeModule"}
 
 
 def __getattr__(name: str):
@@ -50,8 +52,10 @@ def __getattr__(name: str):
 
         core.jitfreeze.clear_cache = clear_cache   # type: ignore[attr-defined]  # jitfreeze.clear_cache() too
         core.jitfreeze.precompile = precompile     # type: ignore[attr-defined]  # and jitfreeze.precompile()
+        from . import module
+
         for attr in _LAZY:
-            globals()[attr] = getattr(core, attr)
+            globals()[attr] = getattr(module if attr == "JitFreezeModule" else core, attr)
         return globals()[name]
     raise AttributeError(f"module 'jitfreeze' has no attribute {name!r}")
 

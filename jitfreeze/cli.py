@@ -99,6 +99,11 @@ def _device(meta) -> str:
     return str(dev) if dev else "-"
 
 
+def _function_name(function) -> str:
+    """The jitfreeze name of what precompile called (a ``jitfreeze(model)`` wrapper: its function's)."""
+    return getattr(function, "jitfreeze_function", function).name
+
+
 def _table(rows: list[list[str]], headers: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)] if rows else [len(h) for h in headers]
     lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip()]
@@ -559,11 +564,11 @@ def cmd_precompile(args) -> int:
         raise CommandError(str(exc)) from None
     except OSError as exc:
         raise CommandError(f"cannot write {args.bundle}: {exc}") from None
-    data = {"entry": args.entry, "function": report.function.name, "counts": report.counts(),
+    data = {"entry": args.entry, "function": _function_name(report.function), "counts": report.counts(),
             "results": [dataclasses.asdict(r) for r in report], "bundle": report.bundle}
     rows = [[r.signature, r.outcome, f"{r.seconds:.2f}s", r.reason] for r in report]
     counts = ", ".join(f"{n} {o}" for o, n in data["counts"].items())
-    lines = [f"{report.function.name}: {counts}", _table(rows, ["SIGNATURE", "OUTCOME", "TIME", "REASON"])]
+    lines = [f"{_function_name(report.function)}: {counts}", _table(rows, ["SIGNATURE", "OUTCOME", "TIME", "REASON"])]
     if report.bundle is not None:
         b = report.bundle
         lines.append(f"wrote {b['entries']} entries ({_human(b['bytes'])}) to {b['path']}"

@@ -519,7 +519,8 @@ def jitfreeze(fn: Callable | torch.nn.Module | None = None, /, *, cache_dir=None
               discard_parameters: bool = False, dynamic=None):
     """Compile-and-freeze ``fn`` on its first call per input signature, with a persistent cache.
 
-    ``@jitfreeze`` on a function or a method, ``jitfreeze(module)`` on a module instance, or
+    ``@jitfreeze`` on a function or a method, ``jitfreeze(module)`` on a module instance (an
+    ``nn.Module`` that behaves like it: :class:`jitfreeze.module.JitFreezeModule`), or
     ``@jitfreeze(cache_dir=..., optimize=...)``. ``cache_dir`` may also be a Store instance
     (e.g. :class:`jitfreeze.store.MemoryStore`).
 
@@ -539,7 +540,11 @@ def jitfreeze(fn: Callable | torch.nn.Module | None = None, /, *, cache_dir=None
 
     def wrap(f):
         if isinstance(f, torch.nn.Module):
-            return JitFreezeFunction(f, module=f, **options)
+            from .module import JitFreezeModule
+
+            if isinstance(f, JitFreezeModule):
+                f = f.module              # wrapped again (other options): the model, not the wrapper
+            return JitFreezeModule(f, **options)
         if not callable(f):
             raise TypeError(f"jitfreeze expects a function or a torch.nn.Module, not {type(f).__name__}")
         return JitFreezeFunction(f, **options)

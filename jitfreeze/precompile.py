@@ -137,8 +137,9 @@ def _as_jitfreeze(fn: Any):
     import torch
 
     from .core import JitFreezeFunction, jitfreeze
+    from .module import JitFreezeModule
 
-    if isinstance(fn, JitFreezeFunction):
+    if isinstance(fn, (JitFreezeFunction, JitFreezeModule)):
         return fn
     if isinstance(fn, torch.nn.Module):
         if isinstance(getattr(type(fn), "forward", None), JitFreezeFunction):
@@ -238,7 +239,8 @@ def precompile(fn: Callable, examples: Iterable, *, bundle: str | None = None,
 
     calls = _examples_list(examples)
     target = _as_jitfreeze(fn)
-    name = getattr(target, "name", "?")
+    function = getattr(target, "jitfreeze_function", target)    # a JitFreezeModule: its function
+    name = getattr(function, "name", "?")
     disabled = Config.from_env().disable
     report = PrecompileReport()
     report.function = target
@@ -288,7 +290,7 @@ def precompile(fn: Callable, examples: Iterable, *, bundle: str | None = None,
     finally:
         bar.close()
     if bundle is not None:
-        report.bundle = write_bundle(target, bundle)
+        report.bundle = write_bundle(function, bundle)
     return report
 
 

@@ -86,7 +86,7 @@ def test_docs_site_builds_strict(tmp_path):
 
 
 def test_public_api_is_small_and_exported():
-    assert set(jitfreeze.__all__) == {"jitfreeze", "clear_cache", "CacheInfo", "JitFreezeFunction",
+    assert set(jitfreeze.__all__) == {"jitfreeze", "clear_cache", "CacheInfo", "JitFreezeFunction", "JitFreezeModule",
                                       "JitFreezeWarning", "JitFreezeError", "ParametersDiscardedError",
                                       "precompile", "PrecompileResult", "PrecompileReport", "__version__"}
     for name in jitfreeze.__all__:
