@@ -23,7 +23,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch.utils import _pytree as pytree
@@ -41,6 +41,9 @@ from .pipeline import TorchScriptBackend, trace
 from .progress import Watch
 from .resolve import GradFallback, Resolver, short_sig
 from .watch import install_hooks, module_tensors, storages
+
+if TYPE_CHECKING:
+    from .module import JitFreezeModule
 
 __all__ = ["jitfreeze", "JitFreezeFunction", "CacheInfo"]
 
@@ -516,7 +519,8 @@ def _configure_logging(level: str) -> None:
 
 def jitfreeze(fn: Callable | torch.nn.Module | None = None, /, *, cache_dir=None, optimize: bool = True,
               max_signatures: int | None = None, index: bool = True, verify: bool | None = None,
-              discard_parameters: bool = False, dynamic=None):
+              discard_parameters: bool = False, dynamic=None
+              ) -> JitFreezeFunction | JitFreezeModule | Callable[[Callable], JitFreezeFunction | JitFreezeModule]:
     """Compile-and-freeze ``fn`` on its first call per input signature, with a persistent cache.
 
     ``@jitfreeze`` on a function or a method, ``jitfreeze(module)`` on a module instance (an
