@@ -164,6 +164,16 @@ class Net(nn.Module):
         return torch.relu(x) * {k}
 '''
 
+# For the child processes: the jitfreeze logger's messages (INFO and up) collected in ``messages``.
+_COLLECT_LOG = """
+messages = []
+class Collect(logging.Handler):
+    def emit(self, record):
+        messages.append(record.getMessage())
+logging.getLogger("jitfreeze").addHandler(Collect())
+logging.getLogger("jitfreeze").setLevel(logging.INFO)
+"""
+
 RUNNER = """
 import json, logging, sys
 sys.path.insert(0, sys.argv[1])
@@ -171,14 +181,7 @@ import torch
 from jitfreeze import jitfreeze
 import gaps
 from tests.models import make
-
-messages = []
-class Collect(logging.Handler):
-    def emit(self, record):
-        messages.append(record.getMessage())
-logging.getLogger("jitfreeze").addHandler(Collect())
-logging.getLogger("jitfreeze").setLevel(logging.INFO)
-
+""" + _COLLECT_LOG + """
 x = torch.arange(4.0) + 1
 result = {}
 for name, fn in gaps.CASES.items():
@@ -235,14 +238,7 @@ UNHASHABLE = """
 import array, json, logging, sys
 import torch
 from jitfreeze import jitfreeze
-
-messages = []
-class Collect(logging.Handler):
-    def emit(self, record):
-        messages.append(record.getMessage())
-logging.getLogger("jitfreeze").addHandler(Collect())
-logging.getLogger("jitfreeze").setLevel(logging.INFO)
-
+""" + _COLLECT_LOG + """
 k = float(sys.argv[2])
 held = array.array("f", [k])         # a C object whose state the fingerprint can't read
 
