@@ -171,9 +171,11 @@ def worker(args) -> dict:
     if args.case in ("limit", "floor"):
         from torch.utils import _pytree as pytree
 
-        from jitfreeze import signature
+        from jitfreeze.trace import signature
 
-        from jitfreeze.pipeline import TorchScriptBackend, module_weights
+        from jitfreeze.backend.torchscript import TorchScriptBackend
+
+        from jitfreeze.backend import module_weights
 
         from .systems import InPlaceFile, artifact_file
 

@@ -130,8 +130,8 @@ def _bare(fn, inputs, ctx):
     """trace + strip overloads + script + freeze + optimize_for_inference, as ts_compile does."""
 
     def build(args):
-        from jitfreeze import signature
-        from jitfreeze.pipeline import trace
+        from jitfreeze.trace import signature
+        from jitfreeze.trace.pipeline import trace
 
         module = fn if isinstance(fn, torch.nn.Module) else None
         call = signature.describe(args, {}, signature.call_mode(module))
@@ -238,13 +238,13 @@ def _limit(fn, inputs, ctx):
     call as jitfreeze makes it. This is the floor for a warm start, with no import of jitfreeze's
     cache, no fingerprint, no lookup, no verification.
     """
-    from jitfreeze.pipeline import module_weights
+    from jitfreeze.backend import module_weights
 
     path, _ = artifact_file(ctx.cache_dir, ctx.info)
     weights = module_weights(fn)
 
     def build(args):
-        from jitfreeze.pipeline import TorchScriptBackend
+        from jitfreeze.backend.torchscript import TorchScriptBackend
         backend = TorchScriptBackend()
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
         with _quiet():
@@ -282,9 +282,9 @@ def read_artifact(cache_dir, info: dict | None = None) -> bytes:
     """
     import dataclasses as dc
 
-    from jitfreeze.cache import ARTIFACT, PersistentCache
+    from jitfreeze.cache.persistent import ARTIFACT, PersistentCache
     from jitfreeze.config import Config
-    from jitfreeze.store import DiskStore
+    from jitfreeze.cache.store import DiskStore
 
     config = dc.replace(Config.from_env(), strict=True)
     store = DiskStore(cache_dir, config.size_limit, readonly=True)

@@ -229,9 +229,9 @@ def disk_usage(path) -> tuple[int, int]:
 
 def jitfreeze_artifacts(cache_dir) -> int:
     """How many compiled artifacts a jitfreeze cache directory holds (index/decision records excluded)."""
-    from jitfreeze.cache import ARTIFACT
+    from jitfreeze.cache.persistent import ARTIFACT
     from jitfreeze.config import Config
-    from jitfreeze.store import DiskStore
+    from jitfreeze.cache.store import DiskStore
 
     store = DiskStore(cache_dir, Config.from_env().size_limit, readonly=True)
     try:

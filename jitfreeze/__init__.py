@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from .cache import clear_cache
+from .cache.persistent import clear_cache
 from .errors import JitFreezeError, JitFreezeWarning, ParametersDiscardedError
-from .precompile import PrecompileReport, PrecompileResult, precompile
+from .runtime.precompile import PrecompileReport, PrecompileResult, precompile
 
 if TYPE_CHECKING:                      # imported lazily at run time (they import torch)
-    from .core import CacheInfo, JitFreezeFunction, jitfreeze
-    from .module import JitFreezeModule
+    from .runtime.function import CacheInfo, JitFreezeFunction, jitfreeze
+    from .runtime.module import JitFreezeModule
 
 __all__ = [
     "jitfreeze",
@@ -48,11 +48,11 @@ _LAZY = {"jitfreeze", "CacheInfo", "JitFreezeFunction", "JitFreezeModule"}
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from . import core
+        from .runtime import function as core
 
         core.jitfreeze.clear_cache = clear_cache   # type: ignore[attr-defined]  # jitfreeze.clear_cache() too
         core.jitfreeze.precompile = precompile     # type: ignore[attr-defined]  # and jitfreeze.precompile()
-        from . import module
+        from .runtime import module
 
         for attr in _LAZY:
             globals()[attr] = getattr(module if attr == "JitFreezeModule" else core, attr)

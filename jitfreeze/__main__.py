@@ -1,7 +1,7 @@
-"""``python -m jitfreeze``: the command line (see :mod:`jitfreeze.cli`)."""
+"""``python -m jitfreeze``: the command line (see :mod:`jitfreeze.cli.commands`)."""
 
 import sys
 
-from .cli import main
+from .cli.commands import main
 
 sys.exit(main())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import jitfreeze
-from jitfreeze import cache as jf_cache
+from jitfreeze.cache import persistent as jf_cache
 from jitfreeze import errors as jf_errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,12 +38,12 @@ def pytest_addoption(parser):
 def force_linear_layout(monkeypatch, choice: str) -> None:
     """Make the compile-time linear-layout choice (``pipeline._linear_layout``) come out as
     ``choice`` ("traced" or "transposed") instead of depending on a timing."""
-    from jitfreeze import pipeline
+    from jitfreeze.backend import torchscript
     medians = {"traced": [1.0, 2.0], "transposed": [1.0, 0.5]}[choice]
-    monkeypatch.setattr(pipeline, "_medians_side_by_side", lambda fns, args, once, rounds=5: list(medians))
+    monkeypatch.setattr(torchscript, "_medians_side_by_side", lambda fns, args, once, rounds=5: list(medians))
     # The choice is only made where one call is fast enough to time, and on a loaded machine the
     # first call may not be: that must not decide either.
-    monkeypatch.setattr(pipeline.TorchScriptBackend, "TUNE_MAX_CALL_S", float("inf"))
+    monkeypatch.setattr(torchscript.TorchScriptBackend, "TUNE_MAX_CALL_S", float("inf"))
 
 
 @pytest.fixture(autouse=True)

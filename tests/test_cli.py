@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import jitfreeze
-from jitfreeze import cache as jf_cache
-from jitfreeze import cli
-from jitfreeze.explain import differences
+from jitfreeze.cache import persistent as jf_cache
+from jitfreeze.cli import commands as cli
+from jitfreeze.cli.explain import differences
 
 from .conftest import ROOT, run_script
 from .models import make

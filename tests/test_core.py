@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 
 import jitfreeze as jf
 from jitfreeze import CacheInfo, JitFreezeWarning, jitfreeze
-from jitfreeze.store import MemoryStore
+from jitfreeze.cache.store import MemoryStore
 
 from .conftest import assert_same, force_linear_layout
 from .models import make
@@ -280,8 +280,8 @@ def test_transformer_layer_takes_the_fused_kernel_eager_uses(cache_dir, no_jf_wa
 
 def _stored_graphs(monkeypatch):
     """Record the graph of every artifact compile() writes, as torch.jit.load reads it back."""
-    from jitfreeze import pipeline
-    graphs, real = [], pipeline.TorchScriptBackend.compile
+    from jitfreeze.backend import torchscript
+    graphs, real = [], torchscript.TorchScriptBackend.compile
 
     def compile_and_record(self, traced, *args):
         saved = real(self, traced, *args)
@@ -289,7 +289,7 @@ def _stored_graphs(monkeypatch):
             warnings.simplefilter("ignore", DeprecationWarning)
             graphs.append(str(torch.jit.load(saved.path).graph))
         return saved
-    monkeypatch.setattr(pipeline.TorchScriptBackend, "compile", compile_and_record)
+    monkeypatch.setattr(torchscript.TorchScriptBackend, "compile", compile_and_record)
     return graphs
 
 
@@ -313,7 +313,7 @@ def test_artifacts_bind_the_module_weights_instead_of_storing_them(name, cache_d
     # binding and freezing change nothing in the module, and conv graphs get optimize_for_inference
     # after loading (MKLDNN) while others keep their linear ops (no transposed copies).
     # optimize=False is another key. (Binding is for large weights: here every size binds.)
-    from jitfreeze.pipeline import TorchScriptBackend
+    from jitfreeze.backend.torchscript import TorchScriptBackend
     monkeypatch.setattr(TorchScriptBackend, "BIND_MIN_BYTES", 0)
     graphs = _stored_graphs(monkeypatch)
     model, inputs = make(name)
@@ -364,7 +364,8 @@ def test_small_weights_are_stored_frozen(cache_dir, monkeypatch, no_jf_warnings)
 
 
 def test_binding_errors_are_clear_and_a_plain_miss(cache_dir, monkeypatch, no_jf_warnings):
-    from jitfreeze.pipeline import BindingError, TorchScriptBackend
+    from jitfreeze.backend import BindingError
+    from jitfreeze.backend.torchscript import TorchScriptBackend
 
     monkeypatch.setattr(TorchScriptBackend, "BIND_MIN_BYTES", 0)
     model, (x,) = make("mlp")
@@ -400,7 +401,7 @@ def test_binding_errors_are_clear_and_a_plain_miss(cache_dir, monkeypatch, no_jf
 def test_loaded_graphs_run_unprofiled(cache_dir, no_jf_warnings):
     """Graphs run with TorchScript's executor optimization off (no profiling run on the first
     calls), set around each call and restored, even when the call raises."""
-    from jitfreeze.pipeline import TorchScriptBackend
+    from jitfreeze.backend.torchscript import TorchScriptBackend
 
     model, (x,) = make("mlp")
     fast = jitfreeze(model, cache_dir=cache_dir)
@@ -455,7 +456,7 @@ def test_hoisted_scalar_operands_give_the_same_bits(case, cache_dir, no_jf_warni
     would not hold exactly (int, half, promotion, bool) nothing is hoisted."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from jitfreeze.pipeline import _hoist_scalars
+    from jitfreeze.trace.pipeline import _hoist_scalars
 
     fn, inputs, expected = _hoist_cases()[case]
     assert _hoist_scalars(make_fx(fn, pre_dispatch=True)(*inputs)) == expected
@@ -505,7 +506,7 @@ def _fusion_strategy():
 def test_first_call_plans_the_graph_once_as_it_is(cache_dir, no_jf_warnings):
     """A loaded graph is planned on its first call by TorchScript's simple executor (no profiling
     runs); when that plan is the graph as it is, later calls go straight to the ScriptMethod."""
-    from jitfreeze.pipeline import TorchScriptBackend, _structure
+    from jitfreeze.backend.torchscript import TorchScriptBackend, _structure
 
     strategy = _fusion_strategy()
     x = torch.randn(16)
@@ -530,7 +531,7 @@ def test_first_call_leaves_graphs_the_plan_would_change_unplanned(cache_dir, no_
     """Out-of-place arithmetic with a hoisted number: TorchScript's plan would turn the 0-dim
     constant back into a number, so the graph runs unprofiled, as it is. When the prediction
     misses a change, the plan itself is checked: dropped, and the graph runs unprofiled."""
-    from jitfreeze import pipeline
+    from jitfreeze.backend import torchscript
 
     x = torch.randn(16)
     f = jitfreeze(_scale, cache_dir=cache_dir)
@@ -540,14 +541,14 @@ def test_first_call_leaves_graphs_the_plan_would_change_unplanned(cache_dir, no_
     assert "prim::Constant[value={8}]" in str(entry.fwd.graph)
 
     checked = []
-    real, predict = pipeline._planned_as_is, pipeline._canonicalized_scalars
+    real, predict = torchscript._planned_as_is, torchscript._canonicalized_scalars
 
     def spy(module, graph):
         checked.append(real(module, graph))
         return checked[-1]
 
-    monkeypatch.setattr(pipeline, "_canonicalized_scalars", lambda graph: False)
-    monkeypatch.setattr(pipeline, "_planned_as_is", spy)
+    monkeypatch.setattr(torchscript, "_canonicalized_scalars", lambda graph: False)
+    monkeypatch.setattr(torchscript, "_planned_as_is", spy)
     again = jitfreeze(_scale, cache_dir=cache_dir)
     assert_same(again(x), _scale(x))
     assert checked == [False]
@@ -555,7 +556,7 @@ def test_first_call_leaves_graphs_the_plan_would_change_unplanned(cache_dir, no_
     assert entry.source == "index" and not isinstance(entry.fwd, torch._C.ScriptMethod)
     assert_same(again(x), _scale(x))
 
-    monkeypatch.setattr(pipeline, "_canonicalized_scalars", predict)
+    monkeypatch.setattr(torchscript, "_canonicalized_scalars", predict)
     off = jitfreeze(_relu_scale, cache_dir=cache_dir)       # the caller runs unoptimized: no plan made
     with torch.jit.optimized_execution(False):
         assert_same(off(x), _relu_scale(x))
@@ -638,7 +639,7 @@ def test_in_place_ops_only_on_tensors_nothing_else_sees(case, layout, cache_dir,
     within the verification tolerance (``pipeline.outputs_match``) -- the README's contract."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from jitfreeze.pipeline import _hoist_scalars, _in_place, outputs_match
+    from jitfreeze.trace.pipeline import _hoist_scalars, _in_place, outputs_match
 
     force_linear_layout(monkeypatch, layout)
     fn, expected = _in_place_cases()[case]
@@ -690,9 +691,9 @@ def test_real_traces_make_their_metadata_in_one_fake_mode(cache_dir, monkeypatch
     from torch._guards import TracingContext
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from jitfreeze import compat
-    from jitfreeze.pipeline import trace
-    from jitfreeze.signature import call_mode, describe
+    from jitfreeze.trace import libraries as compat
+    from jitfreeze.trace.pipeline import trace
+    from jitfreeze.trace.signature import call_mode, describe
 
     from .models import ConvBN
 
@@ -747,7 +748,7 @@ def test_real_traces_make_their_metadata_in_one_fake_mode(cache_dir, monkeypatch
 def test_artifacts_carry_the_graph_not_fx_bookkeeping(bound, cache_dir, monkeypatch, no_jf_warnings):
     """Scripting ignores the GraphModule's own attributes (its code text, line map, graph object):
     the artifact holds the forward and the tensors it reads, and nothing else."""
-    from jitfreeze.pipeline import TorchScriptBackend
+    from jitfreeze.backend.torchscript import TorchScriptBackend
     if bound:
         monkeypatch.setattr(TorchScriptBackend, "BIND_MIN_BYTES", 0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()

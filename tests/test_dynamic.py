@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from jitfreeze import jitfreeze
-from jitfreeze.cache import open_cache
+from jitfreeze.cache.persistent import open_cache
 from jitfreeze.config import Config
 
 from .conftest import run_script

@@ -19,7 +19,7 @@ def run(model, x, cache_dir=None):
 
 def test_disable_runs_plain_eager(cache_dir, monkeypatch):
     monkeypatch.setenv("JITFREEZE_DISABLE", "1")
-    import jitfreeze.pipeline as pipeline
+    from jitfreeze.trace import pipeline
     monkeypatch.setattr(pipeline, "trace", lambda *a, **k: pytest.fail("traced while disabled"))
     model, (x,) = make("mlp")
     fast, out = run(model, x, cache_dir)
@@ -127,7 +127,7 @@ def test_size_limit_parsing_and_eviction(cache_dir, monkeypatch):
     x = torch.randn(4, 100)
     for seed in range(5):
         run(_matmul_by(torch.randn(100, 100, generator=torch.Generator().manual_seed(seed))), x, cache_dir)
-    from jitfreeze.cache import open_cache
+    from jitfreeze.cache.persistent import open_cache
     store = open_cache(cache_dir, Config.from_env()).store
     stats = store.stats()
     artifacts = [k for k in store.keys() if k.startswith("a/")]
@@ -165,7 +165,7 @@ def test_lock_timeout_compiles_without_writing(cache_dir, monkeypatch):
     model, (x,) = make("mlp")
     monkeypatch.setenv("JITFREEZE_LOCK_TIMEOUT", "0.5")
     # learn the key with a memory store, then hold its lock from another process
-    from jitfreeze.store import MemoryStore
+    from jitfreeze.cache.store import MemoryStore
     probe = jitfreeze(model, cache_dir=MemoryStore())
     with torch.no_grad():
         probe(x)
@@ -190,7 +190,7 @@ def test_lock_timeout_compiles_without_writing(cache_dir, monkeypatch):
     finally:
         holder.kill()
         holder.wait()
-    from jitfreeze.cache import open_cache
+    from jitfreeze.cache.persistent import open_cache
     assert open_cache(cache_dir, Config.from_env()).store.stats()["entries"] == 0   # nothing written
 
 

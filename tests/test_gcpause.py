@@ -7,7 +7,9 @@ import threading
 import pytest
 import torch
 
-from jitfreeze import gcpause, jitfreeze
+from jitfreeze import jitfreeze
+
+from jitfreeze.runtime import gcpause
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch.utils import _pytree as pytree  # noqa: E402
 
-from jitfreeze import JitFreezeWarning, compat, jitfreeze  # noqa: E402
+from jitfreeze import JitFreezeWarning, jitfreeze  # noqa: E402
+from jitfreeze.trace import libraries  # noqa: E402
 
 from .conftest import assert_same, run_script  # noqa: E402
 
@@ -222,7 +223,7 @@ def test_second_process_loads_every_architecture(transformers, hf_cache_dir, no_
 _FINGERPRINTS = """
 import json, os
 os.environ["HF_HUB_OFFLINE"] = "1"
-from jitfreeze.fingerprint import module_fingerprint
+from jitfreeze.trace.fingerprint import module_fingerprint
 from tests.test_hf_models import ARCHS, build
 print(json.dumps({name: module_fingerprint(build(name))[0] for name in ARCHS}))
 """
@@ -287,9 +288,9 @@ def test_explain_unsafe_constants(name, unsafe, transformers):
     def f(*ts):
         return model(**dict(zip([n for n in names if n not in consts], ts)), **consts)[0]
 
-    with torch.no_grad(), compat.tracing_context():
+    with torch.no_grad(), libraries.tracing_context():
         gm = make_fx(f, pre_dispatch=True)(*tensors)
-    reason = compat.explain_unsafe_constants(gm)
+    reason = libraries.explain_unsafe_constants(gm)
     assert (reason is not None) == unsafe, reason
     if unsafe:
         assert "use_associative_scan=False" in reason
@@ -299,7 +300,7 @@ def test_explain_unsafe_constants(name, unsafe, transformers):
 def test_cache_classes_get_the_use_cache_hint(transformers):
     from transformers.cache_utils import DynamicCache
 
-    hint = compat.explain_unsupported_output(DynamicCache())
+    hint = libraries.explain_unsupported_output(DynamicCache())
     assert hint is not None and "use_cache=False" in hint
 
 
@@ -321,7 +322,7 @@ def test_ensure_pytree_output_registers_a_class_defined_during_a_trace(transform
     from transformers.utils import ModelOutput
 
     # transformers skips pytree registration while torch.compiler.is_compiling() is True.
-    with compat.tracing_context():
+    with libraries.tracing_context():
         @dataclasses.dataclass
         class LateOutput(ModelOutput):
             a: torch.Tensor = None
@@ -329,8 +330,8 @@ def test_ensure_pytree_output_registers_a_class_defined_during_a_trace(transform
 
         out = LateOutput(a=torch.ones(1), b=torch.zeros(2))
     if LateOutput not in pytree.SUPPORTED_NODES:
-        assert "pytree" in compat.explain_unsupported_output(out)
-    assert compat.ensure_pytree_output(out) is out
+        assert "pytree" in libraries.explain_unsupported_output(out)
+    assert libraries.ensure_pytree_output(out) is out
     assert LateOutput in pytree.SUPPORTED_NODES
     leaves, spec = pytree.tree_flatten(out)
     again = pytree.tree_unflatten(leaves, pytree.treespec_loads(pytree.treespec_dumps(spec)))
@@ -346,14 +347,14 @@ def _flags():
 def test_tracing_context_sets_and_restores_flags_even_on_error():
     assert _flags() == (False, False)
     with pytest.raises(KeyError):
-        with compat.tracing_context():
+        with libraries.tracing_context():
             # is_compiling() only: is_exporting() has process-wide side effects in torch.
-            assert _flags() == (True, False) and compat.in_tracing_context()
-            with compat.tracing_context():
+            assert _flags() == (True, False) and libraries.in_tracing_context()
+            with libraries.tracing_context():
                 pass
             assert _flags() == (True, False)  # a nested exit keeps the outer's flag
             raise KeyError("boom")
-    assert _flags() == (False, False) and not compat.in_tracing_context()
+    assert _flags() == (False, False) and not libraries.in_tracing_context()
 
 
 def test_tracing_context_is_reference_counted_across_threads():
@@ -361,16 +362,16 @@ def test_tracing_context_is_reference_counted_across_threads():
     seen = []
 
     def first():
-        with compat.tracing_context():
+        with libraries.tracing_context():
             entered.set()
             release.wait(10)
             seen.append(("first, after second left", _flags()))
 
     def second():
         entered.wait(10)
-        with compat.tracing_context():
-            seen.append(("second inside", compat.in_tracing_context()))
-        seen.append(("second left", compat.in_tracing_context(), _flags()))
+        with libraries.tracing_context():
+            seen.append(("second inside", libraries.in_tracing_context()))
+        seen.append(("second left", libraries.in_tracing_context(), _flags()))
         release.set()
 
     threads = [threading.Thread(target=first), threading.Thread(target=second)]
@@ -393,11 +394,11 @@ def test_flags_are_not_visible_to_torchscript():
 
     f = torch.jit.script(f)
 
-    with compat.tracing_context():
+    with libraries.tracing_context():
         assert torch.equal(f(torch.zeros(1)), torch.zeros(1))
 
 
 def test_explain_unsupported_output_is_none_for_ordinary_values():
-    assert compat.explain_unsupported_output(torch.ones(1)) is None
-    assert compat.explain_unsupported_output((1, "a", None)) is None
-    assert compat.explain_unsupported_output(object()) is None
+    assert libraries.explain_unsupported_output(torch.ones(1)) is None
+    assert libraries.explain_unsupported_output((1, "a", None)) is None
+    assert libraries.explain_unsupported_output(object()) is None

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import jitfreeze
-from jitfreeze import cache as jf_cache
-from jitfreeze import cli
-from jitfreeze.layers import ReadOnlyDirStore
+from jitfreeze.cache import persistent as jf_cache
+from jitfreeze.cli import commands as cli
+from jitfreeze.cache.layers import ReadOnlyDirStore
 
 from .models import make
 

@@ -4,12 +4,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from jitfreeze import jitfreeze, pipeline
-from jitfreeze.pipeline import TorchScriptBackend
+from jitfreeze import jitfreeze
+from jitfreeze.backend import torchscript
+from jitfreeze.backend.torchscript import TorchScriptBackend
 
 from .conftest import assert_same
 
-_REAL_MEDIANS = pipeline._medians_side_by_side       # before conftest's autouse fixture replaces it
+_REAL_MEDIANS = torchscript._medians_side_by_side       # before conftest's autouse fixture replaces it
 
 
 class MLP(nn.Module):
@@ -36,7 +37,7 @@ def timings(monkeypatch):
         seen.append([str(f.graph) for f in fns])
         return [outcome["as_is"], outcome["transposed"]]
 
-    monkeypatch.setattr(pipeline, "_medians_side_by_side", fake)
+    monkeypatch.setattr(torchscript, "_medians_side_by_side", fake)
     monkeypatch.setattr(TorchScriptBackend, "TUNE_MAX_CALL_S", float("inf"))   # a loaded machine times it too
     return seen, outcome
 
@@ -67,7 +68,7 @@ def test_the_faster_layout_is_stored_and_served_warm(cache_dir, timings, transpo
 def test_real_timing_keeps_outputs_right_and_the_random_stream(cache_dir, monkeypatch):
     """The timing itself (not faked) runs the graph on copies: the inputs are untouched, and the
     caller's random stream is where it would be without the timing."""
-    monkeypatch.setattr(pipeline, "_medians_side_by_side", _REAL_MEDIANS)     # conftest forces a layout
+    monkeypatch.setattr(torchscript, "_medians_side_by_side", _REAL_MEDIANS)     # conftest forces a layout
     model = MLP().eval()
 
     def f(x):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import jitfreeze
-from jitfreeze import cli
-from jitfreeze.precompile import PrecompileResult, normalize_example, precompile
+from jitfreeze.cli import commands as cli
+from jitfreeze.runtime.precompile import PrecompileResult, normalize_example, precompile
 
 from .conftest import assert_same, run_script
 
@@ -203,7 +203,7 @@ def test_bundle_holds_this_function_only_and_a_layer_serves_a_new_process(tmp_pa
     result, _ = run_script("""
         import json, sys, torch
         from jitfreeze import jitfreeze
-        from jitfreeze.precompile import normalize_example
+        from jitfreeze.runtime.precompile import normalize_example
         from tests.test_precompile import affine, examples
         fast = jitfreeze(affine, dynamic=False)
         ok = True

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from jitfreeze import progress
+from jitfreeze.runtime import progress
 from jitfreeze.config import Config
 from jitfreeze.errors import FallbackReason
 
@@ -116,7 +116,7 @@ def records():
 
 
 def test_watch_phases_and_endings(records):
-    with progress.Watch("f", "(2 float32)", "/c", 0.01) as w:
+    with progress.Progress("f", "(2 float32)", "/c", 0.01) as w:
         w.phase = "loading"
         time.sleep(0.3)
         w.done = "loaded"
@@ -124,13 +124,13 @@ def test_watch_phases_and_endings(records):
     assert records[1].startswith("f for (2 float32): loaded in 0.") and len(records) == 2, records
     records.clear()
     with pytest.raises(FallbackReason):
-        with progress.Watch("f", "(2 float32)", None, 0.01):
+        with progress.Progress("f", "(2 float32)", None, 0.01):
             time.sleep(0.3)
             raise FallbackReason("no")
     assert records[0].endswith("(no usable cache: later processes compile it again)")
     assert records[1].startswith("f for (2 float32) runs eagerly after 0.") and len(records) == 2, records
     records.clear()
-    with progress.Watch("f", "()", "/c", 60), progress.quiet(), progress.Watch("g", "()", "/c", 0.01):
+    with progress.Progress("f", "()", "/c", 60), progress.quiet(), progress.Progress("g", "()", "/c", 0.01):
         time.sleep(0.1)
     assert records == []                               # ended first / quiet
 
@@ -156,12 +156,12 @@ def test_default_handler_defers_to_other_handlers():
 def test_watch_cost_on_a_fast_miss():
     """Watching a miss that ends first: a deadline handed to the shared watchdog, microseconds."""
     for _ in range(20):
-        with progress.Watch("f", "()", "/c", 60):
+        with progress.Progress("f", "()", "/c", 60):
             pass
     n = 500
     t0 = time.perf_counter()
     for _ in range(n):
-        with progress.Watch("f", "()", "/c", 60):
+        with progress.Progress("f", "()", "/c", 60):
             pass
     per = (time.perf_counter() - t0) / n
     assert per < 2e-4, per                 # a Timer thread per miss: 0.3-0.6 ms

@@ -1,4 +1,4 @@
-"""Issue 3: the pre-dispatch recorder (jitfreeze.record) -- make_fx's graph without Dynamo's imports."""
+"""Issue 3: the pre-dispatch recorder (jitfreeze.trace.record) -- make_fx's graph without Dynamo's imports."""
 
 import warnings
 
@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from jitfreeze import pipeline
+from jitfreeze.trace import pipeline
 from jitfreeze.errors import FallbackReason
-from jitfreeze.record import NotRecorded, record
-from jitfreeze.signature import call_mode, describe
+from jitfreeze.trace.record import NotRecorded, record
+from jitfreeze.trace.signature import call_mode, describe
 
 from .conftest import run_script
 from .models import make

@@ -26,11 +26,11 @@ import warnings
 import pytest
 import torch
 
-import jitfreeze.store as jf_store
+from jitfreeze.cache import store as jf_store
 from jitfreeze import JitFreezeWarning, jitfreeze
-from jitfreeze.cache import maintain
-from jitfreeze.rawdisk import RawOnlyDisk
-from jitfreeze.store import DiskStore, MemoryStore
+from jitfreeze.cache.persistent import maintain
+from jitfreeze.cache.files import RawOnlyDisk
+from jitfreeze.cache.store import DiskStore, MemoryStore
 
 from .conftest import ROOT, assert_same, run_script
 from .models import make
@@ -77,7 +77,7 @@ def key_of(model, x):
 
 
 def fresh_process_state():
-    from jitfreeze import cache as jf_cache
+    from jitfreeze.cache import persistent as jf_cache
     from jitfreeze import errors as jf_errors
     jf_cache.forget_open_caches()
     jf_errors.reset_warnings_once()
@@ -229,7 +229,7 @@ def test_concurrent_first_calls_in_threads(cache_dir):
 
 OPEN_CHILD = NO_TORCH + """
 import json, time, warnings
-from jitfreeze.cache import open_cache
+from jitfreeze.cache.persistent import open_cache
 from jitfreeze.config import Config
 start = float(sys.argv[2])
 while time.time() < start:
@@ -265,7 +265,7 @@ def test_32_processes_open_an_empty_directory_at_once(cache_dir):
 # -- 4: SIGKILL while holding a key's lock -----------------------------------------------------------
 
 HANG_IN_COMPILE = """
-import jitfreeze.pipeline as _p
+from jitfreeze.backend import torchscript as _p
 def _hang(self, traced, *args):
     print("compiling", flush=True)
     time.sleep(600)
@@ -320,7 +320,7 @@ KILL_IN_WRITE = {
     """,
     # the payload saved, killed while its envelope is appended
     "seal": """
-        from jitfreeze import artifact
+        from jitfreeze.cache import envelope as artifact
         def _die(path, *a, **k):
             with open(path, "ab") as fh:
                 fh.write(b"partial envelope"); fh.flush()
@@ -329,7 +329,7 @@ KILL_IN_WRITE = {
     """,
     # the file complete, killed before the row is inserted
     "before-row": """
-        from jitfreeze.rawdisk import RawOnlyDisk
+        from jitfreeze.cache.files import RawOnlyDisk
         _store = RawOnlyDisk.store
         def _then_die(self, *a, **k):
             out = _store(self, *a, **k)
@@ -414,18 +414,17 @@ def _corrupt_entry(cache_dir, where, how):
 def test_corrupt_artifact_never_reaches_torch_jit_load(cache_dir, monkeypatch, where, how):
     """Fault 6 (the cross-process versions: tests/test_process.py): caught by the checksum before
     torch.jit.load, evicted, one warning, recompiled, correct."""
-    import jitfreeze.pipeline as pipeline
-
+    from jitfreeze.backend import torchscript
     name = "projected" if where == "file" else "mlp"
     model, (x,) = make(name)
     run(model, x, cache_dir)
     _corrupt_entry(cache_dir, where, how)
     fresh_process_state()
     compiled, loaded = [], []
-    real_compile, real_load = pipeline.TorchScriptBackend.compile, pipeline.TorchScriptBackend.load
-    monkeypatch.setattr(pipeline.TorchScriptBackend, "compile",
+    real_compile, real_load = torchscript.TorchScriptBackend.compile, torchscript.TorchScriptBackend.load
+    monkeypatch.setattr(torchscript.TorchScriptBackend, "compile",
                         lambda self, t, *a: compiled.append(real_compile(self, t, *a)) or compiled[-1])
-    monkeypatch.setattr(pipeline.TorchScriptBackend, "load",
+    monkeypatch.setattr(torchscript.TorchScriptBackend, "load",
                         lambda self, data, *a: loaded.append(data) or real_load(self, data, *a))
     with recorded() as caught:
         fast, out = run(model, x, cache_dir)
@@ -445,7 +444,7 @@ def test_entry_files_verify_the_same_mapped_or_read(tmp_path, monkeypatch, mappe
     truncation, another key or a wrong HMAC key are refused either way."""
     import mmap
 
-    from jitfreeze import artifact
+    from jitfreeze.cache import envelope as artifact
 
     if not mapped:
         def no_mmap(*args, **kwargs):
@@ -612,7 +611,7 @@ def test_reads_touch_access_times_off_the_reading_thread(cache_dir, monkeypatch)
     closed syncs a new write-ahead log: milliseconds of disk flush a warm start must not wait
     for). The touch is written there, eviction and info() see it, a busy index drops it, and an
     index removed in the meantime is not created again."""
-    from jitfreeze import touches
+    from jitfreeze.cache import lru as touches
 
     threads = []
     real_write = touches._write
@@ -666,7 +665,7 @@ def test_reads_touch_access_times_off_the_reading_thread(cache_dir, monkeypatch)
 def test_a_forked_child_writes_its_own_touches(cache_dir):
     """fork() waits for queued touches (no thread is cut off inside SQLite), and the child, which
     has no touches thread, starts its own."""
-    from jitfreeze import touches
+    from jitfreeze.cache import lru as touches
 
     store = DiskStore(cache_dir, 2**30)
     store.put("a/k", b"x" * 100)
@@ -692,7 +691,7 @@ def test_adopted_value_files_are_entries_like_put_ones(cache_dir):
     a failed insert is refused and leaves no file."""
     import diskcache
 
-    from jitfreeze import artifact
+    from jitfreeze.cache import envelope as artifact
 
     store = DiskStore(cache_dir, 2**30)
     for size in (100 * 1024, 1000):                       # a value file, then a small (inline) entry
@@ -893,7 +892,7 @@ def test_disk_full_injected(cache_dir, monkeypatch, fault):
     entries still readable."""
     import diskcache
 
-    from jitfreeze import artifact
+    from jitfreeze.cache import envelope as artifact
 
     kept_model, (kx,) = make("projected", seed=0)
     run(kept_model, kx, cache_dir)
@@ -956,7 +955,7 @@ def test_disk_full_injected(cache_dir, monkeypatch, fault):
 
 def test_torch_version_change_is_a_miss(cache_dir, monkeypatch):
     """Fault 13: another torch version (as the key sees it) is a miss, on the traced and the index path."""
-    import jitfreeze.key as key
+    from jitfreeze import key
     from jitfreeze.key import environment_parts
 
     model, (x,) = make("mlp")
@@ -1062,19 +1061,18 @@ def test_fork_while_another_thread_compiles(cache_dir):
     """Fault 14, harder: the parent forks while a thread of its own is inside the slow path (holding the
     function's lock and the key's file lock). The child must not deadlock: it may wait for the file lock
     (the parent's compile is real and finishes), never for a thread lock no thread of its own will release."""
-    import jitfreeze.pipeline as pipeline
-
+    from jitfreeze.backend import torchscript
     model, (x,) = make("mlp")
     fast, _ = run(model, x, cache_dir)
     entered, release = threading.Event(), threading.Event()
-    real_compile = pipeline.TorchScriptBackend.compile
+    real_compile = torchscript.TorchScriptBackend.compile
 
     def slow_compile(self, traced, *args):
         entered.set()
         release.wait(30)
         return real_compile(self, traced, *args)
 
-    pipeline.TorchScriptBackend.compile = slow_compile
+    torchscript.TorchScriptBackend.compile = slow_compile
     try:
         def compile_in_thread():
             with torch.no_grad():
@@ -1089,7 +1087,7 @@ def test_fork_while_another_thread_compiles(cache_dir):
             if pid == 0:                                      # the child
                 code = 1
                 try:
-                    pipeline.TorchScriptBackend.compile = real_compile
+                    torchscript.TorchScriptBackend.compile = real_compile
                     # as DataLoader workers do: after fork, torch's OpenMP pool must be one thread
                     # (a forked child that runs a parallel region hangs, eager included)
                     torch.set_num_threads(1)
@@ -1119,15 +1117,15 @@ def test_fork_while_another_thread_compiles(cache_dir):
     finally:
         release.set()
         worker.join(60)
-        pipeline.TorchScriptBackend.compile = real_compile
+        torchscript.TorchScriptBackend.compile = real_compile
 
 
 # -- 15: eviction under concurrent readers --------------------------------------------------------------
 
 EVICT_CHILD = NO_TORCH + """
 import json, os, random, time
-from jitfreeze import artifact
-from jitfreeze.store import DiskStore
+from jitfreeze.cache import envelope as artifact
+from jitfreeze.cache.store import DiskStore
 directory, role, seconds, limit, n_keys = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 store = DiskStore(directory, limit)
 rng = random.Random(os.getpid())

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 import jitfreeze
-from jitfreeze import artifact
-from jitfreeze.cache import open_cache
+from jitfreeze.cache import envelope as artifact
+from jitfreeze.cache.persistent import open_cache
 from jitfreeze.config import Config
-from jitfreeze.store import MemoryStore
+from jitfreeze.cache.store import MemoryStore
 
 from .conftest import ROOT, run_script
 from .models import RUN_ONE as SCRIPT
@@ -93,7 +93,7 @@ def _env(url):
 
 
 def _counters(cache_dir):
-    from jitfreeze.journal import SqliteJournal
+    from jitfreeze.cache.stats import SqliteJournal
     return SqliteJournal(cache_dir / "stats.db", readonly=True).counters()
 
 
@@ -109,7 +109,7 @@ def test_second_machine_loads_from_redis_and_compiles_nothing(remote, tmp_path, 
     assert second["traces"] == 0                                # the index came from Redis too
     assert second["warnings"] == []
     assert _counters(tmp_path / "m2").get("loads_remote") == 1
-    from jitfreeze import cli
+    from jitfreeze.cli import commands as cli
     capsys.readouterr()
     assert cli.main(["cache", "info", "--json", "--cache-dir", str(tmp_path / "m2")]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -241,7 +241,7 @@ def test_remote_needs_a_key_or_an_explicit_opt_in(redis_server):
 
 def test_remote_lock_is_exclusive_token_safe_and_expires(remote):
     url, client = remote
-    from jitfreeze.remote import RemoteTier
+    from jitfreeze.cache.remote import RemoteTier
     tier = RemoteTier(url, timeout=1.0, lock_ttl=1.0)
     key = "12" * 32
     holder = tier.lock(key)

@@ -3,7 +3,7 @@
 Everything jitfreeze creates in a cache is owner-only whatever the umask (directories 0700, files
 0600); on read, a value file or a directory holding one that is not owned by you or root, or that
 group or others can write, is refused: a miss plus one JitFreezeWarning (STRICT raises), then a
-correct recompile. One trust rule (``jitfreeze.trust.untrusted``) for the directory, value files
+correct recompile. One trust rule (``jitfreeze.cache.trust.untrusted``) for the directory, value files
 and read-only layers.
 """
 
@@ -13,12 +13,14 @@ import stat
 import pytest
 import torch
 
-from jitfreeze import JitFreezeWarning, jitfreeze, trust
+from jitfreeze import JitFreezeWarning, jitfreeze
+
+from jitfreeze.cache import trust
 from jitfreeze.errors import CacheError
-from jitfreeze import cache as jf_cache
+from jitfreeze.cache import persistent as jf_cache
 from jitfreeze import errors as jf_errors
-from jitfreeze.layers import ReadOnlyDirStore
-from jitfreeze.store import DiskStore, UnsafeEntry, create_value_file
+from jitfreeze.cache.layers import ReadOnlyDirStore
+from jitfreeze.cache.store import DiskStore, UnsafeEntry, create_value_file
 
 from .conftest import assert_same, run_script
 from .models import make
@@ -32,9 +34,9 @@ import json, os, sys
 os.umask(int(sys.argv[2], 8))
 import torch
 from jitfreeze import jitfreeze
-from jitfreeze.bundle import export_bundle
-from jitfreeze.cli import main
-from jitfreeze.store import DiskStore
+from jitfreeze.cache.bundle import export_bundle
+from jitfreeze.cli.commands import main
+from jitfreeze.cache.store import DiskStore
 from tests.models import make
 cache_dir = sys.argv[1] + "/nested/jf"              # its missing parents are created too
 for name in ("mlp", "projected"):                   # inline in cache.db; a value file (torch.jit.save)
@@ -202,7 +204,7 @@ def test_own_value_directory_others_can_write_is_repaired_on_write(tmp_path):
 def test_maintain_removes_value_files_others_can_write(cache_dir):
     """``jitfreeze cache verify`` / ``maintain``: an entry whose value file others could have written
     is removed (counted as unsafe); the others stay."""
-    from jitfreeze.cache import maintain
+    from jitfreeze.cache.persistent import maintain
 
     model, x, ref, value = _fill(cache_dir)
     entries = len(list(DiskStore(cache_dir, 2**30).keys()))

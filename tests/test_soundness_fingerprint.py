@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from jitfreeze import fingerprint as fp
+from jitfreeze.trace import fingerprint as fp
 from jitfreeze import jitfreeze
 
 from .conftest import run_script

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from jitfreeze import JitFreezeWarning, ParametersDiscardedError, jitfreeze
 from jitfreeze.errors import FallbackReason
-from jitfreeze.store import MemoryStore
+from jitfreeze.cache.store import MemoryStore
 
 from .conftest import assert_same
 from .models import make

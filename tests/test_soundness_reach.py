@@ -1,6 +1,6 @@
 """Names a function reads from its globals and closure cells, rebound after the first call (a
 notebook's ``W = ...``, ``scale = ...``, ``model = build()``), and modules reached through them
-changed after it: every call gives eager's answer on the same inputs (jitfreeze.reach, jitfreeze.watch.Watch)."""
+changed after it: every call gives eager's answer on the same inputs (jitfreeze.trace.reach, jitfreeze.runtime.watch.Watch)."""
 
 import types
 import warnings
@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from jitfreeze import JitFreezeWarning, jitfreeze, reach
+from jitfreeze import JitFreezeWarning, jitfreeze
+
+from jitfreeze.trace import reach
 
 from .conftest import assert_same
 

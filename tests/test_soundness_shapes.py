@@ -159,7 +159,8 @@ def test_functions_that_keep_sizes_symbolic_stay_one_graph(cache_dir, no_jf_warn
 def test_index_entries_written_without_size_guards_are_not_served(cache_dir, monkeypatch, no_jf_warnings):
     """A cache written by a version whose symbolic traces dropped the specialization: its index entry
     (``guards: []``) must not serve another size."""
-    from jitfreeze import dynamic, key
+    from jitfreeze import key
+    from jitfreeze.trace import dynamic
 
     with monkeypatch.context() as old:
         old.setattr(key, "INDEX_VERSION", "3")

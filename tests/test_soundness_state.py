@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jitfreeze import jitfreeze
-from jitfreeze.signature import alias_pattern
+from jitfreeze.trace.signature import alias_pattern
 
 from .conftest import assert_same, run_script
 

@@ -197,7 +197,7 @@ def test_discard_parameters_releases_and_errors_clearly(cache_dir, monkeypatch, 
     # bound: the frozen graph's constants are the module's storage; discarding the module's
     # parameters must leave the graph's references (and its answers) intact
     if bind:
-        from jitfreeze.pipeline import TorchScriptBackend
+        from jitfreeze.backend.torchscript import TorchScriptBackend
         monkeypatch.setattr(TorchScriptBackend, "BIND_MIN_BYTES", 0)
     model, (x,) = make("mlp")
     ref = model(x).detach()
@@ -226,7 +226,7 @@ def test_an_indexed_graph_that_fails_on_the_call_is_dropped_and_traced(cache_dir
     something) never passes the error on: the entry is dropped with one warning, the call traced,
     and the answer is eager's."""
     import jitfreeze as jf
-    from jitfreeze.pipeline import TorchScriptBackend
+    from jitfreeze.backend.torchscript import TorchScriptBackend
 
     def f(x):
         return torch.relu(x) * 2.0

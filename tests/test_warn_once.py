@@ -5,7 +5,9 @@ its memory address: a new function that reuses a dead one's address (CPython's `
 import pytest
 import torch
 
-from jitfreeze import JitFreezeWarning, core, jitfreeze
+from jitfreeze import JitFreezeWarning, jitfreeze
+
+from jitfreeze.runtime import function as core
 
 
 def test_a_new_function_at_a_dead_ones_address_still_warns(cache_dir, monkeypatch):

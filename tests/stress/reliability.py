@@ -198,7 +198,7 @@ def run(mode: str, processes: int, threads: int, keys: int, seconds: float, dire
     for r in results:
         per_key.update(r["compiled_keys"])
     sys.path.insert(0, ROOT)
-    from jitfreeze.store import DiskStore
+    from jitfreeze.cache.store import DiskStore
 
     store = DiskStore(directory, 4 * 2**30)
     present = {k[2:] for k in store.keys() if k.startswith("a/")}

@@ -48,7 +48,7 @@ from inspect import GEN_CREATED, getgeneratorstate
 
 import torch
 
-from .digest import digest_tensors
+from ..digest import digest_tensors
 
 __all__ = ["Unfingerprintable", "function_fingerprint", "module_fingerprint"]
 
@@ -736,7 +736,7 @@ class _Walker:
 
 
 def _is_jitfreeze_function(v) -> bool:
-    from .core import JitFreezeFunction
+    from ..runtime.function import JitFreezeFunction
 
     return isinstance(v, JitFreezeFunction)
 

@@ -1,6 +1,6 @@
 """Why did a call compile? Compare a miss's key parts with the nearest stored entry.
 
-Each compile records its key parts (:mod:`jitfreeze.journal`). For a miss,
+Each compile records its key parts (:mod:`jitfreeze.cache.stats`). For a miss,
 the nearest stored entry is the entry of the same function, written before the
 miss, that shares the most key parts; the parts that differ become readable
 reasons: ``torch version changed: 2.13.0 vs 2.12.0``, ``weights digest

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from .errors import FallbackReason
+from ..errors import FallbackReason
 
 __all__ = ["CallSpec", "alias_pattern", "alias_text", "describe", "fast_key", "tensor_guards", "tensor_text"]
 

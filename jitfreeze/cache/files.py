@@ -1,6 +1,6 @@
 """The diskcache ``Disk`` jitfreeze opens its caches with: raw bytes only.
 
-Imported when a cache is opened for writes or maintenance (:func:`jitfreeze.store._open_with_retry`),
+Imported when a cache is opened for writes or maintenance (:func:`jitfreeze.cache.store._open_with_retry`),
 not by a process that only reads.
 """
 
@@ -14,7 +14,7 @@ import threading
 import diskcache
 from diskcache.core import UNKNOWN
 
-from .store import MODE_BINARY, MODE_RAW, _VALUE_FILE, Adopt, UnsafeEntry, _chunks, _fetch, create_value_file
+from .store import _VALUE_FILE, MODE_BINARY, MODE_RAW, Adopt, UnsafeEntry, _chunks, _fetch, create_value_file
 
 __all__ = ["RawOnlyDisk"]
 

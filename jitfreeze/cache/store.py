@@ -2,11 +2,11 @@
 
 :class:`MemoryStore` (tests, ``cache_dir=False``-style use) and :class:`DiskStore`
 (diskcache). Stores raise on trouble; deciding what trouble means (a miss plus
-one warning) is the caller's job (:mod:`jitfreeze.cache`).
+one warning) is the caller's job (:mod:`jitfreeze.cache.persistent`).
 
 What :class:`DiskStore` adds to diskcache (each one a trap found in its source):
 
-* raw bytes only (:class:`~jitfreeze.rawdisk.RawOnlyDisk`): a row in pickle or text mode, a pickled
+* raw bytes only (:class:`~jitfreeze.cache.files.RawOnlyDisk`): a row in pickle or text mode, a pickled
   key, or a value file outside the cache's own ``xx/yy/<hex>.val`` layout is
   refused, never deserialized, opened or deleted;
 * reads take no write lock: diskcache's LRU ``get`` reads the value file inside a
@@ -46,7 +46,7 @@ try:
 except ImportError:  # pragma: no cover - not on Windows
     fcntl = None
 
-from . import touches
+from . import lru
 from .trust import PRIVATE_DIR, UnsafeDirectory, check_path, create_private_file, untrusted
 
 __all__ = ["Store", "MemoryStore", "DiskStore", "UnsafeEntry", "CorruptStore",
@@ -255,7 +255,7 @@ def _read_value_file(directory: str, filename, check: bool = True) -> bytes:
 
 def check_value_file(directory: str, filename: str, st: os.stat_result) -> None:
     """Raise UnsafeEntry unless the value file (status ``st``) and the two directories that hold it
-    pass the trust rule (:func:`jitfreeze.trust.untrusted`): owned by you or root, writable by no one
+    pass the trust rule (:func:`jitfreeze.cache.trust.untrusted`): owned by you or root, writable by no one
     else. The cache directory itself was checked when it was opened."""
     why = untrusted(st)
     if why is not None:
@@ -486,7 +486,7 @@ class DiskStore:
         """Evict least recently used rows until the volume is under the limit (never ``keep``)."""
         if cache.volume() <= self.size_limit:
             return 0
-        touches.drain(self.timeout)         # this process's reads count as recent
+        lru.drain(self.timeout)         # this process's reads count as recent
         removed = []
         with cache.transact(retry=False):
             sql = cache._sql
@@ -521,7 +521,7 @@ class DiskStore:
                 yield key
 
     def info(self, key):
-        touches.drain(self.timeout)
+        lru.drain(self.timeout)
         rows = self._cache._sql(
             "SELECT store_time, access_time, access_count, size, mode FROM Cache WHERE key = ? AND raw = 1",
             (key,)).fetchall()
@@ -535,7 +535,7 @@ class DiskStore:
         return {"entries": len(self._cache), "bytes": self._cache.volume(), "size_limit": self.size_limit}
 
     def close(self):
-        touches.drain(self.timeout)
+        lru.drain(self.timeout)
         for handle in (self._reader, self._opened):
             if handle is not None:
                 handle.close()
@@ -559,8 +559,8 @@ class DiskStore:
                 raise
 
     def _touch(self, rowid) -> None:
-        """LRU bookkeeping after a read: queued, written off this thread (:mod:`jitfreeze.touches`)."""
-        touches.add(self._db_path, rowid, time.time())
+        """LRU bookkeeping after a read: queued, written off this thread (:mod:`jitfreeze.cache.lru`)."""
+        lru.add(self._db_path, rowid, time.time())
 
     def _raise_corrupt(self, exc: BaseException, handle) -> None:
         """Set a corrupt index aside (once, across processes) and raise CorruptStore; else return.
@@ -812,7 +812,8 @@ def _connect_reader(db: Path, timeout: float):
 def _open_with_retry(directory: Path, timeout: float, settings: dict) -> diskcache.Cache:
     """Open (and maybe create) the cache; concurrent first opens can see "database is locked"."""
     diskcache = _diskcache()
-    from .rawdisk import RawOnlyDisk
+    from .files import RawOnlyDisk
+
     # SQLite would create the index 0644 & ~umask; its -wal, -shm and -journal files take the
     # index's mode. Created here first, 0600 (an empty file is an empty database). Any other
     # failure (a read-only directory...) is diskcache's to report.

@@ -10,7 +10,7 @@ deletes, evicts or clears.
 
 Trust: ``torch.jit.load`` runs an entry's code, so a layer, its index and its value
 files must not be writable by anyone but you or root (the one rule of
-:mod:`jitfreeze.trust`: owner you or root, not group- or world-writable), unless
+:mod:`jitfreeze.cache.trust`: owner you or root, not group- or world-writable), unless
 ``JITFREEZE_CACHE_KEY`` is set (every entry is then authenticated) or
 ``JITFREEZE_ALLOW_UNSAFE_CACHE_DIR=1``.
 
@@ -31,7 +31,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from . import touches
+from . import lru
 from .store import DB_NAME, MODE_BINARY, MODE_RAW, UnsafeEntry
 from .trust import UnsafeDirectory, check_path
 
@@ -44,7 +44,7 @@ BUNDLE_MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "jitfreeze-bundle"
 _MANIFEST_LIMIT = 256 * 2**20
 
-# Envelope layouts (see jitfreeze.artifact), read here for listings without reading payloads:
+# Envelope layouts (see jitfreeze.cache.envelope), read here for listings without reading payloads:
 #   v1: MAGIC1 (8) | flags (1) | meta_len (4) | payload_len (8) | meta | payload | sums
 #   v2: payload | meta | meta_len (4) | payload_len (8) | flags (1) | algorithm (1) | digest (32)
 #       | hmac (32) | MAGIC2 (8)
@@ -61,7 +61,7 @@ class UnsafeLayer(Exception):
 
 def check_layer(path: Path) -> None:
     """Raise UnsafeLayer unless ``path`` (and its SQLite index) passes the trust rule
-    (:func:`jitfreeze.trust.untrusted`: owned by you or root, writable by no one else)."""
+    (:func:`jitfreeze.cache.trust.untrusted`: owned by you or root, writable by no one else)."""
     try:
         check_path(path, "read-only cache layer")
         if path.is_dir():
@@ -374,7 +374,7 @@ def read_meta(reader) -> dict:
 
 def _disk_rows(store):
     """(key, mode, size, value length, store_time, access_time) of a DiskStore's raw rows."""
-    touches.drain(store.timeout)
+    lru.drain(store.timeout)
     return store._cache._sql("SELECT key, mode, size, length(value), store_time, access_time FROM Cache "
                              "WHERE raw = 1 ORDER BY rowid").fetchall()
 

@@ -222,7 +222,7 @@ def _explain_leaf(obj: Any) -> str | None:
     if _is_model_output_class(cls) and not _is_pytree_node(cls):
         return (f"{qual} is a transformers ModelOutput that is not registered as a pytree node (transformers "
                 "skips that for classes defined while a compile is in progress); import the module that "
-                "defines it before the first call, or call jitfreeze.compat.ensure_pytree_output(output) once")
+                "defines it before the first call, or call jitfreeze.trace.libraries.ensure_pytree_output(output) once")
     if isinstance(obj, torch.nn.Module):
         return "return tensors computed by the module, not the module itself"
     if isinstance(obj, (torch.device, torch.dtype, torch.Size)):

@@ -16,9 +16,8 @@ from typing import Callable
 
 import torch
 
-from .cache import DECISION
-from .key import decision_key
-
+from ..cache.persistent import DECISION
+from ..key import decision_key
 
 __all__ = ["AutoDynamic", "Guards", "GuardError", "dynamic_texts", "symbolic_inputs", "produce_guards",
            "value_shaped_op"]

@@ -1,11 +1,11 @@
 """``jitfreeze(model)``: an ``nn.Module`` that is the model, served by jitfreeze.
 
 :class:`JitFreezeModule` holds the model as its one submodule, ``module``, and calls it through a
-:class:`~jitfreeze.core.JitFreezeFunction` (``jitfreeze_function``). Everything else is the model's:
+:class:`~jitfreeze.runtime.function.JitFreezeFunction` (``jitfreeze_function``). Everything else is the model's:
 
 * ``.eval()``, ``.train()``, ``.to()``, ``.half()``, ``.apply()``, ``.requires_grad_()`` reach it as
   torch's own recursion reaches any submodule; the function's freshness check
-  (:mod:`jitfreeze.watch`) sees the change on the next call (new storages, training flags), which
+  (:mod:`jitfreeze.runtime.watch`) sees the change on the next call (new storages, training flags), which
   then reloads or recompiles, or runs eagerly in training mode.
 * Names have no ``module.`` prefix: ``state_dict()``, ``named_parameters()``, ``named_buffers()``
   and ``named_modules()`` give the bare model's names, and ``load_state_dict()`` takes them, also
@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from .core import JitFreezeFunction
-from .errors import ParametersDiscardedError
+from ..errors import ParametersDiscardedError
+from .function import JitFreezeFunction
 
 __all__ = ["JitFreezeModule"]
 

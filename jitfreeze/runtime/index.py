@@ -1,7 +1,7 @@
 """The trace-free fingerprint index: a warm start finds its graph without tracing.
 
 Its key (:func:`jitfreeze.key.index_key`) covers the function's code and weights (a fingerprint,
-:mod:`jitfreeze.fingerprint`) and the call's signature, not the graph. Its entry, in the cache's
+:mod:`jitfreeze.trace.fingerprint`) and the call's signature, not the graph. Its entry, in the cache's
 ``INDEX`` namespace, lists up to 8 candidates, each the graph key of a stored artifact, how to
 rebuild its output, and the dynamic guards under which it serves (none: a static signature)::
 
@@ -15,10 +15,10 @@ import logging
 import time
 import typing
 
-from . import treespec
-from .cache import INDEX
-from .dynamic import Guards
-from .key import index_key
+from ..cache.persistent import INDEX
+from ..key import index_key
+from ..trace import treespec
+from ..trace.dynamic import Guards
 
 __all__ = ["FingerprintIndex", "Fingerprint", "Candidate"]
 
@@ -55,7 +55,7 @@ class FingerprintIndex:
 
     def fingerprint(self, call, texts) -> Fingerprint | None:
         """The index key, tensors and modules for this call without tracing, or None."""
-        from .fingerprint import Unfingerprintable, function_fingerprint
+        from ..trace.fingerprint import Unfingerprintable, function_fingerprint
         try:
             digest, tensors, modules = function_fingerprint(self.fn)
         except Unfingerprintable as exc:

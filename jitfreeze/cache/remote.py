@@ -8,7 +8,7 @@ only by its holder (compare-and-delete in Lua). Waiters poll with a bounded
 wait and stop as soon as the artifact is published.
 
 Everything here raises on trouble (down, slow, refused); deciding what that
-means (a miss, one warning, carry on locally) is :mod:`jitfreeze.cache`'s job.
+means (a miss, one warning, carry on locally) is :mod:`jitfreeze.cache.persistent`'s job.
 Every operation is bounded by ``JITFREEZE_REMOTE_TIMEOUT`` (no retries).
 """
 
@@ -22,7 +22,7 @@ import threading
 import time
 from urllib.parse import urlsplit, urlunsplit
 
-from .key import FORMAT_VERSION
+from ..key import FORMAT_VERSION
 
 __all__ = ["RemoteTier", "RemoteLock", "redact", "MAX_VALUE"]
 

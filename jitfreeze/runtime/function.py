@@ -2,7 +2,7 @@
 
 Hot path (every call after the first with a given signature): build a small
 tuple key from the positional arguments (with which of them alias), one dict
-lookup, a freshness check (:class:`jitfreeze.watch.Watch`: the baked-in weights' versions and
+lookup, a freshness check (:class:`jitfreeze.runtime.watch.Watch`: the baked-in weights' versions and
 storage pointers, the module tree's training flags and hooks), the compiled
 call, and the output rebuilt. No locks, no logging, no pytree walk for plain calls.
 
@@ -28,17 +28,18 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch.utils import _pytree as pytree
 
+from ..backend.torchscript import TorchScriptBackend
+from ..cache.persistent import open_cache
+from ..config import Config
+from ..errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
+from ..key import graph_key
+from ..trace import signature as sig_mod
+from ..trace.dynamic import AutoDynamic, Guards, dynamic_texts
+from ..trace.pipeline import trace
 from . import gcpause
-from . import signature as sig_mod
-from .cache import open_cache
-from .config import Config
 from .discard import discard_parameters
-from .dynamic import AutoDynamic, Guards, dynamic_texts
-from .errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
 from .index import FingerprintIndex
-from .key import graph_key
-from .pipeline import TorchScriptBackend, trace
-from .progress import Watch
+from .progress import Progress
 from .resolve import GradFallback, Resolver, short_sig
 from .watch import install_hooks, module_tensors, storages
 
@@ -380,13 +381,13 @@ class JitFreezeFunction:
         if after is not None:
             cache = self._cache_for()
             where = cache.location if cache.store is not None else None
-        with Watch(self.name, short_sig(call) if after is not None else "", where, after) as watch:
+        with Progress(self.name, short_sig(call) if after is not None else "", where, after) as watch:
             entry, result, new = self._miss(call, args, kwargs, tensors, dims, texts, watch)
             watch.done = _DONE.get(entry.source, "done")
             return entry, result, new
 
     def _miss(self, call, args, kwargs, tensors, dims, texts, watch):
-        """Index, or trace + key, then load or compile; ``watch``: its progress line (:mod:`jitfreeze.progress`)."""
+        """Index, or trace + key, then load or compile; ``watch``: its progress line (:mod:`jitfreeze.runtime.progress`)."""
         fp = self._index.fingerprint(call, texts) if self.index else None
         weights = (list(fp.tensors) if fp is not None else []) + (
             module_tensors(self.module) if self.module is not None else [])
@@ -524,9 +525,9 @@ def jitfreeze(fn: Callable | torch.nn.Module | None = None, /, *, cache_dir=None
     """Compile-and-freeze ``fn`` on its first call per input signature, with a persistent cache.
 
     ``@jitfreeze`` on a function or a method, ``jitfreeze(module)`` on a module instance (an
-    ``nn.Module`` that behaves like it: :class:`jitfreeze.module.JitFreezeModule`), or
+    ``nn.Module`` that behaves like it: :class:`jitfreeze.runtime.module.JitFreezeModule`), or
     ``@jitfreeze(cache_dir=..., optimize=...)``. ``cache_dir`` may also be a Store instance
-    (e.g. :class:`jitfreeze.store.MemoryStore`).
+    (e.g. :class:`jitfreeze.cache.store.MemoryStore`).
 
     optimize: apply ``torch.jit.optimize_for_inference`` after loading (CPU).
     max_signatures: most signatures compiled per function (default ``JITFREEZE_MAX_SIGNATURES`` or 8).

@@ -28,8 +28,8 @@ import tarfile
 import time
 from pathlib import Path
 
-from . import artifact
-from .key import FORMAT_VERSION
+from ..key import FORMAT_VERSION
+from . import envelope
 from .layers import BUNDLE_FORMAT, BUNDLE_MANIFEST, read_manifest, scan
 from .trust import create_private_file
 
@@ -54,7 +54,7 @@ def export_bundle(path, stores, hmac_key: bytes | None, *, select=None) -> dict:
     """
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -73,7 +73,7 @@ def export_bundle(path, stores, hmac_key: bytes | None, *, select=None) -> dict:
                         data = store.get(row.key)
                         if data is None:
                             continue
-                        meta, _ = artifact.unpack(data, row.key, hmac_key)
+                        meta, _ = envelope.unpack(data, row.key, hmac_key)
                     except Exception as exc:  # noqa: BLE001 - reported, not exported
                         skipped.append({"key": row.key, "layer": row.layer, "error": f"{type(exc).__name__}: {exc}"})
                         continue
@@ -129,7 +129,7 @@ def import_bundle(path, target, hmac_key: bytes | None, *, dry_run: bool = False
                 data = tar.extractfile(info).read()
                 if hashlib.sha256(data).hexdigest() != e.get("sha256"):
                     raise ValueError("sha256 differs from the manifest's")
-                artifact.unpack(data, key, hmac_key)          # checksum, key, signature
+                envelope.unpack(data, key, hmac_key)          # checksum, key, signature
             except Exception as exc:  # noqa: BLE001 - reported
                 rejected.append({"key": key, "error": f"{type(exc).__name__}: {exc}"
                                  if not isinstance(exc, ValueError) else str(exc)})

@@ -6,7 +6,7 @@ A miss that is still running after the threshold logs, from a watchdog thread, o
     jitfreeze: compiling demo.Net.forward for (1x3x224x224 float32): 5.0 s so far; later processes will load it from /root/.cache/jitfreeze
 
 and, when it ends, one more with the total (``...: compiled and stored in 23.4 s``; left out when the
-``jitfreeze`` logger's own INFO lines are on). A miss that ends first logs nothing. The watchdog only reads what :class:`Watch` captured at the start (strings and
+``jitfreeze`` logger's own INFO lines are on). A miss that ends first logs nothing. The watchdog only reads what :class:`Progress` captured at the start (strings and
 numbers) and the current phase (a string the miss replaces as it goes). One watchdog thread serves
 every miss (:class:`_Watchdog`).
 
@@ -29,9 +29,9 @@ import sys
 import threading
 import time
 
-from .errors import FallbackReason
+from ..errors import FallbackReason
 
-__all__ = ["Watch", "quiet", "LOGGER_NAME"]
+__all__ = ["Progress", "quiet", "LOGGER_NAME"]
 
 LOGGER_NAME = "jitfreeze.progress"
 log = logging.getLogger(LOGGER_NAME)
@@ -91,8 +91,8 @@ def quiet():
         _local.quiet = depth
 
 
-class Watch:
-    """The progress of one miss: ``with Watch(name, signature, where, after) as w:``; ``w.phase``
+class Progress:
+    """The progress of one miss: ``with Progress(name, signature, where, after) as w:``; ``w.phase``
     ("compiling", "loading", "waiting") as it goes; ``w.done = "compiled"`` etc. for the closing
     line. ``where``: the cache directory (None: uncached). ``after``: seconds (None: never)."""
 
@@ -108,7 +108,7 @@ class Watch:
         if self._watched:
             _watchdog.add(self._t0 + after, self)
 
-    def __enter__(self) -> "Watch":
+    def __enter__(self) -> "Progress":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -161,7 +161,7 @@ class _Watchdog:
         self._serial = itertools.count()
         self._thread = None
 
-    def add(self, deadline: float, watch: Watch) -> None:
+    def add(self, deadline: float, watch: Progress) -> None:
         with self._cond:
             heapq.heappush(self._heap, (deadline, next(self._serial), watch))
             if self._thread is None:

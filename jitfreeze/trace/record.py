@@ -47,7 +47,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-from .errors import FallbackReason
+from ..errors import FallbackReason
 
 __all__ = ["NotRecorded", "can_record", "record"]
 

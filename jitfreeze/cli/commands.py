@@ -50,7 +50,7 @@ def parse_duration(text: str) -> float:
 
 
 def _size_arg(text: str) -> int:
-    from .config import parse_size
+    from ..config import parse_size
     try:
         return parse_size(text)
     except ValueError as exc:
@@ -123,8 +123,8 @@ class _Env:
     """The configuration and the caches a command works on."""
 
     def __init__(self, args, *, create: bool = False):
-        from .cache import PersistentCache, _attach_tiers, open_cache
-        from .config import Config
+        from ..cache.persistent import PersistentCache, _attach_tiers, open_cache
+        from ..config import Config
 
         try:
             self.config = Config.from_env()
@@ -148,7 +148,7 @@ class _Env:
         return ([self.store] if self.store is not None else []) + list(self.cache.layers)
 
     def rows(self, *, namespaces=("a/",)):
-        from .layers import scan
+        from ..cache.layers import scan
 
         stats = self.cache.journal.entry_stats() if self.cache.journal is not None else {}
         out, seen = [], set()
@@ -183,7 +183,7 @@ def cmd_info(args) -> int:
         data["layers"].append({"location": layer.location, "kind": type(layer).__name__,
                                "entries": st.get("entries"), "bytes": st.get("bytes")})
     if env.config.remote_url:
-        from .remote import redact
+        from ..cache.remote import redact
         remote = {"url": redact(env.config.remote_url), "used": env.cache.remote is not None,
                   "reachable": None, "entries": None, "error": None}
         if env.cache.remote is not None:
@@ -339,7 +339,7 @@ def _index_targets(meta: dict) -> list[str]:
 
 
 def cmd_verify(args) -> int:
-    from . import artifact
+    from ..cache import envelope
 
     env = _Env(args)
     key = env.config.hmac_key
@@ -352,7 +352,7 @@ def cmd_verify(args) -> int:
             def validate(full, value, store=store):
                 data["checked"] += 1
                 try:
-                    artifact.unpack(value, full, key)
+                    envelope.unpack(value, full, key)
                 except Exception as exc:
                     data["bad"].append({"key": full, "layer": store.location, "removed": True,
                                         "error": f"{type(exc).__name__}: {exc}"})
@@ -370,7 +370,7 @@ def cmd_verify(args) -> int:
                 value = store.get(full)
                 if value is None:
                     continue
-                artifact.unpack(value, full, key)
+                envelope.unpack(value, full, key)
             except Exception as exc:  # noqa: BLE001
                 removed = False
                 if writable:
@@ -431,7 +431,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .bundle import export_bundle
+    from ..cache.bundle import export_bundle
 
     env = _Env(args)
     select = None
@@ -450,10 +450,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from .bundle import finalize_layer, import_bundle
-    from .config import Config
-    from .store import DiskStore
-    from .trust import make_private_dirs
+    from ..cache.bundle import finalize_layer, import_bundle
+    from ..cache.store import DiskStore
+    from ..cache.trust import make_private_dirs
+    from ..config import Config
 
     if not Path(args.bundle).is_file():
         raise CommandError(f"no bundle at {args.bundle}")
@@ -543,7 +543,7 @@ class _UsageError(Exception):
 
 
 def cmd_precompile(args) -> int:
-    from .precompile import precompile
+    from ..runtime.precompile import precompile
 
     if args.cache_dir:
         # the entry's functions take their cache from the environment (unless they name one)

@@ -22,12 +22,13 @@ from typing import Callable
 
 import torch
 
-from .cache import INDEX
+from ..backend import BindingError, module_weights
+from ..cache.persistent import INDEX
+from ..errors import FallbackReason
+from ..key import graph_key
+from ..trace.pipeline import HOISTED_PREFIX, outputs_match
+from ..trace.reach import reads as _reads
 from .entry import Entry
-from .errors import FallbackReason
-from .key import graph_key
-from .pipeline import HOISTED_PREFIX, BindingError, module_weights, outputs_match
-from .reach import reads as _reads
 from .watch import Watch
 
 __all__ = ["Resolver", "Outcome", "GradFallback", "short_sig"]
@@ -91,7 +92,7 @@ class Resolver:
 
 
     def load_or_compile(self, call, traced, copies, t0, t_trace, texts, progress=None) -> Outcome:
-        """``progress``: the miss's :class:`jitfreeze.progress.Watch` (its phase is set here), or None."""
+        """``progress``: the miss's :class:`jitfreeze.runtime.progress.Progress` (its phase is set here), or None."""
         progress = progress if progress is not None else _NoProgress()
         if call.mode[0] and any(t.requires_grad for _, t in traced.constants):
             # The trace ran under no_grad; this call wants a graph for autograd: eager it is.

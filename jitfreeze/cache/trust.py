@@ -5,8 +5,8 @@ code-execution hole. One rule (:func:`untrusted`) decides what may be read: owne
 root (root can write anything anyway: refusing it adds no safety, and caches baked into images
 belong to root), and writable by neither group nor others. It is applied to the cache directory,
 its index files and ``locks/`` when the cache is opened, to every value file and the directories
-that hold it when the entry is read (:mod:`jitfreeze.store`), and to read-only layers
-(:mod:`jitfreeze.layers`). Symlinks: a path reached through a symlink owned by someone other than
+that hold it when the entry is read (:mod:`jitfreeze.cache.store`), and to read-only layers
+(:mod:`jitfreeze.cache.layers`). Symlinks: a path reached through a symlink owned by someone other than
 you or root is refused (the directory itself, or any directory above it) — unless the user opts in.
 
 Everything jitfreeze creates in a cache is owner-only whatever the process umask: directories

@@ -1,7 +1,7 @@
 """The persistent cache as the decorator sees it: verified entries or a miss.
 
-Ties a :class:`~jitfreeze.store.Store`, the entry envelope
-(:mod:`jitfreeze.artifact`), the key locks and the trust checks together, and
+Ties a :class:`~jitfreeze.cache.store.Store`, the entry envelope
+(:mod:`jitfreeze.cache.envelope`), the key locks and the trust checks together, and
 is the one place where cache trouble becomes "a miss plus one warning"
 (:func:`jitfreeze.errors.trouble`). Nothing here raises to the caller unless
 ``JITFREEZE_STRICT=1``.
@@ -17,9 +17,9 @@ import threading
 import time
 from pathlib import Path
 
-from . import artifact
-from .config import Config
-from .errors import trouble
+from ..config import Config
+from ..errors import trouble
+from . import envelope
 from .lock import KeyLock, LockTimeout, MemoryLock
 from .store import DiskStore, MemoryStore, UnsafeEntry, set_aside_index
 from .trust import UnsafeDirectory, prepare_directory
@@ -60,7 +60,7 @@ class PersistentCache:
         self._writes_failed = False
         self.layers: list = []              # read-only layers (JITFREEZE_CACHE_PATH), never written
         self.remote = None                  # RemoteTier (JITFREEZE_REMOTE_CACHE) or None
-        self.journal = None                 # counters and miss records (jitfreeze.journal), slow path only
+        self.journal = None                 # counters and miss records (jitfreeze.cache.stats), slow path only
         self._masked: set = set()           # full keys evicted here: not read again from layers or remote
         self._remote_down_until = 0.0
         self._source = threading.local()
@@ -116,8 +116,8 @@ class PersistentCache:
         if data is None:
             return None
         try:
-            return artifact.unpack(data, ns + key, self.config.hmac_key)
-        except artifact.BadEntry as exc:
+            return envelope.unpack(data, ns + key, self.config.hmac_key)
+        except envelope.BadEntry as exc:
             self._refuse(ns + key, f"dropped a bad jitfreeze cache entry {key[:16]} in {location}", exc, store)
             return None
 
@@ -127,8 +127,8 @@ class PersistentCache:
             path = store.get_file(ns + key)
             if path is None:
                 return None
-            meta, size = artifact.unpack_file(path, ns + key, self.config.hmac_key)
-        except artifact.BadEntry as exc:
+            meta, size = envelope.unpack_file(path, ns + key, self.config.hmac_key)
+        except envelope.BadEntry as exc:
             self._refuse(ns + key, f"dropped a bad jitfreeze cache entry {key[:16]} in {location}", exc, store)
             return None
         except Exception:  # noqa: BLE001 - let the bytes path decide (and report) what is wrong
@@ -176,8 +176,8 @@ class PersistentCache:
         if data is None:
             return None
         try:
-            found = artifact.unpack(data, full, self.config.hmac_key)
-        except artifact.BadEntry as exc:
+            found = envelope.unpack(data, full, self.config.hmac_key)
+        except envelope.BadEntry as exc:
             self._masked.add(full)
             trouble(f"refused a bad jitfreeze entry {key[:16]} from {self.remote.location}", exc,
                     strict=self.config.strict, once=("bad", self.remote.location, full))
@@ -257,7 +257,7 @@ class PersistentCache:
         stored, data = False, None
         if file is not None and self.store is not None and not self._writes_failed:
             try:
-                artifact.seal_file(payload.path, full, meta, hmac_key)
+                envelope.seal_file(payload.path, full, meta, hmac_key)
                 if self.remote is not None:
                     data = payload.read()      # the sealed entry, to publish
                 payload.release()              # the cache's file now, whatever happens next
@@ -268,7 +268,7 @@ class PersistentCache:
         else:
             if not isinstance(payload, bytes):
                 payload = payload.read()
-            data = artifact.pack(full, meta, payload, hmac_key)
+            data = envelope.pack(full, meta, payload, hmac_key)
             if self.store is not None and not self._writes_failed:
                 try:
                     self.store.put(full, data)
@@ -414,13 +414,13 @@ def open_cache(cache_dir, config: Config) -> PersistentCache:
 
 def _attach_tiers(cache: PersistentCache, config: Config, layers) -> None:
     """The journal, the read-only layers and the remote tier of a newly opened cache."""
-    from .journal import open_journal
+    from .stats import open_journal
 
     if cache.store is not None:
         cache.journal = open_journal(cache.store)
     trusted = bool(config.hmac_key) or config.allow_unsafe_dir
     if layers:
-        from .layers import UnsafeLayer, open_layer      # tarfile & co.: only when layers are configured
+        from .layers import UnsafeLayer, open_layer  # tarfile & co.: only when layers are configured
     for path in layers:
         try:
             cache.layers.append(open_layer(path, trusted=trusted))
@@ -482,7 +482,7 @@ def maintain(cache_dir=None, *, verify: bool = False, min_age: float = 600.0) ->
     Returns a dict with the keys ``entries``, ``bytes`` (after), ``unsafe_rows``,
     ``missing_files``, ``wrong_size``, ``bad_entries``, ``orphan_files``, ``index_set_aside``
     (counts removed or done) and ``problems`` (inconsistencies diskcache's check still reports;
-    0 when clean). Raises :class:`~jitfreeze.trust.UnsafeDirectory` for a directory the trust
+    0 when clean). Raises :class:`~jitfreeze.cache.trust.UnsafeDirectory` for a directory the trust
     checks refuse, and FileNotFoundError when ``cache_dir`` holds no cache.
     """
     from .store import CorruptStore, is_corrupt
@@ -505,7 +505,7 @@ def maintain(cache_dir=None, *, verify: bool = False, min_age: float = 600.0) ->
         store = DiskStore(path, config.size_limit, check_trust=check)
 
     def validate(key: str, data: bytes) -> None:
-        artifact.unpack(data, key, config.hmac_key)
+        envelope.unpack(data, key, config.hmac_key)
 
     try:
         try:

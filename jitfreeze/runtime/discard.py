@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ParametersDiscardedError
+from ..errors import ParametersDiscardedError
 
 __all__ = ["discard_parameters"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .reach import rebound as _rebound
+from ..trace.reach import rebound as _rebound
 
 __all__ = ["Watch", "install_hooks", "storages", "module_tensors"]
 
@@ -55,7 +55,7 @@ class Watch:
       anywhere since (``RemovableHandle.next_id`` moved).
     - For a module, after any parameter, buffer or submodule was (re)assigned anywhere
       (``_generation``): that it still has the same submodules and tensors.
-    - The names the function reads from its globals and closure cells (:mod:`jitfreeze.reach`):
+    - The names the function reads from its globals and closure cells (:mod:`jitfreeze.trace.reach`):
       that each still holds the object it held (``W = torch.randn(...)``, ``scale = 3.0``,
       ``model = build()`` rebound in a notebook). Modules reached that way are watched like a
       wrapped module: their tensors, submodules' ``training`` flags, hooks and structure.
@@ -69,7 +69,7 @@ class Watch:
                  "nhooks", "hook_keys", "hook_id", "storages", "bindings")
 
     def __init__(self, tensors, module, check_grad: bool, reads=((), ())):
-        """``module``: the wrapped module (or None); ``reads``: :func:`jitfreeze.reach.reads` of the
+        """``module``: the wrapped module (or None); ``reads``: :func:`jitfreeze.trace.reach.reads` of the
         function (the names it reads, and the modules they hold)."""
         bindings, reached = reads
         roots = [module] if module is not None else []

@@ -17,7 +17,7 @@ up: *compiled*; ``loads``: *loaded* (from the persistent cache or a read-only la
 *reused* (a graph already in this process serves it); none of them: *fallback* (it ran eagerly).
 The reason is what jitfreeze said during the call: its ``JitFreezeWarning`` messages and the
 ``jitfreeze`` logger's INFO lines (captured whatever the logger's level; shown to its handlers only
-at the level they had). The long-compile line (:mod:`jitfreeze.progress`) is off meanwhile: the
+at the level they had). The long-compile line (:mod:`jitfreeze.runtime.progress`) is off meanwhile: the
 progress display says which signature is compiling.
 """
 
@@ -30,7 +30,7 @@ import time
 import warnings
 from typing import Any, Callable, Iterable
 
-from .errors import JitFreezeError, JitFreezeWarning
+from ..errors import JitFreezeError, JitFreezeWarning
 from .progress import quiet as progress_quiet
 
 __all__ = ["precompile", "PrecompileResult", "PrecompileReport", "normalize_example", "describe_example"]
@@ -136,7 +136,7 @@ def _as_jitfreeze(fn: Any):
     """The jitfreeze function to call: ``fn`` itself, a module's decorated ``forward``, or a new wrapper."""
     import torch
 
-    from .core import JitFreezeFunction, jitfreeze
+    from .function import JitFreezeFunction, jitfreeze
     from .module import JitFreezeModule
 
     if isinstance(fn, (JitFreezeFunction, JitFreezeModule)):
@@ -223,7 +223,7 @@ def precompile(fn: Callable, examples: Iterable, *, bundle: str | None = None,
 
     ``fn``: a jitfreeze function (``@jitfreeze``, ``jitfreeze(model)``), a module whose ``forward``
     is decorated, or a plain module or function (wrapped with ``jitfreeze(...)`` defaults; the
-    wrapper is ``report.function``). ``examples``: see :mod:`jitfreeze.precompile`.
+    wrapper is ``report.function``). ``examples``: see :mod:`jitfreeze.runtime.precompile`.
     ``bundle``: a path: afterwards, write this function's entries (every verified entry of its cache
     and read-only layers whose function name is this one's: compiled functions, index entries,
     dynamic-shape decisions) to a bundle file, as ``jitfreeze export`` does, ready for
@@ -235,7 +235,7 @@ def precompile(fn: Callable, examples: Iterable, *, bundle: str | None = None,
     """
     import torch
 
-    from .config import Config
+    from ..config import Config
 
     calls = _examples_list(examples)
     target = _as_jitfreeze(fn)
@@ -296,10 +296,10 @@ def precompile(fn: Callable, examples: Iterable, *, bundle: str | None = None,
 
 def write_bundle(target, path) -> dict:
     """Export ``target``'s entries from its cache and read-only layers to a bundle at ``path``
-    (:func:`jitfreeze.bundle.export_bundle`, what ``jitfreeze export`` runs)."""
-    from .bundle import export_bundle
-    from .cache import open_cache
-    from .config import Config
+    (:func:`jitfreeze.cache.bundle.export_bundle`, what ``jitfreeze export`` runs)."""
+    from ..cache.bundle import export_bundle
+    from ..cache.persistent import open_cache
+    from ..config import Config
 
     config = Config.from_env()
     cache = open_cache(target.cache_dir, config)
