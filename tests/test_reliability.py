@@ -26,11 +26,13 @@ import warnings
 import pytest
 import torch
 
-from jitfreeze.cache import store as jf_store
+from jitfreeze.cache import repair, sqlindex
+from jitfreeze.cache import files as jf_files
 from jitfreeze import JitFreezeWarning, jitfreeze
 from jitfreeze.cache.persistent import maintain
-from jitfreeze.cache.files import RawOnlyDisk
-from jitfreeze.cache.store import DiskStore, MemoryStore
+from jitfreeze.cache.rawdisk import RawOnlyDisk
+from jitfreeze.cache.disk import DiskStore
+from jitfreeze.cache.store import MemoryStore
 
 from .conftest import ROOT, assert_same, run_script
 from .models import make
@@ -258,7 +260,7 @@ def test_32_processes_open_an_empty_directory_at_once(cache_dir):
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert all(r["stored"] and r["found"] and r["warnings"] == [] for r in results), results
     store = DiskStore(cache_dir, 2**30)
-    assert store.stats()["entries"] == n and store.check() == []
+    assert store.stats()["entries"] == n and repair.check(store) == []
     assert oct(cache_dir.stat().st_mode & 0o777) == oct(0o700)
 
 
@@ -329,7 +331,7 @@ KILL_IN_WRITE = {
     """,
     # the file complete, killed before the row is inserted
     "before-row": """
-        from jitfreeze.cache.files import RawOnlyDisk
+        from jitfreeze.cache.rawdisk import RawOnlyDisk
         _store = RawOnlyDisk.store
         def _then_die(self, *a, **k):
             out = _store(self, *a, **k)
@@ -380,7 +382,7 @@ def test_maintain_keeps_young_orphans_and_lock_files(cache_dir):
     assert maintain(cache_dir)["orphan_files"] == 0
     assert maintain(cache_dir, min_age=0)["orphan_files"] == 1
     assert sorted((cache_dir / "locks").glob("*.lock")) == locks
-    assert DiskStore(cache_dir, 2**30).check() == []
+    assert repair.check(DiskStore(cache_dir, 2**30)) == []
 
 
 # -- 6: truncated or bit-flipped artifacts ----------------------------------------------------------
@@ -508,7 +510,7 @@ def test_corrupt_cache_db_is_set_aside(cache_dir, how):
     fresh_process_state()
     again, _ = run(model, x, cache_dir)                             # the new index works
     assert again.cache_info().loads == 1
-    assert DiskStore(cache_dir, 2**30).check() == []
+    assert repair.check(DiskStore(cache_dir, 2**30)) == []
 
 
 def test_corrupt_index_found_while_running(cache_dir):
@@ -520,12 +522,12 @@ def test_corrupt_index_found_while_running(cache_dir):
     ino = os.stat(cache_dir / "cache.db").st_ino
     store.close()
     _corrupt_db(cache_dir, "index-page")
-    with pytest.raises(jf_store.CorruptStore, match="set it aside"):
+    with pytest.raises(sqlindex.CorruptStore, match="set it aside"):
         DiskStore(cache_dir, 2**30).get("a/" + "0" * 64)
     assert os.stat(cache_dir / "cache.db").st_ino != ino
     # a stale view of the old index does not set the new one aside
-    assert jf_store.set_aside_index(cache_dir, expect_ino=(os.stat(cache_dir).st_dev, ino)) is None
-    assert DiskStore(cache_dir, 2**30).check() == []
+    assert sqlindex.set_aside(cache_dir, expect_ino=(os.stat(cache_dir).st_dev, ino)) is None
+    assert repair.check(DiskStore(cache_dir, 2**30)) == []
 
 
 # -- 8: planted rows ----------------------------------------------------------------------------------
@@ -585,7 +587,7 @@ def test_planted_rows_never_run_or_touch_files(cache_dir, tmp_path, how):
     counts = maintain(cache_dir, min_age=0)
     assert counts["unsafe_rows"] == 2 and counts["problems"] == 0
     assert not marker.exists() and victim.read_bytes() == b"precious"
-    assert DiskStore(cache_dir, 2**30).unsafe_rows() == []
+    assert repair.unsafe_rows(DiskStore(cache_dir, 2**30)) == []
 
 
 def test_raw_only_disk_refuses_pickle_on_write(cache_dir):
@@ -602,7 +604,7 @@ def test_store_constants_are_diskcaches():
     index name must be diskcache's."""
     import diskcache.core
 
-    assert (jf_store.MODE_RAW, jf_store.MODE_BINARY, jf_store.DB_NAME) == \
+    assert (jf_files.MODE_RAW, jf_files.MODE_BINARY, sqlindex.DB_NAME) == \
         (diskcache.core.MODE_RAW, diskcache.core.MODE_BINARY, diskcache.core.DBNAME)
 
 
@@ -706,7 +708,7 @@ def test_adopted_value_files_are_entries_like_put_ones(cache_dir):
         assert data == artifact.pack(f"a/k{size}", {"n": size}, payload)
         assert artifact.unpack(data, f"a/k{size}")[1] == payload
         assert (store.get_file(f"a/k{size}") is not None) == (size > 1000)
-    assert len(value_files(cache_dir)) == 1 and store.check() == []
+    assert len(value_files(cache_dir)) == 1 and repair.check(store) == []
     with pytest.raises(ValueError):
         store.put_file("a/x", "../outside.val")
     new = store.new_file()
@@ -732,10 +734,10 @@ def test_a_value_file_being_written_survives_maintenance(cache_dir):
     new = store.new_file()
     with open(new.path, "wb") as f:
         f.write(os.urandom(100 * 1024))
-    assert store.maintain(min_age=0.0)["orphan_files"] == 0 and os.path.exists(new.path)
-    assert store.check() == []
+    assert repair.maintain_store(store, min_age=0.0)["orphan_files"] == 0 and os.path.exists(new.path)
+    assert repair.check(store) == []
     new.close()                                           # the writer died (the kernel drops its flock)
-    assert store.maintain(min_age=0.0)["orphan_files"] == 1 and not os.path.exists(new.path)
+    assert repair.maintain_store(store, min_age=0.0)["orphan_files"] == 1 and not os.path.exists(new.path)
 
 
 # -- 9: read-only cache directory or file system -----------------------------------------------------
@@ -943,7 +945,7 @@ def test_disk_full_injected(cache_dir, monkeypatch, fault):
     fresh_process_state()
     warm, _ = run(make("projected", seed=0)[0], kx, cache_dir)
     assert warm.cache_info().loads == 1
-    assert DiskStore(cache_dir, 2**30).check() == []
+    assert repair.check(DiskStore(cache_dir, 2**30)) == []
 
 
 # -- 12: lock held past the timeout ---------------------------------------------------------------------
@@ -1054,7 +1056,7 @@ def test_fork_after_warm_up_dataloader_workers(cache_dir):
     assert len({r["pid"] for r in results}) == 2
     with torch.no_grad():
         assert_same(fast(x), model(x))                          # the parent is unaffected
-    assert DiskStore(cache_dir, 2**30).check() == []
+    assert repair.check(DiskStore(cache_dir, 2**30)) == []
 
 
 def test_fork_while_another_thread_compiles(cache_dir):
@@ -1125,7 +1127,7 @@ def test_fork_while_another_thread_compiles(cache_dir):
 EVICT_CHILD = NO_TORCH + """
 import json, os, random, time
 from jitfreeze.cache import envelope as artifact
-from jitfreeze.cache.store import DiskStore
+from jitfreeze.cache.disk import DiskStore
 directory, role, seconds, limit, n_keys = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 store = DiskStore(directory, limit)
 rng = random.Random(os.getpid())
@@ -1178,7 +1180,7 @@ def test_eviction_under_concurrent_readers(cache_dir):
     assert max(r["max_volume"] for r in writers) <= limit + 100_000          # near the limit (+ one entry, pages)
     store = DiskStore(cache_dir, limit)
     assert store.stats()["bytes"] <= limit + 100_000
-    assert store.check() == []
+    assert repair.check(store) == []
 
 
 # -- 16: TorchScript failing as a whole ------------------------------------------------------------------

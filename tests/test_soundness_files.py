@@ -20,7 +20,8 @@ from jitfreeze.errors import CacheError
 from jitfreeze.cache import persistent as jf_cache
 from jitfreeze import errors as jf_errors
 from jitfreeze.cache.layers import ReadOnlyDirStore
-from jitfreeze.cache.store import DiskStore, UnsafeEntry, create_value_file
+from jitfreeze.cache.disk import DiskStore
+from jitfreeze.cache.files import UnsafeEntry, create_value_file
 
 from .conftest import assert_same, run_script
 from .models import make
@@ -36,7 +37,7 @@ import torch
 from jitfreeze import jitfreeze
 from jitfreeze.cache.bundle import export_bundle
 from jitfreeze.cli.commands import main
-from jitfreeze.cache.store import DiskStore
+from jitfreeze.cache.disk import DiskStore
 from tests.models import make
 cache_dir = sys.argv[1] + "/nested/jf"              # its missing parents are created too
 for name in ("mlp", "projected"):                   # inline in cache.db; a value file (torch.jit.save)

@@ -340,13 +340,15 @@ def _index_targets(meta: dict) -> list[str]:
 
 def cmd_verify(args) -> int:
     from ..cache import envelope
+    from ..cache.disk import DiskStore
+    from ..cache.repair import maintain_store
 
     env = _Env(args)
     key = env.config.hmac_key
     data = {"checked": 0, "bad": [], "signed_check": bool(key), "repairs": {}}
     for store in env.stores:
-        writable = not getattr(store, "readonly", False)
-        if writable and hasattr(store, "maintain"):
+        writable = not store.readonly
+        if writable and isinstance(store, DiskStore):
             # the cache directory: structural repairs too (planted rows, missing or truncated value
             # files, orphan files), with every entry's checksum/signature checked on the way
             def validate(full, value, store=store):
@@ -358,7 +360,7 @@ def cmd_verify(args) -> int:
                                         "error": f"{type(exc).__name__}: {exc}"})
                     raise
             try:
-                counts = store.maintain(validate=validate)
+                counts = maintain_store(store, validate=validate)
             except Exception as exc:  # noqa: BLE001 - e.g. a corrupt index
                 raise CommandError(f"cannot check {store.location}: {type(exc).__name__}: {exc}") from None
             data["repairs"] = {k: v for k, v in counts.items()
@@ -451,7 +453,7 @@ def cmd_export(args) -> int:
 
 def cmd_import(args) -> int:
     from ..cache.bundle import finalize_layer, import_bundle
-    from ..cache.store import DiskStore
+    from ..cache.disk import DiskStore
     from ..cache.trust import make_private_dirs
     from ..config import Config
 
