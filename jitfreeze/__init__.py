@@ -18,11 +18,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
-
 from .cache.persistent import clear_cache
 from .errors import JitFreezeError, JitFreezeWarning, ParametersDiscardedError
 from .runtime.precompile import PrecompileReport, PrecompileResult, precompile
+from .version import __version__
 
 if TYPE_CHECKING:                      # imported lazily at run time (they import torch)
     from .runtime.function import CacheInfo, JitFreezeFunction, jitfreeze

@@ -22,7 +22,7 @@ import torch
 from ..errors import FallbackReason
 from ..key import tensor_layout
 from ..trace.pipeline import _HOISTED_OPS, Traced, _first_line, _quiet_torchscript
-from . import BindingError, SavedArtifact, room_for
+from .base import BindingError, SavedArtifact, room_for
 
 __all__ = ["TorchScriptBackend"]
 

@@ -54,7 +54,7 @@ def export_bundle(path, stores, hmac_key: bytes | None, *, select=None) -> dict:
     """
     import torch
 
-    from .. import __version__
+    from ..version import __version__
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
