@@ -33,7 +33,7 @@ from ..cache.persistent import open_cache
 from ..config import Config
 from ..errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
 from ..key import graph_key
-from ..trace import signature as sig_mod
+from ..trace import fingerprint, signature as sig_mod
 from ..trace.dynamic import AutoDynamic, Guards, dynamic_texts
 from ..trace.pipeline import trace
 from . import gcpause
@@ -465,6 +465,7 @@ class JitFreezeFunction:
             self._cache = open_cache(self.cache_dir, self._config)
         return self._cache
 
+fingerprint.WRAPPER_TYPES.append(JitFreezeFunction)    # a fingerprint walks one as the function it wraps
 
 # An entry's source -> the closing progress line's words.
 _DONE = {"index": "loaded", "cache": "loaded", "compiled": "compiled and stored", "unstored": "compiled, not stored"}

@@ -103,9 +103,8 @@ class Unfingerprintable(Exception):
 
 def _fixed_roots() -> list[tuple[str, str]]:
     """(directory + os.sep, library) for the code whose meaning the versions in the key fix."""
-    import jitfreeze
-
-    roots = [(os.path.dirname(torch.__file__), "torch"), (os.path.dirname(jitfreeze.__file__), "jitfreeze"),
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # jitfreeze/, above trace/
+    roots = [(os.path.dirname(torch.__file__), "torch"), (package, "jitfreeze"),
              (os.path.dirname(os.__file__), "stdlib")]
     out = []
     for path, lib in roots:
@@ -735,10 +734,13 @@ class _Walker:
         return self.hash.hexdigest()
 
 
-def _is_jitfreeze_function(v) -> bool:
-    from ..runtime.function import JitFreezeFunction
+#: the decorator's function wrapper class(es), registered by jitfreeze.runtime.function when it is
+#: defined (no instance can exist before): walked as the function they wrap
+WRAPPER_TYPES: list = []
 
-    return isinstance(v, JitFreezeFunction)
+
+def _is_jitfreeze_function(v) -> bool:
+    return isinstance(v, tuple(WRAPPER_TYPES))
 
 
 def function_fingerprint(fn) -> tuple[str, list, list]:
