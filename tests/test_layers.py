@@ -183,3 +183,32 @@ def test_file_backed_entry_loads_in_place_from_layer(tmp_path, monkeypatch):
     fast = run(model, x)
     assert fast.cache_info().loads == 1 and fast.cache_info().compiles == 0
     assert snapshot(path) == before
+
+
+@pytest.mark.parametrize("loose", [".", "locks", "cache.db", "cache.db-shm"])
+def test_a_layer_directory_the_trust_rule_refuses_is_refused_as_a_layer(tmp_path, loose):
+    """One trust rule (jitfreeze.cache.trust.check_directory) for cache directories and layers: what
+    it refuses (here: a directory, index or lock folder others can write), open_layer refuses too."""
+    from jitfreeze.cache import trust
+    from jitfreeze.cache.bundle import finalize_layer
+    from jitfreeze.cache.disk import DiskStore
+    from jitfreeze.cache.layers import UnsafeLayer, open_layer
+
+    path = tmp_path / "layer"
+    store = DiskStore(path, 2**30)
+    store.put("a/k", b"x" * 100)
+    store.close()
+    finalize_layer(path)
+    (path / "locks").mkdir(exist_ok=True)
+    (path / "cache.db-shm").touch()
+    open_layer(path, trusted=False).close()                 # as made: trusted by both
+    trust.check_directory(path)
+    target = path / loose
+    target.chmod(target.stat().st_mode | 0o020)              # group-writable
+    with pytest.raises(trust.UnsafeDirectory, match="writable by group"):
+        trust.check_directory(path)
+    with pytest.raises(UnsafeLayer, match="writable by group"):
+        open_layer(path, trusted=False)
+    layer = open_layer(path, trusted=True)                  # JITFREEZE_CACHE_KEY set: entries are signed
+    assert layer.get("a/k") == b"x" * 100
+    layer.close()

@@ -608,6 +608,24 @@ def test_store_constants_are_diskcaches():
         (diskcache.core.MODE_RAW, diskcache.core.MODE_BINARY, diskcache.core.DBNAME)
 
 
+def test_the_index_has_the_schema_sqlindex_relies_on(cache_dir):
+    """jitfreeze.cache.sqlindex writes its own SQL against diskcache's tables: the columns and
+    settings it names must be in the index the installed diskcache creates, and its major version
+    the one they were read from."""
+    import diskcache
+
+    assert int(diskcache.__version__.split(".")[0]) == sqlindex.DISKCACHE_MAJOR, diskcache.__version__
+    DiskStore(cache_dir, 2**30).close()
+    con = sqlite3.connect(cache_dir / sqlindex.DB_NAME)
+    try:
+        columns = {row[1] for row in con.execute("PRAGMA table_info(Cache)")}
+        settings = {row[0] for row in con.execute("SELECT key FROM Settings")}
+    finally:
+        con.close()
+    assert set(sqlindex.CACHE_COLUMNS) <= columns, set(sqlindex.CACHE_COLUMNS) - columns
+    assert set(sqlindex.SETTINGS_KEYS) <= settings, set(sqlindex.SETTINGS_KEYS) - settings
+
+
 def test_reads_touch_access_times_off_the_reading_thread(cache_dir, monkeypatch):
     """A read queues its LRU touch for the touches thread (the first write after the index was
     closed syncs a new write-ahead log: milliseconds of disk flush a warm start must not wait

@@ -250,11 +250,6 @@ class DiskStore:
         self._writable()
         return self._write(lambda c: c.clear(retry=False))
 
-    def delete_rows(self, rowids: list[int]) -> None:
-        """Delete rows by rowid (and their value files, when in the cache's own layout)."""
-        for filename in sqlindex.delete_rows(self._cache, rowids):
-            self._cache.disk.remove(filename)
-
     def _write(self, op: Callable):
         for attempt in range(self._BUSY_TRIES):
             cache = self._cache

@@ -40,6 +40,12 @@ def unsafe_rows(store: DiskStore) -> list[int]:
     return bad
 
 
+def delete_rows(store: DiskStore, rowids: list[int]) -> None:
+    """Delete rows by rowid (and their value files, when in the cache's own layout)."""
+    for filename in sqlindex.delete_rows(store.index, rowids):
+        store.index.disk.remove(filename)
+
+
 def _value_rows(store: DiskStore):
     """(rowid, size, filename) of the rows kept in value files of the layout (``unsafe_rows``
     handles the others)."""
@@ -152,7 +158,7 @@ def maintain_store(store: DiskStore, *, min_age: float = 600.0,
                          ("wrong_size", lambda: wrong_sizes(store))):
         found = rowids()
         if found:
-            store.delete_rows(found)
+            delete_rows(store, found)
         counts[name] = len(found)
     if validate is not None:
         for key in list(store.keys()):
