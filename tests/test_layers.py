@@ -212,3 +212,27 @@ def test_a_layer_directory_the_trust_rule_refuses_is_refused_as_a_layer(tmp_path
     layer = open_layer(path, trusted=True)                  # JITFREEZE_CACHE_KEY set: entries are signed
     assert layer.get("a/k") == b"x" * 100
     layer.close()
+
+
+def test_each_store_implements_the_protocols_it_is_used_through(tmp_path):
+    """The cache asks stores what they can do with isinstance on these protocols (no hasattr)."""
+    from jitfreeze.cache import envelope
+    from jitfreeze.cache.bundle import export_bundle
+    from jitfreeze.cache.disk import DiskStore
+    from jitfreeze.cache.layers import BundleStore, scan
+    from jitfreeze.cache.store import FileBacked, InPlaceWritable, Listable, MemoryStore, Store
+
+    disk = DiskStore(tmp_path / "c", 2**30)
+    memory = MemoryStore()
+    for store in (disk, memory):
+        store.put("a/k", envelope.pack("a/k", {"qualname": "f"}, b"x" * 100))
+    export_bundle(tmp_path / "b.jfb", [disk], None)
+    stores = {"disk": disk, "memory": memory, "dir": ReadOnlyDirStore(tmp_path / "c"),
+              "bundle": BundleStore(tmp_path / "b.jfb")}
+    expected = {"disk": {Store, FileBacked, InPlaceWritable, Listable}, "memory": {Store, Listable},
+                "dir": {Store, FileBacked, Listable}, "bundle": {Store, Listable}}
+    for name, store in stores.items():
+        assert {p for p in (Store, FileBacked, InPlaceWritable, Listable) if isinstance(store, p)} == expected[name], name
+        rows = list(scan(store))
+        assert [(r.key, r.meta["qualname"], r.writable) for r in rows] == [("a/k", "f", not store.readonly)], name
+        store.close()
