@@ -20,6 +20,7 @@ import os
 import re
 import sqlite3
 import stat
+from pathlib import Path
 
 try:
     import fcntl
@@ -230,8 +231,6 @@ def in_use(path) -> bool:
 
 def value_files(directory):
     """Every file of the layout under ``directory`` (Paths), whether a row names it or not."""
-    from pathlib import Path
-
     return Path(directory).glob(_VALUE_GLOB)
 
 

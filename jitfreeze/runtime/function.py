@@ -33,7 +33,8 @@ from ..cache.persistent import open_cache
 from ..config import Config
 from ..errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
 from ..key import graph_key
-from ..trace import fingerprint, signature as sig_mod
+from ..trace import fingerprint
+from ..trace import signature as sig_mod
 from ..trace.dynamic import AutoDynamic, Guards, dynamic_texts
 from ..trace.pipeline import trace
 from . import gcpause
