@@ -37,7 +37,7 @@ log = logging.getLogger("jitfreeze")
 MARGIN = 0.95          # a variant replaces the default only when under this fraction of its time
 EAGER_MARGIN = 1.05    # eager is kept only when the fastest variant takes over this multiple of its time
 MAX_CALL_S = 1.0       # calls slower than this are not timed
-BUDGET_S = 5.0         # the timing's own cost, at most (warm-up calls included)
+BUDGET_S = 3.0         # the timing's own cost, at most (warm-up calls included)
 _BLOCK_S = 5e-4        # fast calls are timed in blocks of about this long
 
 
@@ -60,17 +60,17 @@ def measure(fns: dict, args: list):
     per call, [seconds per round])}, or None when even two of them do not fit (or a call takes
     over :data:`MAX_CALL_S`)."""
     names = list(fns)
-    fns[names[0]](*args)                          # warm up (and plan)
     clock = time.perf_counter
     t0 = clock()
-    fns[names[0]](*args)
+    fns[names[0]](*args)                          # warms it up, and bounds one call's time
     once = clock() - t0
     plan = _plan(names, once)
     if plan is None:
         return None
     names, rounds = plan
     for name in names[1:]:
-        fns[name](*args)                          # warm up the others
+        if name != "eager":                       # eager's operators need no warming up
+            fns[name](*args)
     n = max(1, int(_BLOCK_S / max(once, 1e-7)))
     samples: dict = {name: [] for name in names}
     for r in range(rounds):
