@@ -36,21 +36,26 @@ def pytest_addoption(parser):
 
 
 def force_linear_layout(monkeypatch, choice: str) -> None:
-    """Make the compile-time linear-layout choice (``pipeline._linear_layout``) come out as
-    ``choice`` ("traced" or "transposed") instead of depending on a timing."""
-    from jitfreeze.backend import torchscript
-    medians = {"traced": [1.0, 2.0], "transposed": [1.0, 0.5]}[choice]
-    monkeypatch.setattr(torchscript, "_medians_side_by_side", lambda fns, args, once, rounds=5: list(medians))
-    # The choice is only made where one call is fast enough to time, and on a loaded machine the
-    # first call may not be: that must not decide either.
-    monkeypatch.setattr(torchscript.TorchScriptBackend, "TUNE_MAX_CALL_S", float("inf"))
+    """Make the compile-time timing of a graph's variants against each other and against eager
+    (:mod:`jitfreeze.backend.tuning`) come out the same on every machine and load: ``traced``:
+    the backend's default variant is kept; ``transposed``: linear layers are stored pre-transposed
+    where that is a variant. Eager always times slowest, so every test compiles. No candidate
+    is run (nothing is timed)."""
+    from jitfreeze.backend import tuning
+    favoured = {"traced": None, "transposed": "transposed"}[choice]
+
+    def measure(fns, args):
+        times = {name: 0.5 if name == favoured else 2.0 if name == "eager" else 1.0 for name in fns}
+        return {name: (t, [t] * 3) for name, t in times.items()}
+    monkeypatch.setattr(tuning, "measure", measure)
 
 
 @pytest.fixture(autouse=True)
 def _linear_layout(request, monkeypatch):
-    """Which linear layout a small frozen graph is stored in is decided by timing, which differs
-    between machines and runs; a test's outcome must not. ``pytest --jf-layout=transposed`` runs
-    the suite the other way (``timed``: as in production)."""
+    """Which variant of a graph is stored (and whether eager is kept instead) is decided by timing,
+    which differs between machines and runs; a test's outcome must not. ``pytest
+    --jf-layout=transposed`` runs the suite with linear layers pre-transposed (``timed``: as in
+    production)."""
     choice = request.config.getoption("--jf-layout")
     if choice != "timed":
         force_linear_layout(monkeypatch, choice)

@@ -293,6 +293,43 @@ def _stored_graphs(monkeypatch):
     return graphs
 
 
+class _SelfAttention(torch.nn.Module):
+    def __init__(self, batch_first=True):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(32)
+        self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=batch_first)
+        self.mlp = torch.nn.Linear(32, 32)
+
+    def forward(self, x, need_weights: bool = False, mask=None):
+        y = self.norm(x)
+        y, w = self.attn(y, y, y, need_weights=need_weights, key_padding_mask=mask)
+        x = x + y
+        return (x + self.mlp(x), w) if need_weights else x + self.mlp(x)
+
+
+@pytest.mark.parametrize("case", ["plain", "weights", "masked", "seq_first"])
+def test_self_attention_takes_the_fused_kernel_eager_uses(cache_dir, no_jf_warnings, monkeypatch, case):
+    """Eager self-attention (eval, no_grad) runs ``_native_multi_head_attention``; so does the frozen
+    graph, with eager's answer bit for bit. Masked calls and sequence-first modules, which eager
+    or jitfreeze runs decomposed, keep the decomposed graph (still eager's answer)."""
+    graphs = _stored_graphs(monkeypatch)
+    torch.manual_seed(0)
+    model = _SelfAttention(batch_first=case != "seq_first").eval()
+    x = torch.randn(2, 7, 32)
+    kwargs = {"weights": {"need_weights": True},
+              "masked": {"mask": torch.tensor([[False] * 7, [False] * 5 + [True] * 2])}}.get(case, {})
+    fast = jitfreeze(model, cache_dir=cache_dir, dynamic=False)
+    with torch.no_grad():
+        out, ref = fast(x, **kwargs), model(x, **kwargs)
+    if case == "masked":
+        assert torch.allclose(out, ref, atol=1e-5, equal_nan=True)
+    else:
+        assert_same(out, ref)
+    assert len(graphs) == 1
+    assert ("_native_multi_head_attention" in graphs[0]) == (case in ("plain", "weights")), graphs[0]
+    assert torch.nn.MultiheadAttention.forward.__wrapped__ is not None
+
+
 def _tensor_constants(graph) -> list:
     return [n.output().toIValue() for n in graph.nodes()
             if n.kind() == "prim::Constant" and isinstance(n.output().type(), torch._C.TensorType)]

@@ -7,9 +7,9 @@ The decorator, the key and the cache never name one: :func:`get_backend` picks i
 
 from __future__ import annotations
 
-from .base import BindingError, SavedArtifact, module_weights, room_for
+from .base import BindingError, EagerIsFaster, SavedArtifact, module_weights, room_for
 
-__all__ = ["SavedArtifact", "BindingError", "module_weights", "room_for", "get_backend", "BACKENDS"]
+__all__ = ["SavedArtifact", "BindingError", "EagerIsFaster", "module_weights", "room_for", "get_backend", "BACKENDS"]
 
 BACKENDS = ("torchscript",)
 

@@ -11,7 +11,9 @@ import os
 
 import torch
 
-__all__ = ["SavedArtifact", "BindingError", "module_weights", "room_for"]
+from ..errors import FallbackReason
+
+__all__ = ["SavedArtifact", "BindingError", "EagerIsFaster", "module_weights", "room_for"]
 
 
 class SavedArtifact:
@@ -49,6 +51,18 @@ def room_for(path: str, need: int) -> bool:
     except OSError:
         return True          # unknown: let the write tell
     return st.f_bavail * st.f_frsize >= need
+
+
+class EagerIsFaster(FallbackReason):
+    """A stored decision: when this graph was compiled, eager ran faster than every compiled
+    variant (:mod:`jitfreeze.backend.tuning`), so the call runs eagerly. ``record``: the timing."""
+
+    def __init__(self, record: dict):
+        ms = record.get("ms", {})
+        best = ms.get(record.get("variant"), float("nan"))
+        super().__init__(f"eager is faster here ({ms.get('eager', float('nan')):.3g} ms per call against "
+                         f"{best:.3g} ms compiled, timed side by side when it was compiled)")
+        self.record = record
 
 
 class BindingError(RuntimeError):

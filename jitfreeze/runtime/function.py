@@ -31,6 +31,7 @@ from torch.utils import _pytree as pytree
 from ..backend.torchscript import TorchScriptBackend
 from ..cache.persistent import open_cache
 from ..config import Config
+from ..backend import EagerIsFaster
 from ..errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
 from ..key import graph_key
 from ..trace import fingerprint
@@ -54,6 +55,7 @@ log = logging.getLogger("jitfreeze")
 CacheInfo = collections.namedtuple("CacheInfo", "hits loads compiles fallbacks entries")
 
 _TABLE_LIMIT = 4096          # concrete signatures kept in one function's in-process table
+_INFORMED: set = set()     # (function serial, topic) already said at INFO
 _Tensor = torch.Tensor
 _fast_key = sig_mod.fast_key
 _tensor_guards = sig_mod.tensor_guards
@@ -253,12 +255,17 @@ class JitFreezeFunction:
                 self._param_names = []
         return self._param_names
 
-    def _fallback(self, key, reason: str, *, grad: bool = False, cap: bool = False):
+    def _fallback(self, key, reason: str, *, grad: bool = False, cap: bool = False, faster: bool = False):
         """Remember that this signature runs eagerly; warn once per function and signature, or,
         when grad mode is the reason (``grad``), once per function with the fix, and once per
-        function when ``max_signatures`` is reached (``cap``)."""
+        function when ``max_signatures`` is reached (``cap``). When eager was timed faster
+        (``faster``): no warning, one INFO line per function."""
         self._fallbacks[key] = reason
-        if cap:
+        if faster:
+            if (self._serial, "faster") not in _INFORMED:
+                _INFORMED.add((self._serial, "faster"))
+                log.info("jitfreeze: %s runs eagerly for this signature: %s", self.name, reason)
+        elif cap:
             trouble(f"jitfreeze: {self.name}: {reason}", None, strict=self._config.strict,
                     once=(self._serial, "cap"), error=FallbackReason)
         elif grad:
@@ -310,7 +317,7 @@ class JitFreezeFunction:
                     entry, result, new = self._resolve(call, args, kwargs)
             except FallbackReason as reason:
                 self._fallback(key, str(reason), grad=isinstance(reason, GradFallback),
-                               cap=isinstance(reason, _CapReached))
+                               cap=isinstance(reason, _CapReached), faster=isinstance(reason, EagerIsFaster))
                 if reason.result is not NO_RESULT:
                     return reason.result      # the trace ran the function: don't run it twice
                 return self._eager(args, kwargs)

@@ -24,6 +24,7 @@ import torch
 
 from ..backend import BindingError, module_weights
 from ..cache.persistent import INDEX
+from ..backend import EagerIsFaster
 from ..errors import FallbackReason
 from ..key import graph_key
 from ..trace.pipeline import HOISTED_PREFIX, outputs_match
@@ -133,7 +134,8 @@ class Resolver:
             file = cache.new_file() if held else None
             with file if file is not None else contextlib.nullcontext():     # closed once stored
                 try:
-                    saved = self._backend.compile(traced, file.path if file else None, bindings, copies)
+                    saved = self._backend.compile(traced, file.path if file else None, bindings, copies,
+                                                  cache.config.tune)
                 except BaseException:
                     if file is not None:
                         file.discard()
@@ -143,7 +145,14 @@ class Resolver:
                     file = None          # saved elsewhere (a temporary file): nothing to adopt
                 try:
                     t2 = time.perf_counter()
-                    module = self._load(None, key, saved, call)
+                    try:
+                        module = self._load(None, key, saved, call)
+                    except EagerIsFaster as decision:
+                        # Timed at compile time: stored, so later processes run eagerly without compiling.
+                        stored = held and cache.put(key, self._meta(call, parts), saved, file=file)
+                        log.info("%s: %s for %s%s", self.name, decision, short_sig(call),
+                                 f"; stored as {key[:16]}" if stored else "")
+                        raise
                     if module is None:
                         raise FallbackReason("the frozen artifact does not load back")
                     t3 = time.perf_counter()
@@ -191,6 +200,8 @@ class Resolver:
                 raise FallbackReason(f"the compiled function does not bind the module's weights: {exc}") from exc
             log.info("%s: %s not used: %s", self.name, key[:16], exc)
             return None
+        except EagerIsFaster:
+            raise                    # a stored decision, not trouble: the call runs eagerly
         except FallbackReason:
             if cache is None:
                 raise
