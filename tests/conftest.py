@@ -36,11 +36,11 @@ def pytest_addoption(parser):
 
 
 def force_linear_layout(monkeypatch, choice: str) -> None:
-    """Make the compile-time linear-layout choice (``pipeline._linear_layout``) come out as
+    """Make the compile-time linear-layout choice (the backend's side-by-side timing) come out as
     ``choice`` ("traced" or "transposed") instead of depending on a timing."""
     from jitfreeze.backend import torchscript
     medians = {"traced": [1.0, 2.0], "transposed": [1.0, 0.5]}[choice]
-    monkeypatch.setattr(torchscript, "_medians_side_by_side", lambda fns, args, once, rounds=5: list(medians))
+    monkeypatch.setattr(torchscript, "medians_side_by_side", lambda fns, args, once, rounds=5: list(medians))
     # The choice is only made where one call is fast enough to time, and on a loaded machine the
     # first call may not be: that must not decide either.
     monkeypatch.setattr(torchscript.TorchScriptBackend, "TUNE_MAX_CALL_S", float("inf"))
@@ -76,6 +76,33 @@ def run_script(code: str, *args, env=None, timeout=300, check=True):
     lines = [l for l in proc.stdout.splitlines() if l.strip()]
     result = json.loads(lines[-1]) if lines and check else None
     return result, proc
+
+
+def persistent_cache(fast):
+    """The persistent cache (:class:`jitfreeze.cache.persistent.PersistentCache`) that ``fast``
+    (a jitfreeze function or module, called at least once) uses: the one open in this process for
+    its ``cache_location``."""
+    from jitfreeze.cache.persistent import open_cache
+    from jitfreeze.config import Config
+
+    assert fast.cache_location is not None, f"{fast!r} runs uncached"
+    return open_cache(fast.cache_location, Config.from_env())
+
+
+def stored_payload(fast, signature=None):
+    """The stored artifact's payload (bytes, or a file-backed payload) for ``signature`` (default:
+    ``fast``'s first one), as the cache hands it to the backend."""
+    signature = signature if signature is not None else fast.signatures()[0]
+    return persistent_cache(fast).get(signature.key)[1]
+
+
+def close_caches(fast):
+    """What a process exit does to ``fast``'s cache: close its connections, forget the open caches."""
+    cache = persistent_cache(fast)
+    cache.store.close()
+    if cache.journal is not None:
+        cache.journal.close()
+    jf_cache.forget_open_caches()
 
 
 def assert_same(a, b, atol=1e-5, rtol=1e-4):

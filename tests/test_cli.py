@@ -16,7 +16,7 @@ from jitfreeze.cache import persistent as jf_cache
 from jitfreeze.cli import commands as cli
 from jitfreeze.cli.explain import differences
 
-from .conftest import ROOT, run_script
+from .conftest import ROOT, close_caches, run_script
 from .models import make
 
 
@@ -40,10 +40,7 @@ def compile_mlp(cache_dir, batches=(4,), seed=0):
 
 def close(fast):
     """What a process exit does: close its connections, forget its open caches."""
-    cache = fast._cache_for()
-    cache.store.close()
-    cache.journal.close()
-    jf_cache.forget_open_caches()
+    close_caches(fast)
 
 
 def test_help_usage_errors_and_exit_codes(tmp_path):

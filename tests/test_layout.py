@@ -10,7 +10,7 @@ from jitfreeze.backend.torchscript import TorchScriptBackend
 
 from .conftest import assert_same
 
-_REAL_MEDIANS = torchscript._medians_side_by_side       # before conftest's autouse fixture replaces it
+_REAL_MEDIANS = torchscript.medians_side_by_side       # before conftest's autouse fixture replaces it
 
 
 class MLP(nn.Module):
@@ -23,8 +23,8 @@ class MLP(nn.Module):
 
 
 def _kinds(g):
-    entry = next(iter(g._table.values()))
-    return {n.kind() for n in entry.fwd.graph.nodes()}
+    entry = g.signatures()[0]
+    return {n.kind() for n in entry.compiled.graph.nodes()}
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def timings(monkeypatch):
         seen.append([str(f.graph) for f in fns])
         return [outcome["as_is"], outcome["transposed"]]
 
-    monkeypatch.setattr(torchscript, "_medians_side_by_side", fake)
+    monkeypatch.setattr(torchscript, "medians_side_by_side", fake)
     monkeypatch.setattr(TorchScriptBackend, "TUNE_MAX_CALL_S", float("inf"))   # a loaded machine times it too
     return seen, outcome
 
@@ -68,7 +68,7 @@ def test_the_faster_layout_is_stored_and_served_warm(cache_dir, timings, transpo
 def test_real_timing_keeps_outputs_right_and_the_random_stream(cache_dir, monkeypatch):
     """The timing itself (not faked) runs the graph on copies: the inputs are untouched, and the
     caller's random stream is where it would be without the timing."""
-    monkeypatch.setattr(torchscript, "_medians_side_by_side", _REAL_MEDIANS)     # conftest forces a layout
+    monkeypatch.setattr(torchscript, "medians_side_by_side", _REAL_MEDIANS)     # conftest forces a layout
     model = MLP().eval()
 
     def f(x):

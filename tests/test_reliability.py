@@ -73,7 +73,7 @@ def key_of(model, x):
     probe = jitfreeze(model, cache_dir=MemoryStore())
     with torch.no_grad():
         probe(x)
-    return next(iter(probe._table.values())).key
+    return probe.signatures()[0].key
 
 
 def fresh_process_state():

@@ -309,7 +309,7 @@ def test_c_callables_outside_the_fixed_libraries_raise():
 
 def test_depth_and_size_limits_raise(monkeypatch):
     nested: list = []
-    for _ in range(fp._MAX_DEPTH + 5):
+    for _ in range(fp.MAX_DEPTH + 5):
         nested = [nested]
 
     def f(x):
@@ -317,7 +317,7 @@ def test_depth_and_size_limits_raise(monkeypatch):
 
     with pytest.raises(fp.Unfingerprintable, match="nested more than"):
         _digest(f)
-    monkeypatch.setattr(fp, "_MAX_OBJECTS", 50)
+    monkeypatch.setattr(fp, "MAX_OBJECTS", 50)
     many = [[i] for i in range(100)]
 
     def g(x):
@@ -328,13 +328,13 @@ def test_depth_and_size_limits_raise(monkeypatch):
 
 
 def test_fixed_code_is_recognised_by_its_file_not_its_name(tmp_path, monkeypatch):
-    assert fp._lib_of_file(torch.nn.functional.__file__) == "torch"
-    assert fp._lib_of_file(os.__file__) == "stdlib"
-    assert fp._lib_of_file(str(tmp_path / "torchnets.py")) is None
-    assert fp._lib_of_file(str(tmp_path / "torch" / "nn.py")) is None
+    assert fp.lib_of_file(torch.nn.functional.__file__) == "torch"
+    assert fp.lib_of_file(os.__file__) == "stdlib"
+    assert fp.lib_of_file(str(tmp_path / "torchnets.py")) is None
+    assert fp.lib_of_file(str(tmp_path / "torch" / "nn.py")) is None
     site = [p for p in sys.path if p.endswith("site-packages")]
     if site:
-        assert fp._lib_of_file(os.path.join(site[0], "transformers", "x.py")) is None
+        assert fp.lib_of_file(os.path.join(site[0], "transformers", "x.py")) is None
 
 
 def test_edits_change_the_digest_in_process(tmp_path, monkeypatch):
