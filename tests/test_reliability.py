@@ -592,8 +592,11 @@ def test_raw_only_disk_refuses_pickle_on_write(cache_dir):
     store = DiskStore(cache_dir, 2**30)
     with pytest.raises(TypeError):
         store.put("k", {"not": "bytes"})
-    with pytest.raises(TypeError):
-        store._cache.set(("tuple", "key"), b"x")
+    import diskcache
+
+    with diskcache.Cache(str(cache_dir), disk=RawOnlyDisk) as raw:      # the disk the store's index uses
+        with pytest.raises(TypeError):
+            raw.set(("tuple", "key"), b"x")
     assert store.stats()["entries"] == 0
 
 
@@ -620,7 +623,7 @@ def test_reads_touch_access_times_off_the_reading_thread(cache_dir, monkeypatch)
     store = DiskStore(cache_dir, 2**30)
     store.put("a/old", b"a" * 40_000)
     store.put("a/mid", b"b" * 40_000)
-    limit = store._cache.volume() + 20_000          # room for the two, not for a third
+    limit = store.stats()["bytes"] + 20_000          # room for the two, not for a third
     store.close()
     store = DiskStore(cache_dir, limit)                # a warm process: the plain reader connection
     assert store._reader is not None

@@ -6,7 +6,6 @@ code (a trace: the index entry no longer matches), while unedited functions in t
 still load from the index without a trace. All cases share two processes.
 """
 
-import json
 import logging
 import os
 import sys
