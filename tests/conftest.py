@@ -1,8 +1,4 @@
-import json
 import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
@@ -12,7 +8,11 @@ import jitfreeze
 from jitfreeze.cache import persistent as jf_cache
 from jitfreeze import errors as jf_errors
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from . import children
+
+# Child processes live in tests/children.py; run_script is its run_child, as the other tests call it.
+ROOT = children.ROOT
+run_script = children.run_child
 
 
 @pytest.fixture(autouse=True)
@@ -59,23 +59,6 @@ def _linear_layout(request, monkeypatch):
 @pytest.fixture
 def cache_dir(tmp_path):
     return tmp_path / "jf"
-
-
-def run_script(code: str, *args, env=None, timeout=300, check=True):
-    """Run ``code`` in a fresh Python process; return its last stdout line parsed as JSON."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("JITFREEZE_")}
-    full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
-    # No long-compile line (jitfreeze.progress) unless a test asks: what a test reads on stderr must not
-    # depend on how loaded the machine is.
-    full_env["JITFREEZE_PROGRESS_AFTER"] = "off"
-    full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-                          capture_output=True, text=True, env=full_env, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    lines = [l for l in proc.stdout.splitlines() if l.strip()]
-    result = json.loads(lines[-1]) if lines and check else None
-    return result, proc
 
 
 def persistent_cache(fast):

@@ -21,7 +21,7 @@ import torch
 import jitfreeze
 from jitfreeze import jitfreeze as jf
 
-from .conftest import run_script
+from .children import SHAPES_SECOND, run_child
 
 torch.manual_seed(0)
 _W = torch.randn(4, 3)
@@ -170,26 +170,6 @@ def test_index_entries_written_without_size_guards_are_not_served(cache_dir, mon
     _same(jf(scale_float, cache_dir=cache_dir, dynamic=True)(x), scale_float(x))
 
 
-SECOND = """
-import json, sys, torch
-from jitfreeze import jitfreeze
-from tests import test_soundness_shapes as m
-report = {}
-for name, dynamic in m.SECOND_CASES:
-    fn = getattr(m, name)
-    fast = jitfreeze(fn, cache_dir=sys.argv[1], dynamic={"auto": None, "true": True}[dynamic])
-    sizes = sys.argv[2] if dynamic == "auto" else sys.argv[3]
-    bad = []
-    torch.manual_seed(3)
-    for b in map(int, sizes.split(",")):
-        x = m.sample(b, fn)
-        got, want = fast(x), fn(x)
-        if got.shape != want.shape or not torch.allclose(got, want, atol=1e-5, rtol=1e-5):
-            bad.append(b)
-    report[name] = {"bad": bad, "dyn": len({s.key for s in fast.signatures() if s.dynamic}), "info": fast.cache_info()._asdict()}
-print(json.dumps(report))
-"""
-
 SECOND_CASES = [("scale_float", "auto"), ("weighted_rows", "auto"), ("plus_tensor_of_size", "true"),
                 ("scale_sqrt", "true"), ("rows_flattened", "true")]
 
@@ -197,9 +177,9 @@ SECOND_CASES = [("scale_float", "auto"), ("weighted_rows", "auto"), ("plus_tenso
 def test_second_process_gets_eager_answers_at_other_sizes(cache_dir):
     """A first process compiles at some sizes (automatic: 3 then 5, which specializes; dynamic=True:
     1, 3, 5); a second one loads its cache and is fed other sizes and the same ones."""
-    first, _ = run_script(SECOND, cache_dir, "3,5", "1,3,5")
+    first, _ = run_child(SHAPES_SECOND, cache_dir, "3,5", "1,3,5")
     assert all(r["bad"] == [] for r in first.values()), first
-    second, _ = run_script(SECOND, cache_dir, "7,4,1,5,2,3", "7,4,1,5,2,3")
+    second, _ = run_child(SHAPES_SECOND, cache_dir, "7,4,1,5,2,3", "7,4,1,5,2,3")
     assert all(r["bad"] == [] for r in second.values()), second
     for name, dynamic in SECOND_CASES:
         if dynamic == "auto":

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from jitfreeze import jitfreeze
 from jitfreeze.trace.signature import alias_pattern
 
-from .conftest import assert_same, run_script
+from .children import ALIAS, run_child
+from .conftest import assert_same
 
 
 # -- class 2: aliasing --------------------------------------------------------------------------
@@ -110,35 +111,14 @@ def test_multihead_attention_self_and_cross(first, cache_dir):
                 assert_same(fast(*args), mha(*args))
 
 
-ALIAS_SCRIPT = """
-import json, sys, torch
-from jitfreeze import jitfreeze
-
-def twice_plus(a, b):
-    return a * 2 + b
-
-cache_dir, order = sys.argv[1], sys.argv[2].split(",")
-f = jitfreeze(twice_plus, cache_dir=cache_dir)
-torch.manual_seed(0)
-x, y = torch.randn(4, 4), torch.randn(4, 4)
-calls = {"same": (x, x), "distinct": (x, y)}
-ok = []
-with torch.no_grad():
-    for name in order:
-        ok.append([name, f.cache_info().loads, bool(torch.allclose(f(*calls[name]), twice_plus(*calls[name])))])
-        f(*calls[name])
-print(json.dumps({"ok": ok, "info": list(f.cache_info())}))
-"""
-
-
 @pytest.mark.parametrize("first", ["same", "distinct"])
 def test_alias_pattern_in_persistent_key(first, cache_dir):
     """A graph stored for f(x, x) is never loaded for f(x, y) in another process, and vice versa;
     each loads its own."""
     other = "distinct" if first == "same" else "same"
-    a, _ = run_script(ALIAS_SCRIPT, cache_dir, first)
+    a, _ = run_child(ALIAS, cache_dir, first)
     assert a["ok"] == [[first, 0, True]] and a["info"][2] == 1
-    b, _ = run_script(ALIAS_SCRIPT, cache_dir, f"{other},{first}")
+    b, _ = run_child(ALIAS, cache_dir, f"{other},{first}")
     assert [ok for _, _, ok in b["ok"]] == [True, True], b
     # the other signature compiled (loaded nothing), then the first one's graph was loaded
     assert b["ok"][0][1] == 0 and b["ok"][1][1] == 0 and b["info"][1:3] == [1, 1], b
