@@ -138,7 +138,6 @@ def model_child(cache_dir, setup="", check=True, env=None, **kw):
                      check=check, env=env)
 
 
-
 # -- test_reliability: faults --------------------------------------------------------------------------
 
 # Children that only need the cache (no torch): import the package's modules without its __init__.
@@ -247,7 +246,6 @@ print(json.dumps(results))
 """
 
 
-
 # -- test_cli ------------------------------------------------------------------------------------------
 
 # Compile (or load) the seeded MLP once (argv: cache dir).
@@ -260,7 +258,6 @@ with torch.no_grad():
     jitfreeze(model, cache_dir=sys.argv[1], dynamic=False)(x)
 print("{}")
 """
-
 
 
 # -- test_soundness_files ------------------------------------------------------------------------------
@@ -292,7 +289,6 @@ for base, dirs, files in os.walk(sys.argv[1]):
         modes[path] = os.lstat(path).st_mode
 print(json.dumps(modes))
 """
-
 
 
 # -- test_soundness_fingerprint ------------------------------------------------------------------------
@@ -355,7 +351,6 @@ print(json.dumps({"outs": outs, "refs": refs, "traces": fast.traces, "loads": fa
 """
 
 
-
 # -- test_soundness_shapes -----------------------------------------------------------------------------
 
 # test_soundness_shapes.SECOND_CASES at some sizes (argv: cache dir, automatic sizes, dynamic=True sizes).
@@ -378,7 +373,6 @@ for name, dynamic in m.SECOND_CASES:
     report[name] = {"bad": bad, "dyn": len({s.key for s in fast.signatures() if s.dynamic}), "info": fast.cache_info()._asdict()}
 print(json.dumps(report))
 """
-
 
 
 # -- test_soundness_state ------------------------------------------------------------------------------
