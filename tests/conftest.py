@@ -1,8 +1,4 @@
-import json
 import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
@@ -12,7 +8,11 @@ import jitfreeze
 from jitfreeze.cache import persistent as jf_cache
 from jitfreeze import errors as jf_errors
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from . import children
+
+# Child processes live in tests/children.py; run_script is its run_child, as the other tests call it.
+ROOT = children.ROOT
+run_script = children.run_child
 
 
 @pytest.fixture(autouse=True)
@@ -66,21 +66,31 @@ def cache_dir(tmp_path):
     return tmp_path / "jf"
 
 
-def run_script(code: str, *args, env=None, timeout=300, check=True):
-    """Run ``code`` in a fresh Python process; return its last stdout line parsed as JSON."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("JITFREEZE_")}
-    full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
-    # No long-compile line (jitfreeze.progress) unless a test asks: what a test reads on stderr must not
-    # depend on how loaded the machine is.
-    full_env["JITFREEZE_PROGRESS_AFTER"] = "off"
-    full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-                          capture_output=True, text=True, env=full_env, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    lines = [l for l in proc.stdout.splitlines() if l.strip()]
-    result = json.loads(lines[-1]) if lines and check else None
-    return result, proc
+def persistent_cache(fast):
+    """The persistent cache (:class:`jitfreeze.cache.persistent.PersistentCache`) that ``fast``
+    (a jitfreeze function or module, called at least once) uses: the one open in this process for
+    its ``cache_location``."""
+    from jitfreeze.cache.persistent import open_cache
+    from jitfreeze.config import Config
+
+    assert fast.cache_location is not None, f"{fast!r} runs uncached"
+    return open_cache(fast.cache_location, Config.from_env())
+
+
+def stored_payload(fast, signature=None):
+    """The stored artifact's payload (bytes, or a file-backed payload) for ``signature`` (default:
+    ``fast``'s first one), as the cache hands it to the backend."""
+    signature = signature if signature is not None else fast.signatures()[0]
+    return persistent_cache(fast).get(signature.key)[1]
+
+
+def close_caches(fast):
+    """What a process exit does to ``fast``'s cache: close its connections, forget the open caches."""
+    cache = persistent_cache(fast)
+    cache.store.close()
+    if cache.journal is not None:
+        cache.journal.close()
+    jf_cache.forget_open_caches()
 
 
 def assert_same(a, b, atol=1e-5, rtol=1e-4):

@@ -16,6 +16,7 @@ from jitfreeze.cache import persistent as jf_cache
 from jitfreeze.cli import commands as cli
 from jitfreeze.cache.layers import ReadOnlyDirStore
 
+from .conftest import close_caches
 from .models import make
 
 
@@ -47,10 +48,7 @@ def layer(tmp_path):
     model, (x,) = make("mlp")
     fast = run(model, x, cache_dir=path)
     assert fast.cache_info().compiles == 1
-    cache = fast._cache_for()
-    cache.store.close()                         # that process has exited
-    cache.journal.close()
-    jf_cache.forget_open_caches()
+    close_caches(fast)                          # that process has exited
     os.chmod(path, 0o755)                       # as baked into an image: readable, not writable by others
     return path
 
@@ -142,8 +140,7 @@ def test_untrusted_layer_refused_unless_signed(layer, tmp_path, monkeypatch):
     signed = tmp_path / "signed"
     jf_cache.forget_open_caches()
     fast = run(model, x, cache_dir=signed)
-    fast._cache_for().store.close()
-    jf_cache.forget_open_caches()
+    close_caches(fast)
     os.chmod(signed, 0o777)
     monkeypatch.setenv("JITFREEZE_CACHE_PATH", f"{signed}:{tmp_path / 'rw2'}")
     assert run(model, x).cache_info().loads == 1
@@ -173,8 +170,7 @@ def test_file_backed_entry_loads_in_place_from_layer(tmp_path, monkeypatch):
     path = tmp_path / "layer"
     model, (x,) = make("projected")                     # ~48 KB: a value file, loaded in place
     fast = run(model, x, cache_dir=path)
-    fast._cache_for().store.close()
-    jf_cache.forget_open_caches()
+    close_caches(fast)
     store = ReadOnlyDirStore(path)
     assert any(store.get_file(k) for k in store.keys() if k.startswith("a/"))
     store.close()

@@ -136,18 +136,18 @@ def test_watch_phases_and_endings(records):
 
 
 def test_default_handler_defers_to_other_handlers():
-    default = [h for h in progress.log.handlers if isinstance(h, progress._DefaultHandler)]
+    default = [h for h in progress.log.handlers if isinstance(h, progress.DefaultHandler)]
     assert len(default) == 1 and progress.log.level == logging.INFO
     loggers = [progress.log, logging.getLogger("jitfreeze"), logging.getLogger()]
     saved = [list(lg.handlers) for lg in loggers]
     try:
         for lg in loggers:
             lg.handlers = [h for h in lg.handlers if h is default[0]]
-        assert not progress._handled_elsewhere(logging.INFO, default[0])     # it writes
+        assert not progress.handled_elsewhere(logging.INFO, default[0])     # it writes
         loggers[1].handlers = [logging.NullHandler(logging.WARNING)]
-        assert not progress._handled_elsewhere(logging.INFO, default[0])     # that one would not show INFO
+        assert not progress.handled_elsewhere(logging.INFO, default[0])     # that one would not show INFO
         loggers[2].handlers = [logging.NullHandler()]
-        assert progress._handled_elsewhere(logging.INFO, default[0])         # the root's would: it stays quiet
+        assert progress.handled_elsewhere(logging.INFO, default[0])         # the root's would: it stays quiet
     finally:
         for lg, hs in zip(loggers, saved):
             lg.handlers = hs

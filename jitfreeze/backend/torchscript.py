@@ -164,14 +164,14 @@ class TorchScriptBackend:
         elementwise operators on 16 floats, 20 us vs 16 us). Then, or when the caller runs with
         executor optimization off, calls go through :meth:`runner`."""
         fwd = module.forward
-        if torch._C._get_graph_executor_optimize() and not _canonicalized_scalars(fwd.graph):
+        if torch._C._get_graph_executor_optimize() and not canonicalized_scalars(fwd.graph):
             with _PLAN_LOCK:             # the bailout depth is process-wide: our plans take turns
                 strategy = torch._C._jit_set_fusion_strategy([("STATIC", 0)])
                 try:
                     outs = fwd(*tensors)
                 finally:
                     torch._C._jit_set_fusion_strategy(strategy)
-            if _planned_as_is(module, fwd.graph):
+            if planned_as_is(module, fwd.graph):
                 return outs, fwd
             # A change the test above did not foresee: drop the plan and run the graph as it is
             # (this call again too: it costs one call, so the test should foresee what it can).
@@ -328,7 +328,7 @@ def _unprofiled(fwd):
 _CANONICALIZED = frozenset(f"aten::{name}" for name in _HOISTED_OPS)   # out of place: hoisting's ops
 
 
-def _canonicalized_scalars(graph) -> bool:
+def canonicalized_scalars(graph) -> bool:
     """Whether TorchScript's CanonicalizeOps pass would turn a 0-dim tensor constant of this graph
     back into a number: the ``other`` of an out-of-place add/sub/mul/div."""
     for node in graph.findAllNodes("prim::Constant"):
@@ -344,7 +344,7 @@ _VALUE_NAME = re.compile(r"%[\w.]+")
 _CONSTANT_LINE = re.compile(r"(%[\w.]+) : .*? = prim::Constant(.*)$")
 
 
-def _structure(graph) -> list:
+def graph_structure(graph) -> list:
     """A graph's lines with the values renamed in order of definition and each constant written
     where it is used (so the passes' pooling and reordering of constants don't count): equal for
     a graph and a copy the executor's passes left alone. Text, not the graph's Python bindings:
@@ -367,13 +367,13 @@ def _structure(graph) -> list:
     return lines
 
 
-def _planned_as_is(module, graph) -> bool:
+def planned_as_is(module, graph) -> bool:
     """Whether the executor's plan for ``module.forward`` runs ``graph`` as it is."""
     try:
         plans = list(module._c.get_debug_state().execution_plans.values())
     except RuntimeError:          # no plan made (the executor ran unoptimized)
         return False
-    return len(plans) == 1 and _structure(plans[0].graph) == _structure(graph)
+    return len(plans) == 1 and graph_structure(plans[0].graph) == graph_structure(graph)
 
 
 def _node_kinds(block):

@@ -23,6 +23,7 @@ import os
 import threading
 import time
 import weakref
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -41,6 +42,7 @@ from ..trace.pipeline import trace
 from . import gcpause
 from .discard import discard_parameters
 from .index import FingerprintIndex
+from .introspect import Signature, signature_records
 from .progress import Progress
 from .resolve import GradFallback, Resolver, short_sig
 from .watch import install_hooks, module_tensors, storages
@@ -206,6 +208,23 @@ class JitFreezeFunction:
     def cache_info(self) -> CacheInfo:
         entries = len({id(e) for e in self._table.values()})
         return CacheInfo(self._hits, self._resolver.loads, self._resolver.compiles, len(self._fallbacks), entries)
+
+    def signatures(self) -> list[Signature]:
+        """What each signature met in this process resolved to, compiled ones first, then eager
+        ones (:class:`jitfreeze.runtime.introspect.Signature`: its text, where its entry came from
+        or why it runs eagerly, the graph key, dynamic or static, the backend). A method bound to
+        an instance has its own (``obj.method.signatures()``)."""
+        return signature_records(self._table, self._fallbacks, self._dyn, self._backend.name)
+
+    @property
+    def cache_location(self) -> str | None:
+        """The persistent cache's directory (where it is, or will be once a call needs it), or
+        None where this function runs uncached (the directory was refused, or a Store instance was
+        given as ``cache_dir``)."""
+        where = self.cache_dir if self.cache_dir is not None else (self._config or Config.from_env()).cache_dir
+        if not isinstance(where, (str, os.PathLike)) or (self._cache is not None and self._cache.store is None):
+            return None
+        return str(Path(where).expanduser())
 
     def cache_clear(self) -> None:
         """Empty the in-process table (and forget remembered fallbacks); the persistent cache stays."""

@@ -10,7 +10,7 @@ and, when it ends, one more with the total (``...: compiled and stored in 23.4 s
 numbers) and the current phase (a string the miss replaces as it goes). One watchdog thread serves
 every miss (:class:`_Watchdog`).
 
-The logger: ``jitfreeze.progress``, set to INFO and given :class:`_DefaultHandler` (stderr) at
+The logger: ``jitfreeze.progress``, set to INFO and given :class:`DefaultHandler` (stderr) at
 import unless the user configured it first. That handler writes only when no other handler would
 show the record (the ``jitfreeze`` logger's, which ``JITFREEZE_LOG`` installs, or the root's): the
 line is printed once however logging is set up. Silence it with
@@ -37,7 +37,7 @@ LOGGER_NAME = "jitfreeze.progress"
 log = logging.getLogger(LOGGER_NAME)
 
 
-class _DefaultHandler(logging.Handler):
+class DefaultHandler(logging.Handler):
     """stderr (looked up at each line, as ``logging.lastResort`` does), only when no other handler
     on the way up from the ``jitfreeze.progress`` logger would take the record."""
 
@@ -46,7 +46,7 @@ class _DefaultHandler(logging.Handler):
         self.setFormatter(logging.Formatter("jitfreeze: %(message)s"))
 
     def handle(self, record):
-        if _handled_elsewhere(record.levelno, self):
+        if handled_elsewhere(record.levelno, self):
             return False
         return super().handle(record)
 
@@ -58,7 +58,7 @@ class _DefaultHandler(logging.Handler):
             self.handleError(record)
 
 
-def _handled_elsewhere(level: int, mine: logging.Handler) -> bool:
+def handled_elsewhere(level: int, mine: logging.Handler) -> bool:
     logger = log
     while logger is not None:
         if any(h is not mine and level >= h.level for h in logger.handlers):
@@ -72,7 +72,7 @@ def _handled_elsewhere(level: int, mine: logging.Handler) -> bool:
 def _install() -> None:
     if log.level == logging.NOTSET and not log.handlers:       # unless the user configured it first
         log.setLevel(logging.INFO)
-        log.addHandler(_DefaultHandler())
+        log.addHandler(DefaultHandler())
 
 
 _install()

@@ -172,7 +172,7 @@ def produce_guards(shape_env, placeholder_values, dims: dict) -> tuple[list[str]
     from torch._dynamo.source import LocalSource
 
     sources = [LocalSource(f"t{j}") for j in range(len(placeholder_values))]
-    fixed, specialized = _specializations(placeholder_values, dims)
+    fixed, specialized = specializations(placeholder_values, dims)
     texts = fixed + list(shape_env.produce_guards(placeholder_values, sources))
     Guards(texts)          # refuse now what we could not evaluate later
     return texts, specialized
@@ -185,7 +185,7 @@ def _as_int(value) -> int | None:
     return int(value)
 
 
-def _specializations(placeholder_values, dims: dict) -> tuple[list[str], dict]:
+def specializations(placeholder_values, dims: dict) -> tuple[list[str], dict]:
     guards, specialized = [], {}
     for j, t in enumerate(placeholder_values):
         dyn = dims.get(j, ())

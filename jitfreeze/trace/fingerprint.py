@@ -52,8 +52,8 @@ from ..digest import digest_tensors
 
 __all__ = ["Unfingerprintable", "function_fingerprint", "module_fingerprint"]
 
-_MAX_OBJECTS = 50000      # objects visited (transformers models reach about 5,000-10,000)
-_MAX_DEPTH = 120          # nesting of the walk: containers in containers, helpers calling helpers
+MAX_OBJECTS = 50000      # objects visited (transformers models reach about 5,000-10,000)
+MAX_DEPTH = 120          # nesting of the walk: containers in containers, helpers calling helpers
 # Fields of objects that differ from process to process without meaning anything for the graph
 # (transformers' GenerationConfig keeps a salted hash() of itself; torch._dynamo's wrappers an id()).
 _VOLATILE_FIELDS = frozenset({"_original_object_hash", "_torchdynamo_wrapper_id"})
@@ -117,7 +117,7 @@ _roots: list | None = None
 _file_libs: dict = {}
 
 
-def _lib_of_file(filename: str | None) -> str | None:
+def lib_of_file(filename: str | None) -> str | None:
     """'torch', 'stdlib', 'numpy', 'jitfreeze' for a file of fixed code, else None (user code)."""
     if not filename:
         return None
@@ -153,7 +153,7 @@ def _lib_of_module_name(name: str | None) -> str | None:
             return "stdlib"
         mod = sys.modules.get(name)
         if mod is not None and getattr(mod, "__file__", None):
-            return _lib_of_file(mod.__file__)
+            return lib_of_file(mod.__file__)
         name = name.rpartition(".")[0]      # C submodules (torch._C._nn) have no file: their package's
     return None
 
@@ -291,12 +291,12 @@ class _Walker:
             self.add(t.__name__, v)
             return
         self.count += 1
-        if self.count > _MAX_OBJECTS:
-            self.fail(f"more than {_MAX_OBJECTS} objects reachable")
+        if self.count > MAX_OBJECTS:
+            self.fail(f"more than {MAX_OBJECTS} objects reachable")
         self.depth += 1
         try:
-            if self.depth > _MAX_DEPTH:
-                self.fail(f"the walk is nested more than {_MAX_DEPTH} levels deep")
+            if self.depth > MAX_DEPTH:
+                self.fail(f"the walk is nested more than {MAX_DEPTH} levels deep")
             self._dispatch(v, t)
         finally:
             self.depth -= 1
@@ -484,10 +484,10 @@ class _Walker:
         if self._visit(gen):
             frame = gen.gi_frame
             self.add("generator")
-            if _lib_of_file(gen.gi_code.co_filename) is None:
+            if lib_of_file(gen.gi_code.co_filename) is None:
                 self.code(gen.gi_code, frame.f_globals)
             else:
-                self.fixed("fixed-generator", _lib_of_file(gen.gi_code.co_filename), gen.__qualname__)
+                self.fixed("fixed-generator", lib_of_file(gen.gi_code.co_filename), gen.__qualname__)
             self.edge("locals", dict(frame.f_locals))
 
     def c_callable(self, v, t) -> None:
@@ -551,7 +551,7 @@ class _Walker:
     def function(self, fn: types.FunctionType) -> None:
         if not self._visit(fn):
             return
-        lib = _lib_of_file(fn.__code__.co_filename)
+        lib = lib_of_file(fn.__code__.co_filename)
         self.path.append(fn.__qualname__)
         try:
             if lib is not None:
@@ -634,7 +634,7 @@ class _Walker:
 
     def module(self, mod: types.ModuleType) -> None:
         file = getattr(mod, "__file__", None)
-        lib = _lib_of_file(file) if file else _lib_of_module_name(mod.__name__)
+        lib = lib_of_file(file) if file else _lib_of_module_name(mod.__name__)
         if lib is not None:
             self.fixed("module", lib, mod.__name__)
             if self._visit(mod):
@@ -659,7 +659,7 @@ class _Walker:
             t = type(attr)       # not isinstance: it would read __class__ (a deprecation warning on some)
             if t is staticmethod or t is classmethod:
                 attr = attr.__func__
-            if type(attr) is types.FunctionType and _lib_of_file(attr.__code__.co_filename) is None \
+            if type(attr) is types.FunctionType and lib_of_file(attr.__code__.co_filename) is None \
                     and _lib_of_module_name(attr.__module__) is None:     # not torch's own, decorated
                 self.add("patched", name)
                 self.edge(name, attr)
