@@ -177,7 +177,7 @@ _p.TorchScriptBackend.compile = _hang
 EVICT_CHILD = NO_TORCH + """
 import json, os, random, time
 from jitfreeze.cache import envelope as artifact
-from jitfreeze.cache.store import DiskStore
+from jitfreeze.cache.disk import DiskStore
 directory, role, seconds, limit, n_keys = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 store = DiskStore(directory, limit)
 rng = random.Random(os.getpid())
@@ -270,7 +270,7 @@ import torch
 from jitfreeze import jitfreeze
 from jitfreeze.cache.bundle import export_bundle
 from jitfreeze.cli.commands import main
-from jitfreeze.cache.store import DiskStore
+from jitfreeze.cache.disk import DiskStore
 from tests.models import make
 cache_dir = sys.argv[1] + "/nested/jf"              # its missing parents are created too
 for name in ("mlp", "projected"):                   # inline in cache.db; a value file (torch.jit.save)
