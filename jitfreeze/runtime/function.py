@@ -115,7 +115,6 @@ class JitFreezeFunction:
         self._disabled = False
         self._cache = None
         backend = get_backend(_backend_name(), optimize)
-        self._backend = backend
         self._resolver = Resolver(self.name, fn, module, backend, lambda: me()._cache_for())
         self._param_names = None
         self._index = FingerprintIndex(self.name, backend.name, fn, _parent._index if _parent else None)
@@ -244,16 +243,6 @@ class JitFreezeFunction:
     def _eager(self, args, kwargs):
         return fallback.run_eagerly(self.fn, self.module, self.name, args, kwargs)
 
-    def _names(self):
-        if self._param_names is None:
-            try:
-                target = self.fn.forward if isinstance(self.fn, torch.nn.Module) else self.fn
-                self._param_names = [p.name for p in inspect.signature(target).parameters.values()
-                                     if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-            except (TypeError, ValueError):
-                self._param_names = []
-        return self._param_names
-
     def _forget_lasts(self):
         self._last = None
         self._lasts = {}
@@ -268,7 +257,9 @@ class JitFreezeFunction:
         module = self.module
         mode = _call_mode(module)
         try:
-            call = sig_mod.describe(args, kwargs, mode, self._names())
+            if self._param_names is None:
+                self._param_names = _positional_names(self.fn)
+            call = sig_mod.describe(args, kwargs, mode, self._param_names)
         except FallbackReason as reason:
             self._fallbacks.unsupported(reason, self._config.strict)
             return self._eager(args, kwargs)
@@ -330,6 +321,17 @@ class JitFreezeFunction:
 def _fast_positions(args, call):
     positions = tuple(i for i, a in enumerate(args) if isinstance(a, _Tensor))
     return None if len(positions) == len(args) else positions
+
+
+def _positional_names(fn) -> list:
+    """The names of ``fn``'s positional parameters (a module's ``forward``'s): ``dynamic={name: dims}``
+    and messages name arguments by them."""
+    try:
+        target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+        return [p.name for p in inspect.signature(target).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return []
 
 
 def _qualname(fn, module) -> str:

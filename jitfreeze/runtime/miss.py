@@ -128,7 +128,10 @@ class Miss:
             cache = self.cache()
             where = cache.location if cache.store is not None else None
         with Progress(self.name, short_sig(call) if after is not None else "", where, after) as progress:
-            outcome = self._resolve(call, args, kwargs, tensors, dims, texts, config, verify, progress)
+            try:
+                outcome = self._resolve(call, args, kwargs, tensors, dims, texts, config, verify, progress)
+            except FallbackReason as reason:     # a stage stopped before the function ran
+                outcome = Fallback(str(reason))
             if isinstance(outcome, Fallback):
                 progress.eager = True
             else:
