@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from jitfreeze.trace import fingerprint as fp
+from jitfreeze.trace import fingerprint_fixed as fixed
 from jitfreeze import jitfreeze
 
 from .children import GAPS_RUNNER, UNHASHABLE, run_child
@@ -273,13 +274,13 @@ def test_depth_and_size_limits_raise(monkeypatch):
 
 
 def test_fixed_code_is_recognised_by_its_file_not_its_name(tmp_path, monkeypatch):
-    assert fp.lib_of_file(torch.nn.functional.__file__) == "torch"
-    assert fp.lib_of_file(os.__file__) == "stdlib"
-    assert fp.lib_of_file(str(tmp_path / "torchnets.py")) is None
-    assert fp.lib_of_file(str(tmp_path / "torch" / "nn.py")) is None
+    assert fixed.lib_of_file(torch.nn.functional.__file__) == "torch"
+    assert fixed.lib_of_file(os.__file__) == "stdlib"
+    assert fixed.lib_of_file(str(tmp_path / "torchnets.py")) is None
+    assert fixed.lib_of_file(str(tmp_path / "torch" / "nn.py")) is None
     site = [p for p in sys.path if p.endswith("site-packages")]
     if site:
-        assert fp.lib_of_file(os.path.join(site[0], "transformers", "x.py")) is None
+        assert fixed.lib_of_file(os.path.join(site[0], "transformers", "x.py")) is None
 
 
 def test_edits_change_the_digest_in_process(tmp_path, monkeypatch):

@@ -28,13 +28,14 @@ import time
 import warnings
 from pathlib import Path
 
+from ..trace import sigtext
+
 __all__ = ["main"]
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)?\s*$", re.IGNORECASE)
 _DURATION_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_SHAPE_RE = re.compile(r"Tensor\(shape=\(([^)]*)\), dtype=([^,]+)")
 
 
 class CommandError(Exception):
@@ -81,15 +82,7 @@ def short_signature(texts) -> str:
     """``(4x16 float32, int:3)`` from an entry's signature lines."""
     if not isinstance(texts, list):
         return "?"
-    items = []
-    for text in texts:
-        m = _SHAPE_RE.match(str(text))
-        if m:
-            dims = "x".join(d.strip() for d in m.group(1).split(",") if d.strip()) or "scalar"
-            items.append(f"{dims} {m.group(2).replace('torch.', '')}")
-        else:
-            items.append(str(text))
-    return "(" + ", ".join(items) + ")"
+    return sigtext.short_signature(texts)
 
 
 def _device(meta) -> str:

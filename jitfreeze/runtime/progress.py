@@ -29,7 +29,6 @@ import sys
 import threading
 import time
 
-from ..errors import FallbackReason
 
 __all__ = ["Progress", "quiet", "LOGGER_NAME"]
 
@@ -94,12 +93,13 @@ def quiet():
 class Progress:
     """The progress of one miss: ``with Progress(name, signature, where, after) as w:``; ``w.phase``
     ("compiling", "loading", "waiting") as it goes; ``w.done = "compiled"`` etc. for the closing
-    line. ``where``: the cache directory (None: uncached). ``after``: seconds (None: never)."""
+    line, or ``w.eager = True`` when the call runs eagerly after all. ``where``: the cache directory (None: uncached). ``after``: seconds (None: never)."""
 
     def __init__(self, name: str, signature: str, where: str | None, after: float | None):
         self.name, self.signature, self.where = name, signature, where
         self.phase = "compiling"
         self.done = ""
+        self.eager = False
         self._fired = False
         self._over = False
         self._lock = threading.Lock()
@@ -119,7 +119,7 @@ class Progress:
             fired = self._fired
         if fired:
             seconds = time.monotonic() - self._t0
-            if exc_type is not None and issubclass(exc_type, FallbackReason):
+            if self.eager:
                 log.info("%s for %s runs eagerly after %.1f s (see the warning)", self.name, self.signature, seconds)
             elif exc_type is not None:
                 log.info("%s for %s stopped after %.1f s (%s)", self.name, self.signature, seconds,

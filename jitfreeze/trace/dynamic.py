@@ -18,6 +18,7 @@ import torch
 
 from ..cache.persistent import DECISION
 from ..key import decision_key
+from .sigtext import dynamic_tensor_text
 
 __all__ = ["AutoDynamic", "Guards", "GuardError", "dynamic_texts", "symbolic_inputs", "produce_guards",
            "value_shaped_op"]
@@ -133,8 +134,7 @@ def dynamic_texts(call, tensors, dims: dict) -> tuple:
         t = tensors[j]
         shape = tuple("s" if d in dyn else n for d, n in enumerate(t.shape))
         pos = _text_position(call, leaf)
-        texts[pos] = (f"Tensor(shape={shape}, dtype={t.dtype}, device={t.device}, "
-                      f"contiguous={t.is_contiguous()}, layout={t.layout})")
+        texts[pos] = dynamic_tensor_text(t, shape)
     return tuple(texts)
 
 

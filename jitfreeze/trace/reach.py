@@ -44,7 +44,7 @@ def _code_names(code) -> set:
 
 
 def _fixed(filename: str) -> bool:
-    from .fingerprint import lib_of_file
+    from .fingerprint_fixed import lib_of_file
     return lib_of_file(filename) is not None
 
 
