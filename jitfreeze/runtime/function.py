@@ -219,7 +219,7 @@ class JitFreezeFunction:
         ones (:class:`jitfreeze.runtime.introspect.Signature`: its text, where its entry came from
         or why it runs eagerly, the graph key, dynamic or static, the backend). A method bound to
         an instance has its own (``obj.method.signatures()``)."""
-        return signature_records(self._table, self._fallbacks, self._dyn, self._backend.name)
+        return signature_records(self._table, self._fallbacks.reasons, self._dyn, self._resolver.backend_name)
 
     @property
     def cache_location(self) -> str | None:
