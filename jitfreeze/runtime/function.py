@@ -23,7 +23,7 @@ import os
 import threading
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch.utils import _pytree as pytree
@@ -43,10 +43,7 @@ from .miss import Miss
 from .resolve import Resolver
 from .watch import install_hooks
 
-if TYPE_CHECKING:
-    from .module import JitFreezeModule
-
-__all__ = ["jitfreeze", "JitFreezeFunction", "CacheInfo"]
+__all__ = ["JitFreezeFunction", "CacheInfo"]
 
 log = logging.getLogger("jitfreeze")
 
@@ -373,44 +370,3 @@ def _configure_logging(level: str) -> None:
     handler.setFormatter(logging.Formatter("jitfreeze %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(getattr(logging, level.upper()))
-
-
-def jitfreeze(fn: Callable | torch.nn.Module | None = None, /, *, cache_dir=None, optimize: bool = True,
-              max_signatures: int | None = None, index: bool = True, verify: bool | None = None,
-              discard_parameters: bool = False, dynamic=None
-              ) -> JitFreezeFunction | JitFreezeModule | Callable[[Callable], JitFreezeFunction | JitFreezeModule]:
-    """Compile-and-freeze ``fn`` on its first call per input signature, with a persistent cache.
-
-    ``@jitfreeze`` on a function or a method, ``jitfreeze(module)`` on a module instance (an
-    ``nn.Module`` that behaves like it: :class:`jitfreeze.runtime.module.JitFreezeModule`), or
-    ``@jitfreeze(cache_dir=..., optimize=...)``. ``cache_dir`` may also be a Store instance
-    (e.g. :class:`jitfreeze.cache.store.MemoryStore`).
-
-    optimize: apply ``torch.jit.optimize_for_inference`` after loading (CPU).
-    max_signatures: most signatures compiled per function (default ``JITFREEZE_MAX_SIGNATURES`` or 8).
-    index: use the trace-free fingerprint index on warm starts.
-    verify: on index hits, trace anyway and compare graph keys (default ``JITFREEZE_VERIFY``).
-    discard_parameters: once a frozen function exists for a module, release the module's
-        parameter storage (eager calls, calling the module or its submodules directly,
-        ``state_dict()`` and ``load_state_dict()`` then raise ``ParametersDiscardedError``).
-    dynamic: ``None`` (automatic: static first, then the dims whose sizes change become symbolic,
-        a decision remembered in the persistent cache), ``False`` (exact shapes), ``True`` (every
-        dim symbolic) or ``{argument name or position: [dims]}``.
-    """
-    options = dict(cache_dir=cache_dir, optimize=optimize, max_signatures=max_signatures, index=index,
-                   verify=verify, discard_parameters=discard_parameters, dynamic=dynamic)
-
-    def wrap(f):
-        if isinstance(f, torch.nn.Module):
-            from .module import JitFreezeModule
-
-            if isinstance(f, JitFreezeModule):
-                f = f.module              # wrapped again (other options): the model, not the wrapper
-            return JitFreezeModule(f, **options)
-        if not callable(f):
-            raise TypeError(f"jitfreeze expects a function or a torch.nn.Module, not {type(f).__name__}")
-        return JitFreezeFunction(f, **options)
-
-    if fn is None:
-        return wrap
-    return wrap(fn)
