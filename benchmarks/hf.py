@@ -167,7 +167,7 @@ def worker(args) -> dict:
         return dict(base, first_s=first, rss_mb=rss, cache_info=info._asdict(), traces=fast.traces,
                     same_class=type(out) is type(ref), diff=max_diff(out, ref),
                     jf_warnings=[str(w.message) for w in caught if issubclass(w.category, JitFreezeWarning)],
-                    fallback_reasons=[str(r) for r in getattr(fast, "_fallbacks", {}).values()])
+                    fallback_reasons=[s.reason for s in fast.signatures() if s.source == "eager"])
     if args.case in ("limit", "floor"):
         from torch.utils import _pytree as pytree
 

@@ -286,7 +286,7 @@ def read_artifact(cache_dir, info: dict | None = None) -> bytes:
 
     from jitfreeze.cache.persistent import ARTIFACT, PersistentCache
     from jitfreeze.config import Config
-    from jitfreeze.cache.store import DiskStore
+    from jitfreeze.cache.disk import DiskStore
 
     config = dc.replace(Config.from_env(), strict=True)
     store = DiskStore(cache_dir, config.size_limit, readonly=True)
@@ -319,9 +319,10 @@ def unwrap(fn):
 def compiled_graph(fn):
     """The TorchScript graph a system runs in the steady state, when it has one."""
     fn = unwrap(fn)
-    table = getattr(fn, "_table", None)
-    if table:                                             # jitfreeze: the entry's ScriptMethod
-        return next(iter(table.values())).fwd.graph
+    compiled = [s.compiled for s in fn.signatures() if s.compiled is not None] \
+        if hasattr(fn, "signatures") else []
+    if compiled:                                          # jitfreeze: the entry's ScriptMethod
+        return getattr(compiled[0], "graph", None)
     if isinstance(fn, torch.jit.ScriptModule):
         return fn.graph
     return None

@@ -151,7 +151,7 @@ def _system_info(name, target, ctx) -> dict:
     real = systems.unwrap(target)
     if name.startswith("jitfreeze") and hasattr(real, "cache_info"):
         info["cache_info"] = real.cache_info()._asdict()
-        info["fallback_reasons"] = [str(r) for r in getattr(real, "_fallbacks", {}).values()]
+        info["fallback_reasons"] = [s.reason for s in real.signatures() if s.source == "eager"]
     if name == "compile":
         from torch._dynamo.utils import counters
         info["inductor"] = {k: v for k, v in counters["inductor"].items() if "cache" in k}
@@ -198,9 +198,10 @@ def run(args) -> dict:
         target = systems.unwrap(target)
         named[name] = target
         graphs[name] = systems.graph_summary(target)
-        table = getattr(target, "_table", None) if name == "jitfreeze" else None
-        if table and args.overhead:                  # the entry's compiled function (ScriptMethod)
-            named["jitfreeze.direct"] = next(iter(table.values())).fwd
+        compiled = [s.compiled for s in target.signatures() if s.compiled is not None] \
+            if name == "jitfreeze" else []
+        if compiled and args.overhead:               # the entry's compiled function (ScriptMethod)
+            named["jitfreeze.direct"] = compiled[0]
             pairs[name] = (name, "jitfreeze.direct")
     del reference
     measured = measure_steady(named, inputs, args.budget, pairs=pairs)
@@ -231,7 +232,7 @@ def jitfreeze_artifacts(cache_dir) -> int:
     """How many compiled artifacts a jitfreeze cache directory holds (index/decision records excluded)."""
     from jitfreeze.cache.persistent import ARTIFACT
     from jitfreeze.config import Config
-    from jitfreeze.cache.store import DiskStore
+    from jitfreeze.cache.disk import DiskStore
 
     store = DiskStore(cache_dir, Config.from_env().size_limit, readonly=True)
     try:
