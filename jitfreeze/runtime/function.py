@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-from ..backend.torchscript import TorchScriptBackend
+from ..backend import get_backend
 from ..cache.persistent import open_cache
-from ..config import Config
+from ..config import Config, backend_name
 from ..errors import NO_RESULT, FallbackReason, ParametersDiscardedError, trouble
 from ..key import graph_key
 from ..trace import signature as sig_mod
@@ -85,11 +85,13 @@ class JitFreezeFunction:
     def __init__(self, fn: Callable, *, module: torch.nn.Module | None = None, cache_dir=None,
                  optimize: bool = True, max_signatures: int | None = None, index: bool = True,
                  verify: bool | None = None, discard_parameters: bool = False, dynamic=None,
-                 name: str | None = None, _parent: "JitFreezeFunction | None" = None):
+                 name: str | None = None, backend: str | None = None,
+                 _parent: "JitFreezeFunction | None" = None):
         self.fn = fn
         self.module = module
         self.cache_dir = cache_dir
         self.optimize = optimize
+        self.backend = backend or backend_name()     # JITFREEZE_BACKEND when not given
         self.max_signatures = max_signatures
         self.index = index
         self.verify = verify
@@ -118,7 +120,7 @@ class JitFreezeFunction:
         self._config: Config | None = None
         self._disabled = False
         self._cache = None
-        self._backend = TorchScriptBackend(optimize)
+        self._backend = get_backend(self.backend, optimize)
         self._resolver = Resolver(self.name, fn, module, self._backend, lambda: me()._cache_for())
         self._param_names = None
         self._index = FingerprintIndex(self.name, self._backend.name, fn, _parent._index if _parent else None)
@@ -141,7 +143,7 @@ class JitFreezeFunction:
             module=instance if isinstance(instance, torch.nn.Module) else None,
             cache_dir=self.cache_dir, optimize=self.optimize, max_signatures=self.max_signatures,
             index=self.index, verify=self.verify, discard_parameters=self.discard_parameters,
-            dynamic=self.dynamic, name=self.name, _parent=self)
+            dynamic=self.dynamic, name=self.name, backend=self.backend, _parent=self)
         try:
             self._bound[instance] = bound
         except TypeError:
@@ -520,7 +522,7 @@ def _configure_logging(level: str) -> None:
 
 def jitfreeze(fn: Callable | torch.nn.Module | None = None, /, *, cache_dir=None, optimize: bool = True,
               max_signatures: int | None = None, index: bool = True, verify: bool | None = None,
-              discard_parameters: bool = False, dynamic=None
+              discard_parameters: bool = False, dynamic=None, backend: str | None = None
               ) -> JitFreezeFunction | JitFreezeModule | Callable[[Callable], JitFreezeFunction | JitFreezeModule]:
     """Compile-and-freeze ``fn`` on its first call per input signature, with a persistent cache.
 
@@ -529,7 +531,8 @@ def jitfreeze(fn: Callable | torch.nn.Module | None = None, /, *, cache_dir=None
     ``@jitfreeze(cache_dir=..., optimize=...)``. ``cache_dir`` may also be a Store instance
     (e.g. :class:`jitfreeze.cache.store.MemoryStore`).
 
-    optimize: apply ``torch.jit.optimize_for_inference`` after loading (CPU).
+    optimize: apply ``torch.jit.optimize_for_inference`` after loading (CPU); with ``backend="aoti"``,
+        Inductor's freezing (constant folding, prepacked weights).
     max_signatures: most signatures compiled per function (default ``JITFREEZE_MAX_SIGNATURES`` or 8).
     index: use the trace-free fingerprint index on warm starts.
     verify: on index hits, trace anyway and compare graph keys (default ``JITFREEZE_VERIFY``).
@@ -539,9 +542,12 @@ def jitfreeze(fn: Callable | torch.nn.Module | None = None, /, *, cache_dir=None
     dynamic: ``None`` (automatic: static first, then the dims whose sizes change become symbolic,
         a decision remembered in the persistent cache), ``False`` (exact shapes), ``True`` (every
         dim symbolic) or ``{argument name or position: [dims]}``.
+    backend: ``"torchscript"`` (script + freeze) or ``"aoti"`` (torch.export + AOTInductor: a C++
+        compile per signature, tens of seconds; see docs/backends.md); default ``JITFREEZE_BACKEND``
+        or ``"torchscript"``.
     """
     options = dict(cache_dir=cache_dir, optimize=optimize, max_signatures=max_signatures, index=index,
-                   verify=verify, discard_parameters=discard_parameters, dynamic=dynamic)
+                   verify=verify, discard_parameters=discard_parameters, dynamic=dynamic, backend=backend)
 
     def wrap(f):
         if isinstance(f, torch.nn.Module):
