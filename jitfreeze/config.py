@@ -139,10 +139,13 @@ class Config:
         )
 
 
+#: The backends (jitfreeze.backend.get_backend builds them); named here so that reading the
+#: environment never imports torch.
+BACKENDS = ("torchscript", "aoti")
+
+
 def backend_name(env=None) -> str:
     """``JITFREEZE_BACKEND`` (default ``torchscript``), checked against the known backends."""
-    from .backend import BACKENDS
-
     env = os.environ if env is None else env
     name = env.get("JITFREEZE_BACKEND", "").strip().lower() or "torchscript"
     if name not in BACKENDS:

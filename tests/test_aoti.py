@@ -198,20 +198,50 @@ def test_package_that_does_not_load_is_a_miss(cache_dir):
     assert third["info"]["loads"] == 1 and third["info"]["compiles"] == 0 and third["warnings"] == []
 
 
+BOUND = """
+import json, sys, warnings
+import torch, torch.nn as nn
+from jitfreeze import jitfreeze
+from jitfreeze.backend.aoti import AOTIBackend
+AOTIBackend.BIND_MIN_BYTES = 0           # bind at any size
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):                # a literal: a constant that is not the module's
+        return self.fc(x) * torch.tensor([1.0, 2.0] * 8) + 0.5
+
+
+torch.manual_seed(0)
+model = Net().eval()
+fast = jitfreeze(model, cache_dir=sys.argv[1], backend="aoti", dynamic=False)
+x = torch.randn(4, 16)
+with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+    warnings.simplefilter("always")
+    ok = bool(torch.allclose(fast(x), model(x), atol=1e-5))
+(entry,) = {id(e): e for e in fast._table.values()}.values()
+package = entry.fwd.package
+meta = json.loads(package.loader.get_metadata()["jitfreeze"])
+shared = {t.data_ptr() for t in package.constants.values()} >= {p.data_ptr() for p in model.parameters()}
+print(json.dumps({"info": fast.cache_info()._asdict(), "ok": ok, "frozen": meta["frozen"], "shared": shared,
+                  "constants": sorted(package.constants),
+                  "warnings": [str(w.message) for w in caught if "jitfreeze" in str(w.category)]}))
+"""
+
+
 @pytest.mark.slow
 @needs_cxx
-def test_large_weights_are_bound_at_load(cache_dir, monkeypatch):
-    """Past BIND_MIN_BYTES the package holds no weights (no freezing) and the module's own tensors
-    are given to the loader: it matches eager, shares their storage, and a second process loads it."""
-    from jitfreeze.backend.aoti import AOTIBackend
-
-    monkeypatch.setattr(AOTIBackend, "BIND_MIN_BYTES", 0)
-    model, (x,) = make("mlp")
-    fast = jitfreeze(model, cache_dir=cache_dir, backend="aoti", dynamic=False)
-    with torch.no_grad():
-        assert torch.allclose(fast(x), model(x), atol=1e-4, rtol=1e-3)
-    (entry,) = {id(e): e for e in fast._table.values()}.values()
-    package = entry.fwd.package
-    assert package.constants and json.loads(package.loader.get_metadata()["jitfreeze"])["frozen"] is False
-    weights = {p.data_ptr() for p in model.parameters()}
-    assert {t.data_ptr() for t in package.constants.values()} <= weights
+def test_large_weights_are_bound_at_load(cache_dir):
+    """Past BIND_MIN_BYTES the package is compiled without its weights (unfrozen); the module's own
+    tensors are handed to the loader (shared, not copied) and the other constants (here a literal)
+    travel in the package: it matches eager, and a second process loads it."""
+    first, _ = run_script(BOUND, cache_dir, env=AOTI, timeout=600)
+    assert first["info"]["compiles"] == 1 and first["ok"] and first["warnings"] == []
+    assert first["frozen"] is False and first["shared"]
+    assert len(first["constants"]) == 3                     # weight, bias, the literal
+    second, _ = run_script(BOUND, cache_dir, env=AOTI)
+    assert second["info"]["loads"] == 1 and second["info"]["compiles"] == 0 and second["ok"]
+    assert second["shared"] and second["warnings"] == []

@@ -12,9 +12,9 @@ import os
 
 import torch
 
-__all__ = ["SavedArtifact", "BindingError", "module_weights", "room_for", "get_backend", "BACKENDS"]
+from ..config import BACKENDS
 
-BACKENDS = ("torchscript", "aoti")
+__all__ = ["SavedArtifact", "BindingError", "module_weights", "room_for", "get_backend", "BACKENDS"]
 
 
 def get_backend(name: str = "torchscript", optimize: bool = True):

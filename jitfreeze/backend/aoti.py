@@ -24,6 +24,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+import zipfile
 
 import torch
 
@@ -48,6 +50,7 @@ _LOAD_LOCK = threading.Lock()       # $TMPDIR is process-wide: one loader constr
 _COMPILE_LOCK = threading.Lock()    # Inductor's configs and warning filters are process-wide too
 _META = "jitfreeze"                 # our record in the package's metadata (aot_inductor.metadata)
 _FORMAT = 1
+_CONSTANTS = "jitfreeze/constants.pt"   # a binding package's own constants (torch.save, weights_only at load)
 
 
 def _compiler() -> str:
@@ -178,9 +181,11 @@ class AOTIBackend:
         record = [[attr, name, *tensor_layout(layouts[attr])] for attr, name in bindings.items()]
         single = bool(traced.out_spec.is_leaf() and tuple(traced.out_tensor_idx) == (0,))
         frozen = self.optimize and not bindings
+        stored = bool(bindings) and any(a not in bindings for a, _ in traced.constants)
         configs = {"freezing": frozen,
                    "aot_inductor.metadata": {_META: json.dumps({"format": _FORMAT, "frozen": frozen,
-                                                                "bindings": record, "single": single})}}
+                                                                "bindings": record, "stored": stored,
+                                                                "single": single})}}
         if bindings:
             configs["aot_inductor.package_constants_in_so"] = False
         stored = sum(t.untyped_storage().nbytes() for a, t in traced.constants if a not in bindings)
@@ -197,7 +202,19 @@ class AOTIBackend:
             except Exception as exc:  # noqa: BLE001 - what export refuses runs eagerly, with the reason
                 raise FallbackReason(f"torch.export failed: {type(exc).__name__}: {_first_line(exc)}") from exc
             _check_dynamic(ep, dynamic)
-            return _package(ep, path, configs, estimate)
+            saved = _package(ep, path, configs, estimate)
+        if stored:
+            # The package holds no constants at all then: the ones that are not the module's (a
+            # closure's tensors, literals, hoisted numbers) go into it as a file of their own.
+            try:
+                buffer = io.BytesIO()
+                torch.save({a: t.detach() for a, t in traced.constants if a not in bindings}, buffer)
+                with zipfile.ZipFile(saved.path, "a") as z:
+                    z.writestr(_CONSTANTS, buffer.getvalue())
+            except Exception:
+                saved.remove()
+                raise
+        return saved
 
     # -- load and run --------------------------------------------------------------------------
 
@@ -221,6 +238,8 @@ class AOTIBackend:
         needed = set(loader.get_constant_fqns()) if bound else set()
         constants: dict = {}
         if bound:
+            if record.get("stored"):
+                constants = _stored_constants(getattr(data, "path", None) or data)
             for attr, name, *layout in bound:
                 tensor = (weights or {}).get(name)
                 if tensor is None:
@@ -253,6 +272,14 @@ class AOTIBackend:
                 return loader_run(list(tensors))
         run.package = module
         return run
+
+
+def _stored_constants(source) -> dict:
+    """The constants a binding package carries itself (:data:`_CONSTANTS`, written by ``compile``):
+    ``source`` is its path (a cache file: zip readers skip the envelope after the zip) or its bytes."""
+    with zipfile.ZipFile(source if isinstance(source, str) else io.BytesIO(source)) as z:
+        data = z.read(_CONSTANTS)
+    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def _check_dynamic(ep, dynamic) -> None:
