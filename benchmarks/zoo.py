@@ -309,7 +309,6 @@ def summarize(records, names) -> dict:
         f = row["first"]
         aoti = {"cold": get("cold", m, "jitfreeze-aoti"), "warm": get("warm", m, "jitfreeze-aoti"),
                 "steady": get("steady", m, "jitfreeze-aoti", "per_call_s"),
-                "disk_mb": get("cold", m, "jitfreeze-aoti", "cache_mb"),
                 "rss_mb": get("warm", m, "jitfreeze-aoti", "rss_mb")}
         if any(v is not None for v in aoti.values()):
             row["aoti"] = aoti
@@ -423,20 +422,19 @@ def write_table(path: Path, result: dict) -> str:
             L += _head("Backends side by side: jitfreeze with backend='aoti' (issue 24)",
                        ["model", "batch", "aoti cold", "aoti warm", "torchscript warm", "torch.compile warm",
                         "aoti steady", "torchscript steady", "torch.compile steady", "aoti / torchscript",
-                        "aoti / torch.compile", "warm aoti / torch.compile", "aoti stored (MB)"],
+                        "aoti / torch.compile", "warm aoti / torch.compile", "aoti warm peak RSS (MB)"],
                        "The same runs: cold and warm first calls each in a fresh process, steady per call with "
-                       "every system taking turns in one process. Stored: the cold run's cache directory "
-                       "(both backends' entries when both ran cold).")
+                       "every system taking turns in one process.")
             for m, row in rows.items():
                 if "aoti" not in row:
                     continue
                 arch, _, batch = _parse(m)
                 a, r, f, s = row["aoti"], row["aoti_ratios"], row["first"], row["steady"]
-                disk = f"{a['disk_mb']:.1f}" if a["disk_mb"] is not None else "n/a"
+                rss = f"{a['rss_mb']:.0f}" if a["rss_mb"] is not None else "n/a"
                 L.append(f"| {arch} | {batch} | " + " | ".join(fmt_time(v) for v in (
                     a["cold"], a["warm"], f["jitfreeze_warm"], f["compile_warm"], a["steady"], s["jitfreeze"],
                     s["compile"])) + f" | {_x(r['steady_aoti_ts'])} | {_x(r['steady_aoti_compile'])} | "
-                    f"{_x(r['warm_aoti_compile'])} | {disk} |")
+                    f"{_x(r['warm_aoti_compile'])} | {rss} |")
             L += ["", "Geometric means: " + ", ".join(
                 f"{label} {_x(g.get(k))}" for k, label in (("steady_aoti_ts", "steady aoti / torchscript"),
                                                           ("steady_aoti_compile", "steady aoti / torch.compile"),
