@@ -134,13 +134,15 @@ def _bare(fn, inputs, ctx):
 
     def build(args):
         from jitfreeze.trace import signature
-        from jitfreeze.trace.pipeline import trace
+        from jitfreeze.trace.pipeline import Declined, trace
 
         module = fn if isinstance(fn, torch.nn.Module) else None
         call = signature.describe(args, {}, signature.call_mode(module))
         # The pre-dispatch trace a jitfreeze miss runs (its recorder: make_fx's graph without Dynamo;
         # make_fx where the recorder declines) + strip_overloads: jf / bare is what the cache costs.
         traced = trace(fn, call, list(args))
+        if isinstance(traced, Declined):
+            raise RuntimeError(f"jitfreeze declines to trace it: {traced.reason}")
         gm = traced.graph_module
         old = torch._C._jit_set_autocast_mode(False)     # ts_compile's _disable_jit_autocast
         try:

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
-
 from .cache.persistent import clear_cache
 from .errors import JitFreezeError, JitFreezeWarning, ParametersDiscardedError
 from .runtime.precompile import PrecompileReport, PrecompileResult, precompile
+from .version import __version__
 
 if TYPE_CHECKING:                      # imported lazily at run time (they import torch)
-    from .runtime.function import CacheInfo, JitFreezeFunction, jitfreeze
+    from .runtime.decorator import jitfreeze
+    from .runtime.function import CacheInfo, JitFreezeFunction
     from .runtime.module import JitFreezeModule
 
 __all__ = [
@@ -48,14 +48,13 @@ _LAZY = {"jitfreeze", "CacheInfo", "JitFreezeFunction", "JitFreezeModule"}
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from .runtime import function as core
+        from .runtime import decorator, function, module
 
-        core.jitfreeze.clear_cache = clear_cache   # type: ignore[attr-defined]  # jitfreeze.clear_cache() too
-        core.jitfreeze.precompile = precompile     # type: ignore[attr-defined]  # and jitfreeze.precompile()
-        from .runtime import module
-
+        decorator.jitfreeze.clear_cache = clear_cache   # type: ignore[attr-defined]  # jitfreeze.clear_cache() too
+        decorator.jitfreeze.precompile = precompile     # type: ignore[attr-defined]  # and jitfreeze.precompile()
+        where = {"jitfreeze": decorator, "JitFreezeModule": module}
         for attr in _LAZY:
-            globals()[attr] = getattr(module if attr == "JitFreezeModule" else core, attr)
+            globals()[attr] = getattr(where.get(attr, function), attr)
         return globals()[name]
     raise AttributeError(f"module 'jitfreeze' has no attribute {name!r}")
 

@@ -55,18 +55,10 @@ class CacheError(JitFreezeError):
 class FallbackReason(JitFreezeError):
     """The function cannot be compiled for this signature; it runs eagerly.
 
-    ``result`` holds the function's result when the trace already ran it to the end
-    (calling it again would repeat its side effects); otherwise it is ``NO_RESULT``.
+    Raised where that stops a stage (a signature, a trace, a compile); the stage that catches
+    it returns an outcome (:class:`jitfreeze.runtime.fallback.Fallback`). Under
+    ``JITFREEZE_STRICT=1`` it reaches the caller.
     """
-
-    result = None
-
-    def __init__(self, message: str, *, key: str | None = None):
-        super().__init__(message, key=key)
-        self.result = NO_RESULT
-
-
-NO_RESULT = object()
 
 
 class ParametersDiscardedError(RuntimeError):

@@ -45,7 +45,7 @@ def device_text(device: torch.device) -> str:
 
 
 def environment_parts() -> list[tuple[str, str]]:
-    from . import __version__
+    from .version import __version__
 
     return [
         ("format", str(FORMAT_VERSION)),

@@ -1,8 +1,4 @@
-import json
 import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
@@ -12,7 +8,11 @@ import jitfreeze
 from jitfreeze.cache import persistent as jf_cache
 from jitfreeze import errors as jf_errors
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from . import children
+
+# Child processes live in tests/children.py; run_script is its run_child, as the other tests call it.
+ROOT = children.ROOT
+run_script = children.run_child
 
 
 @pytest.fixture(autouse=True)
@@ -36,21 +36,26 @@ def pytest_addoption(parser):
 
 
 def force_linear_layout(monkeypatch, choice: str) -> None:
-    """Make the compile-time linear-layout choice (``pipeline._linear_layout``) come out as
-    ``choice`` ("traced" or "transposed") instead of depending on a timing."""
-    from jitfreeze.backend import torchscript
-    medians = {"traced": [1.0, 2.0], "transposed": [1.0, 0.5]}[choice]
-    monkeypatch.setattr(torchscript, "_medians_side_by_side", lambda fns, args, once, rounds=5: list(medians))
-    # The choice is only made where one call is fast enough to time, and on a loaded machine the
-    # first call may not be: that must not decide either.
-    monkeypatch.setattr(torchscript.TorchScriptBackend, "TUNE_MAX_CALL_S", float("inf"))
+    """Make the compile-time timing of a graph's variants against each other and against eager
+    (:mod:`jitfreeze.backend.tuning`) come out the same on every machine and load: ``traced``:
+    the backend's default variant is kept; ``transposed``: linear layers are stored pre-transposed
+    where that is a variant. Eager always times slowest, so every test compiles. No candidate
+    is run (nothing is timed)."""
+    from jitfreeze.backend import tuning
+    favoured = {"traced": None, "transposed": "transposed"}[choice]
+
+    def measure(fns, args):
+        times = {name: 0.5 if name == favoured else 2.0 if name == "eager" else 1.0 for name in fns}
+        return {name: (t, [t] * 3) for name, t in times.items()}
+    monkeypatch.setattr(tuning, "measure", measure)
 
 
 @pytest.fixture(autouse=True)
 def _linear_layout(request, monkeypatch):
-    """Which linear layout a small frozen graph is stored in is decided by timing, which differs
-    between machines and runs; a test's outcome must not. ``pytest --jf-layout=transposed`` runs
-    the suite the other way (``timed``: as in production)."""
+    """Which variant of a graph is stored (and whether eager is kept instead) is decided by timing,
+    which differs between machines and runs; a test's outcome must not. ``pytest
+    --jf-layout=transposed`` runs the suite with linear layers pre-transposed (``timed``: as in
+    production)."""
     choice = request.config.getoption("--jf-layout")
     if choice != "timed":
         force_linear_layout(monkeypatch, choice)
@@ -61,21 +66,31 @@ def cache_dir(tmp_path):
     return tmp_path / "jf"
 
 
-def run_script(code: str, *args, env=None, timeout=300, check=True):
-    """Run ``code`` in a fresh Python process; return its last stdout line parsed as JSON."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("JITFREEZE_")}
-    full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
-    # No long-compile line (jitfreeze.progress) unless a test asks: what a test reads on stderr must not
-    # depend on how loaded the machine is.
-    full_env["JITFREEZE_PROGRESS_AFTER"] = "off"
-    full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-                          capture_output=True, text=True, env=full_env, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    lines = [l for l in proc.stdout.splitlines() if l.strip()]
-    result = json.loads(lines[-1]) if lines and check else None
-    return result, proc
+def persistent_cache(fast):
+    """The persistent cache (:class:`jitfreeze.cache.persistent.PersistentCache`) that ``fast``
+    (a jitfreeze function or module, called at least once) uses: the one open in this process for
+    its ``cache_location``."""
+    from jitfreeze.cache.persistent import open_cache
+    from jitfreeze.config import Config
+
+    assert fast.cache_location is not None, f"{fast!r} runs uncached"
+    return open_cache(fast.cache_location, Config.from_env())
+
+
+def stored_payload(fast, signature=None):
+    """The stored artifact's payload (bytes, or a file-backed payload) for ``signature`` (default:
+    ``fast``'s first one), as the cache hands it to the backend."""
+    signature = signature if signature is not None else fast.signatures()[0]
+    return persistent_cache(fast).get(signature.key)[1]
+
+
+def close_caches(fast):
+    """What a process exit does to ``fast``'s cache: close its connections, forget the open caches."""
+    cache = persistent_cache(fast)
+    cache.store.close()
+    if cache.journal is not None:
+        cache.journal.close()
+    jf_cache.forget_open_caches()
 
 
 def assert_same(a, b, atol=1e-5, rtol=1e-4):

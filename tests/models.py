@@ -62,34 +62,3 @@ def make(name, seed=0):
     raise KeyError(name)
 
 
-# A child process: one model through jitfreeze (argv: cache dir, model name[, start time]), reported.
-RUN_ONE = """
-import sys, time
-from jitfreeze import jitfreeze
-from tests.models import make, report
-model, inputs = make(sys.argv[2])
-fast = jitfreeze(model, cache_dir=sys.argv[1])
-if len(sys.argv) > 3:                       # wait for the start signal (a stampede, a cold fleet)
-    while time.time() < float(sys.argv[3]):
-        time.sleep(0.001)
-report(fast, model, inputs)
-"""
-
-
-def report(fast, model, inputs):
-    """In a child process: call ``fast`` once (warnings recorded) and the model eagerly, and print
-    the one JSON line the parent test parses: cache info, traces, whether the outputs match, where
-    the entries came from, and the jitfreeze warnings."""
-    import json
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with torch.no_grad():
-            out = fast(*inputs)
-            ref = model(*inputs)
-    entries = {id(e): e for e in fast._table.values()}.values()
-    print(json.dumps({"info": fast.cache_info()._asdict(), "traces": fast.traces,
-                      "ok": bool(torch.allclose(out, ref, atol=1e-4, rtol=1e-3)),
-                      "sources": sorted(e.source for e in entries),
-                      "warnings": [str(w.message) for w in caught if "jitfreeze" in str(w.category)]}))

@@ -7,9 +7,6 @@ that compiles again is marked slow.
 """
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -18,8 +15,8 @@ import torch
 from jitfreeze import JitFreezeWarning, jitfreeze
 from jitfreeze.backend import aoti, get_backend
 
-from .conftest import ROOT, run_script
-from .models import RUN_ONE, make
+from .children import RUN_ONE, run_child as run_script, start_child
+from .models import make
 
 pytestmark = pytest.mark.aoti
 
@@ -149,12 +146,8 @@ def test_dynamic_batch_one_package(cache_dir):
 @needs_cxx
 def test_cold_stampede_compiles_once(cache_dir):
     n = 4
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JITFREEZE_")}
-    env.update(PYTHONPATH=ROOT, JITFREEZE_BACKEND="aoti", JITFREEZE_PROGRESS_AFTER="off")
     start = time.time() + 8.0
-    procs = [subprocess.Popen([sys.executable, "-c", RUN_ONE, str(cache_dir), "mlp", str(start)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(n)]
+    procs = [start_child(RUN_ONE, cache_dir, "mlp", start, env=AOTI) for _ in range(n)]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=900)
@@ -166,7 +159,6 @@ def test_cold_stampede_compiles_once(cache_dir):
 
 
 CORRUPT = """
-import sys
 from jitfreeze.cache.persistent import open_cache
 from jitfreeze.config import Config
 cache = open_cache(sys.argv[1], Config.from_env())
@@ -222,7 +214,7 @@ x = torch.randn(4, 16)
 with warnings.catch_warnings(record=True) as caught, torch.no_grad():
     warnings.simplefilter("always")
     ok = bool(torch.allclose(fast(x), model(x), atol=1e-5))
-(entry,) = {id(e): e for e in fast._table.values()}.values()
+(entry,) = {id(e): e for e in fast._table.values()}.values()   # the entry's runner holds the package
 package = entry.fwd.package
 meta = json.loads(package.loader.get_metadata()["jitfreeze"])
 shared = {t.data_ptr() for t in package.constants.values()} >= {p.data_ptr() for p in model.parameters()}

@@ -16,7 +16,8 @@ from jitfreeze.cache import persistent as jf_cache
 from jitfreeze.cli import commands as cli
 from jitfreeze.cli.explain import differences
 
-from .conftest import ROOT, run_script
+from .children import COMPILE_MLP, run_child, run_cli
+from .conftest import close_caches
 from .models import make
 
 
@@ -40,19 +41,12 @@ def compile_mlp(cache_dir, batches=(4,), seed=0):
 
 def close(fast):
     """What a process exit does: close its connections, forget its open caches."""
-    cache = fast._cache_for()
-    cache.store.close()
-    cache.journal.close()
-    jf_cache.forget_open_caches()
+    close_caches(fast)
 
 
 def test_help_usage_errors_and_exit_codes(tmp_path):
     def run(*argv):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("JITFREEZE_")}
-        env["PYTHONPATH"] = ROOT
-        env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
-        return subprocess.run([sys.executable, "-m", "jitfreeze", *argv], capture_output=True, text=True,
-                              env=env, timeout=120)
+        return run_cli(*argv, env={"XDG_CACHE_HOME": str(tmp_path / "xdg")})
     p = run("--help")
     assert p.returncode == 0 and "cache" in p.stdout and "explain" in p.stdout and "Exit status" in p.stdout
     assert run().returncode == 2
@@ -70,20 +64,9 @@ def test_help_usage_errors_and_exit_codes(tmp_path):
         assert subprocess.run([script, "cache", "--help"], capture_output=True).returncode == 0
 
 
-COUNT = """
-import sys, torch
-from jitfreeze import jitfreeze
-from tests.models import make
-model, (x,) = make("mlp")
-with torch.no_grad():
-    jitfreeze(model, cache_dir=sys.argv[1], dynamic=False)(x)
-print("{}")
-"""
-
-
 def test_info_counters_are_kept_across_processes(cache_dir, capsys):
-    run_script(COUNT, cache_dir)
-    run_script(COUNT, cache_dir)
+    run_child(COMPILE_MLP, cache_dir)
+    run_child(COMPILE_MLP, cache_dir)
     rc, info = jf(capsys, "cache", "info", "--cache-dir", str(cache_dir))
     assert rc == 0 and info["exists"] and info["location"] == str(cache_dir)
     assert info["artifacts"] == 1 and info["entries"] >= 2 and info["bytes"] > 0
@@ -98,10 +81,10 @@ def test_info_counters_are_kept_across_processes(cache_dir, capsys):
 def test_corrupt_stats_file_is_started_afresh(cache_dir, capsys):
     # stats.db is written without fsync (counters are best effort): a file an OS crash left
     # corrupt must not stop loads or counting for good.
-    run_script(COUNT, cache_dir)
+    run_child(COMPILE_MLP, cache_dir)
     (cache_dir / "stats.db").write_bytes(b"this is not a database" * 100)
-    run_script(COUNT, cache_dir)         # loads; its first count finds the file corrupt, removes it
-    run_script(COUNT, cache_dir)
+    run_child(COMPILE_MLP, cache_dir)         # loads; its first count finds the file corrupt, removes it
+    run_child(COMPILE_MLP, cache_dir)
     rc, info = jf(capsys, "cache", "info", "--cache-dir", str(cache_dir))
     assert rc == 0 and info["artifacts"] == 1
     counters = info["counters"]

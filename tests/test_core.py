@@ -12,9 +12,10 @@ from torch.utils import _pytree as pytree
 
 import jitfreeze as jf
 from jitfreeze import CacheInfo, JitFreezeWarning, jitfreeze
+from jitfreeze.backend import module_weights
 from jitfreeze.cache.store import MemoryStore
 
-from .conftest import assert_same, force_linear_layout
+from .conftest import assert_same, force_linear_layout, stored_payload
 from .models import make
 
 
@@ -38,8 +39,8 @@ def test_models_match_eager(name, cache_dir, no_jf_warnings):
 
 def test_conv_bn_is_folded_and_optimized(cache_dir):
     _, _, _, fast = eager_and_fast("cnn", cache_dir)
-    (entry,) = {id(e): e for e in fast._table.values()}.values()
-    graph = str(entry.fwd.graph)
+    (entry,) = fast.signatures()
+    graph = str(entry.compiled.graph)
     assert "batch_norm" not in graph                  # folded into the convolution by freeze
     assert "mkldnn" in graph                          # optimize_for_inference ran after loading
 
@@ -139,7 +140,7 @@ def test_key_differs_for_weights_dtype_shape(cache_dir):
         fast = jitfreeze(model, cache_dir=MemoryStore())
         with torch.no_grad():
             fast(x)
-        (entry,) = {id(e): e for e in fast._table.values()}.values()
+        (entry,) = fast.signatures()
         return entry.key
 
     m0, (x,) = make("mlp", seed=0)
@@ -272,8 +273,8 @@ def test_transformer_layer_takes_the_fused_kernel_eager_uses(cache_dir, no_jf_wa
         assert_same(fast(x), model(x))
         out, ref = fast(x, src_key_padding_mask=mask), model(x, src_key_padding_mask=mask)
         assert torch.allclose(out, ref, atol=1e-5, equal_nan=True)
-    graphs = [str(e.fwd.graph) for e in fast._table.values()]
-    assert all("_transformer_encoder_layer_fwd" in g for g in graphs)
+    graphs = [str(s.compiled.graph) for s in fast.signatures()]
+    assert graphs and all("_transformer_encoder_layer_fwd" in g for g in graphs)
     # outside a jitfreeze trace the layer is torch's own forward
     assert torch.nn.TransformerEncoderLayer.forward.__wrapped__ is not None
 
@@ -293,6 +294,43 @@ def _stored_graphs(monkeypatch):
     return graphs
 
 
+class _SelfAttention(torch.nn.Module):
+    def __init__(self, batch_first=True):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(32)
+        self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=batch_first)
+        self.mlp = torch.nn.Linear(32, 32)
+
+    def forward(self, x, need_weights: bool = False, mask=None):
+        y = self.norm(x)
+        y, w = self.attn(y, y, y, need_weights=need_weights, key_padding_mask=mask)
+        x = x + y
+        return (x + self.mlp(x), w) if need_weights else x + self.mlp(x)
+
+
+@pytest.mark.parametrize("case", ["plain", "weights", "masked", "seq_first"])
+def test_self_attention_takes_the_fused_kernel_eager_uses(cache_dir, no_jf_warnings, monkeypatch, case):
+    """Eager self-attention (eval, no_grad) runs ``_native_multi_head_attention``; so does the frozen
+    graph, with eager's answer bit for bit. Masked calls and sequence-first modules, which eager
+    or jitfreeze runs decomposed, keep the decomposed graph (still eager's answer)."""
+    graphs = _stored_graphs(monkeypatch)
+    torch.manual_seed(0)
+    model = _SelfAttention(batch_first=case != "seq_first").eval()
+    x = torch.randn(2, 7, 32)
+    kwargs = {"weights": {"need_weights": True},
+              "masked": {"mask": torch.tensor([[False] * 7, [False] * 5 + [True] * 2])}}.get(case, {})
+    fast = jitfreeze(model, cache_dir=cache_dir, dynamic=False)
+    with torch.no_grad():
+        out, ref = fast(x, **kwargs), model(x, **kwargs)
+    if case == "masked":
+        assert torch.allclose(out, ref, atol=1e-5, equal_nan=True)
+    else:
+        assert_same(out, ref)
+    assert len(graphs) == 1
+    assert ("_native_multi_head_attention" in graphs[0]) == (case in ("plain", "weights")), graphs[0]
+    assert torch.nn.MultiheadAttention.forward.__wrapped__ is not None
+
+
 def _tensor_constants(graph) -> list:
     return [n.output().toIValue() for n in graph.nodes()
             if n.kind() == "prim::Constant" and isinstance(n.output().type(), torch._C.TensorType)]
@@ -300,10 +338,10 @@ def _tensor_constants(graph) -> list:
 
 def _stored_artifact(fast):
     """The artifact stored for ``fast``'s (one) compiled signature, loaded as torch.jit.load loads it."""
-    entry = fast._cache_for().get(next(iter(fast._table.values())).key)
+    payload = stored_payload(fast)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.jit.load(io.BytesIO(entry[1]) if isinstance(entry[1], bytes) else entry[1].path)
+        return torch.jit.load(io.BytesIO(payload) if isinstance(payload, bytes) else payload.path)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
@@ -332,8 +370,8 @@ def test_artifacts_bind_the_module_weights_instead_of_storing_them(name, cache_d
     artifact = _stored_artifact(fast)
     attrs = [v for k, v in artifact.state_dict().items() if "_param_constant" in k or "_tensor_constant" in k]
     assert attrs and all(v.numel() == 0 for v in attrs)          # placeholders only
-    loaded = str(next(iter(fast._table.values())).fwd.graph)
-    unoptimized = next(iter(plain._table.values())).fwd.graph
+    loaded = str(fast.signatures()[0].compiled.graph)
+    unoptimized = plain.signatures()[0].compiled.graph
     module_ptrs = {t.data_ptr() for t in model.parameters()}
     if name == "mlp":
         assert "aten::linear" in loaded and "aten::matmul" not in loaded
@@ -359,7 +397,7 @@ def test_small_weights_are_stored_frozen(cache_dir, monkeypatch, no_jf_warnings)
         assert_same(fresh(x), model(x), atol=1e-5)
     assert fresh.cache_info().loads == 1
     module_ptrs = {t.data_ptr() for t in model.parameters()}
-    graph = next(iter(fresh._table.values())).fwd.graph
+    graph = fresh.signatures()[0].compiled.graph
     assert not any(c.data_ptr() in module_ptrs for c in _tensor_constants(graph))
 
 
@@ -372,8 +410,8 @@ def test_binding_errors_are_clear_and_a_plain_miss(cache_dir, monkeypatch, no_jf
     fast = jitfreeze(model, cache_dir=cache_dir)
     with torch.no_grad():
         ref = fast(x)
-    payload = fast._cache_for().get(next(iter(fast._table.values())).key)[1]
-    backend, weights = TorchScriptBackend(), fast._resolver.weights()
+    payload = stored_payload(fast)
+    backend, weights = TorchScriptBackend(), module_weights(model)
     with pytest.raises(BindingError, match="does not have"):
         backend.load(payload, None, {k: v for k, v in weights.items() if not k.endswith("bias")})
     with pytest.raises(BindingError, match="compiled for"):
@@ -407,9 +445,9 @@ def test_loaded_graphs_run_unprofiled(cache_dir, no_jf_warnings):
     fast = jitfreeze(model, cache_dir=cache_dir)
     with torch.no_grad():
         fast(x)
-    entry = next(iter(fast._table.values()))
+    entry = fast.signatures()[0]
     backend = TorchScriptBackend()
-    module = backend.load(fast._cache_for().get(entry.key)[1], None, fast._resolver.weights())
+    module = backend.load(stored_payload(fast, entry), None, module_weights(model))
     run = backend.runner(module)
     assert not isinstance(run, torch._C.ScriptMethod) and run.graph is module.forward.graph
     assert torch._C._get_graph_executor_optimize()
@@ -469,8 +507,8 @@ def test_hoisted_scalar_operands_give_the_same_bits(case, cache_dir, no_jf_warni
         assert torch.equal(out.signbit(), ref.signbit())
     again = jitfreeze(fn, cache_dir=cache_dir)
     assert torch.equal(torch.nan_to_num(again(*inputs)), torch.nan_to_num(ref)) and again.cache_info().loads == 1
-    (entry,) = {id(e): e for e in fast._table.values()}.values()
-    assert entry.watch is None               # hoisted numbers are not weights to watch
+    (entry,) = fast.signatures()
+    assert not entry.watched                 # hoisted numbers are not weights to watch
 
 
 def test_hoisted_scalars_with_convolutions_and_optimize(cache_dir, no_jf_warnings):
@@ -506,22 +544,22 @@ def _fusion_strategy():
 def test_first_call_plans_the_graph_once_as_it_is(cache_dir, no_jf_warnings):
     """A loaded graph is planned on its first call by TorchScript's simple executor (no profiling
     runs); when that plan is the graph as it is, later calls go straight to the ScriptMethod."""
-    from jitfreeze.backend.torchscript import TorchScriptBackend, _structure
+    from jitfreeze.backend.torchscript import TorchScriptBackend, graph_structure
 
     strategy = _fusion_strategy()
     x = torch.randn(16)
     for source in ("compiled", "index"):
         f = jitfreeze(_relu_scale, cache_dir=cache_dir)
         assert_same(f(x), _relu_scale(x))
-        entry = next(iter(f._table.values()))
-        assert entry.source == source and isinstance(entry.fwd, torch._C.ScriptMethod)
-        plans = list(entry.fwd.owner.get_debug_state().execution_plans.values())
-        assert len(plans) == 1 and _structure(plans[0].graph) == _structure(entry.fwd.graph)
+        entry = f.signatures()[0]
+        assert entry.source == source and isinstance(entry.compiled, torch._C.ScriptMethod)
+        plans = list(entry.compiled.owner.get_debug_state().execution_plans.values())
+        assert len(plans) == 1 and graph_structure(plans[0].graph) == graph_structure(entry.compiled.graph)
         assert "aten::mul_" in str(plans[0].graph) and "prim::Constant[value={2}]" in str(plans[0].graph)
         assert_same(f(x), _relu_scale(x))
         assert torch._C._get_graph_executor_optimize() and _fusion_strategy() == strategy
     backend = TorchScriptBackend()                  # a first call that raises restores the strategy
-    module = backend.load(f._cache_for().get(entry.key)[1], None)
+    module = backend.load(stored_payload(f, entry), None)
     with pytest.raises(RuntimeError):
         backend.first_call(module, [torch.randn(3), torch.randn(3)])
     assert _fusion_strategy() == strategy
@@ -536,31 +574,31 @@ def test_first_call_leaves_graphs_the_plan_would_change_unplanned(cache_dir, no_
     x = torch.randn(16)
     f = jitfreeze(_scale, cache_dir=cache_dir)
     assert_same(f(x), _scale(x))
-    entry = next(iter(f._table.values()))
-    assert not isinstance(entry.fwd, torch._C.ScriptMethod)
-    assert "prim::Constant[value={8}]" in str(entry.fwd.graph)
+    entry = f.signatures()[0]
+    assert not isinstance(entry.compiled, torch._C.ScriptMethod)
+    assert "prim::Constant[value={8}]" in str(entry.compiled.graph)
 
     checked = []
-    real, predict = torchscript._planned_as_is, torchscript._canonicalized_scalars
+    real, predict = torchscript.planned_as_is, torchscript.canonicalized_scalars
 
     def spy(module, graph):
         checked.append(real(module, graph))
         return checked[-1]
 
-    monkeypatch.setattr(torchscript, "_canonicalized_scalars", lambda graph: False)
-    monkeypatch.setattr(torchscript, "_planned_as_is", spy)
+    monkeypatch.setattr(torchscript, "canonicalized_scalars", lambda graph: False)
+    monkeypatch.setattr(torchscript, "planned_as_is", spy)
     again = jitfreeze(_scale, cache_dir=cache_dir)
     assert_same(again(x), _scale(x))
     assert checked == [False]
-    entry = next(iter(again._table.values()))
-    assert entry.source == "index" and not isinstance(entry.fwd, torch._C.ScriptMethod)
+    entry = again.signatures()[0]
+    assert entry.source == "index" and not isinstance(entry.compiled, torch._C.ScriptMethod)
     assert_same(again(x), _scale(x))
 
-    monkeypatch.setattr(torchscript, "_canonicalized_scalars", predict)
+    monkeypatch.setattr(torchscript, "canonicalized_scalars", predict)
     off = jitfreeze(_relu_scale, cache_dir=cache_dir)       # the caller runs unoptimized: no plan made
     with torch.jit.optimized_execution(False):
         assert_same(off(x), _relu_scale(x))
-    assert not isinstance(next(iter(off._table.values())).fwd, torch._C.ScriptMethod)
+    assert not isinstance(off.signatures()[0].compiled, torch._C.ScriptMethod)
     assert_same(off(x), _relu_scale(x))
 
 
@@ -576,7 +614,7 @@ def test_the_hot_path_checks_every_call(cache_dir, no_jf_warnings):
         ref = model(x)
         for _ in range(3):
             assert_same(fast(x), ref)
-        assert fast._last is not None and fast.cache_info().hits == 2
+        assert fast.cache_info().hits == 2
         for other in [torch.randn(5, 8), torch.randn(8, 4).t(), x.clone().requires_grad_()]:
             assert_same(fast(other), model(other))
             assert_same(fast(x), ref)
@@ -601,7 +639,7 @@ def test_the_hot_path_checks_every_call(cache_dir, no_jf_warnings):
         fast(x)
         assert fast.cache_info().hits == hits + 1
         fast.cache_clear()
-        assert fast._last is None
+        assert fast.signatures() == []
         assert_same(fast(x), ref)
     double = jitfreeze(lambda t: t * 3.0 - 1.0, cache_dir=cache_dir)
     for t in [x, x, x, x.double(), x, x.half(), x.double()]:
@@ -656,7 +694,7 @@ def test_in_place_ops_only_on_tensors_nothing_else_sees(case, layout, cache_dir,
             ref = fn(x)
             out = fast(x)
             assert torch.equal(x, keep)                              # the input is untouched
-            kinds = {n.kind() for n in next(iter(fast._table.values())).fwd.graph.nodes()}
+            kinds = {n.kind() for n in fast.signatures()[0].compiled.graph.nodes()}
             rearranged = "aten::matmul" in kinds and "aten::linear" not in kinds
             assert rearranged == (layout == "transposed" and has_linear)
             outs, refs = pytree.tree_leaves(out), pytree.tree_leaves(ref)

@@ -16,6 +16,7 @@ from jitfreeze.cache import persistent as jf_cache
 from jitfreeze.cli import commands as cli
 from jitfreeze.cache.layers import ReadOnlyDirStore
 
+from .conftest import close_caches
 from .models import make
 
 
@@ -47,10 +48,7 @@ def layer(tmp_path):
     model, (x,) = make("mlp")
     fast = run(model, x, cache_dir=path)
     assert fast.cache_info().compiles == 1
-    cache = fast._cache_for()
-    cache.store.close()                         # that process has exited
-    cache.journal.close()
-    jf_cache.forget_open_caches()
+    close_caches(fast)                          # that process has exited
     os.chmod(path, 0o755)                       # as baked into an image: readable, not writable by others
     return path
 
@@ -142,8 +140,7 @@ def test_untrusted_layer_refused_unless_signed(layer, tmp_path, monkeypatch):
     signed = tmp_path / "signed"
     jf_cache.forget_open_caches()
     fast = run(model, x, cache_dir=signed)
-    fast._cache_for().store.close()
-    jf_cache.forget_open_caches()
+    close_caches(fast)
     os.chmod(signed, 0o777)
     monkeypatch.setenv("JITFREEZE_CACHE_PATH", f"{signed}:{tmp_path / 'rw2'}")
     assert run(model, x).cache_info().loads == 1
@@ -173,8 +170,7 @@ def test_file_backed_entry_loads_in_place_from_layer(tmp_path, monkeypatch):
     path = tmp_path / "layer"
     model, (x,) = make("projected")                     # ~48 KB: a value file, loaded in place
     fast = run(model, x, cache_dir=path)
-    fast._cache_for().store.close()
-    jf_cache.forget_open_caches()
+    close_caches(fast)
     store = ReadOnlyDirStore(path)
     assert any(store.get_file(k) for k in store.keys() if k.startswith("a/"))
     store.close()
@@ -183,3 +179,57 @@ def test_file_backed_entry_loads_in_place_from_layer(tmp_path, monkeypatch):
     fast = run(model, x)
     assert fast.cache_info().loads == 1 and fast.cache_info().compiles == 0
     assert snapshot(path) == before
+
+
+@pytest.mark.parametrize("loose", [".", "locks", "cache.db", "cache.db-shm"])
+def test_a_layer_directory_the_trust_rule_refuses_is_refused_as_a_layer(tmp_path, loose):
+    """One trust rule (jitfreeze.cache.trust.check_directory) for cache directories and layers: what
+    it refuses (here: a directory, index or lock folder others can write), open_layer refuses too."""
+    from jitfreeze.cache import trust
+    from jitfreeze.cache.bundle import finalize_layer
+    from jitfreeze.cache.disk import DiskStore
+    from jitfreeze.cache.layers import UnsafeLayer, open_layer
+
+    path = tmp_path / "layer"
+    store = DiskStore(path, 2**30)
+    store.put("a/k", b"x" * 100)
+    store.close()
+    finalize_layer(path)
+    (path / "locks").mkdir(exist_ok=True)
+    (path / "cache.db-shm").touch()
+    open_layer(path, trusted=False).close()                 # as made: trusted by both
+    trust.check_directory(path)
+    target = path / loose
+    target.chmod(target.stat().st_mode | 0o020)              # group-writable
+    with pytest.raises(trust.UnsafeDirectory, match="writable by group"):
+        trust.check_directory(path)
+    with pytest.raises(UnsafeLayer, match="writable by group"):
+        open_layer(path, trusted=False)
+    layer = open_layer(path, trusted=True)                  # JITFREEZE_CACHE_KEY set: entries are signed
+    assert layer.get("a/k") == b"x" * 100
+    layer.close()
+
+
+def test_each_store_implements_the_protocols_it_is_used_through(tmp_path):
+    """The cache asks stores what they can do with isinstance on these protocols (no hasattr)."""
+    from jitfreeze.cache import envelope
+    from jitfreeze.cache.bundle import export_bundle
+    from jitfreeze.cache.disk import DiskStore
+    from jitfreeze.cache.layers import BundleStore, scan
+    from jitfreeze.cache.store import FileBacked, InPlaceWritable, Listable, MemoryStore, Store
+
+    disk = DiskStore(tmp_path / "c", 2**30)
+    memory = MemoryStore()
+    for store in (disk, memory):
+        store.put("a/k", envelope.pack("a/k", {"qualname": "f"}, b"x" * 100))
+    export_bundle(tmp_path / "b.jfb", [disk], None)
+    disk.close()                            # the last connection: the index holds every row (a layer is a snapshot)
+    stores = {"disk": DiskStore(tmp_path / "c", 2**30), "memory": memory, "dir": ReadOnlyDirStore(tmp_path / "c"),
+              "bundle": BundleStore(tmp_path / "b.jfb")}
+    expected = {"disk": {Store, FileBacked, InPlaceWritable, Listable}, "memory": {Store, Listable},
+                "dir": {Store, FileBacked, Listable}, "bundle": {Store, Listable}}
+    for name, store in stores.items():
+        assert {p for p in (Store, FileBacked, InPlaceWritable, Listable) if isinstance(store, p)} == expected[name], name
+        rows = list(scan(store))
+        assert [(r.key, r.meta["qualname"], r.writable) for r in rows] == [("a/k", "f", not store.readonly)], name
+        store.close()

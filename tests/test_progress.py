@@ -8,7 +8,6 @@ import pytest
 
 from jitfreeze.runtime import progress
 from jitfreeze.config import Config
-from jitfreeze.errors import FallbackReason
 
 from .conftest import run_script
 
@@ -123,12 +122,17 @@ def test_watch_phases_and_endings(records):
     assert records[0].startswith("loading f for (2 float32) from /c: 0.") and records[0].endswith(" s so far")
     assert records[1].startswith("f for (2 float32): loaded in 0.") and len(records) == 2, records
     records.clear()
-    with pytest.raises(FallbackReason):
-        with progress.Progress("f", "(2 float32)", None, 0.01):
-            time.sleep(0.3)
-            raise FallbackReason("no")
+    with progress.Progress("f", "(2 float32)", None, 0.01) as w:
+        time.sleep(0.3)
+        w.eager = True
     assert records[0].endswith("(no usable cache: later processes compile it again)")
     assert records[1].startswith("f for (2 float32) runs eagerly after 0.") and len(records) == 2, records
+    records.clear()
+    with pytest.raises(KeyboardInterrupt):
+        with progress.Progress("f", "()", "/c", 0.01):
+            time.sleep(0.3)
+            raise KeyboardInterrupt
+    assert records[1].startswith("f for () stopped after 0.") and records[1].endswith("(KeyboardInterrupt)"), records
     records.clear()
     with progress.Progress("f", "()", "/c", 60), progress.quiet(), progress.Progress("g", "()", "/c", 0.01):
         time.sleep(0.1)
@@ -136,18 +140,18 @@ def test_watch_phases_and_endings(records):
 
 
 def test_default_handler_defers_to_other_handlers():
-    default = [h for h in progress.log.handlers if isinstance(h, progress._DefaultHandler)]
+    default = [h for h in progress.log.handlers if isinstance(h, progress.DefaultHandler)]
     assert len(default) == 1 and progress.log.level == logging.INFO
     loggers = [progress.log, logging.getLogger("jitfreeze"), logging.getLogger()]
     saved = [list(lg.handlers) for lg in loggers]
     try:
         for lg in loggers:
             lg.handlers = [h for h in lg.handlers if h is default[0]]
-        assert not progress._handled_elsewhere(logging.INFO, default[0])     # it writes
+        assert not progress.handled_elsewhere(logging.INFO, default[0])     # it writes
         loggers[1].handlers = [logging.NullHandler(logging.WARNING)]
-        assert not progress._handled_elsewhere(logging.INFO, default[0])     # that one would not show INFO
+        assert not progress.handled_elsewhere(logging.INFO, default[0])     # that one would not show INFO
         loggers[2].handlers = [logging.NullHandler()]
-        assert progress._handled_elsewhere(logging.INFO, default[0])         # the root's would: it stays quiet
+        assert progress.handled_elsewhere(logging.INFO, default[0])         # the root's would: it stays quiet
     finally:
         for lg, hs in zip(loggers, saved):
             lg.handlers = hs

@@ -1,5 +1,6 @@
 """Issue 3: the pre-dispatch recorder (jitfreeze.trace.record) -- make_fx's graph without Dynamo's imports."""
 
+import re
 import warnings
 
 import pytest
@@ -177,8 +178,8 @@ def test_recorder_refuses_values_that_would_be_baked_in(fn, match):
     x = torch.randn(3, 3)
     with torch.no_grad(), pytest.raises(FallbackReason, match=match):
         record(fn, [x])
-    with pytest.raises(FallbackReason, match=match):
-        _trace(fn, x, recorder=True)
+    declined = _trace(fn, x, recorder=True)
+    assert isinstance(declined, pipeline.Declined) and re.search(match, declined.reason), declined
 
 
 def test_recorder_declines_nested_tensors():
@@ -226,3 +227,24 @@ def test_tracer_setting_is_checked():
     assert Config.from_env({}).tracer == "auto"
     with pytest.raises(ValueError, match="JITFREEZE_TRACER"):
         Config.from_env({"JITFREEZE_TRACER": "jit"})
+
+
+class _Boxed:
+    def __init__(self, value):
+        self.value = value
+
+
+def test_trace_declines_with_the_result_of_the_run():
+    """An output no graph can return: the trace is Declined, carrying the function's own result (the
+    caller returns it rather than run the function again); a symbolic trace's run has none."""
+    x = torch.randn(2, 3)
+    declined = _trace(lambda t: _Boxed(t * 2), x, recorder=True)
+    assert isinstance(declined, pipeline.Declined) and "_Boxed" in declined.reason
+    assert isinstance(declined.result, _Boxed) and torch.equal(declined.result.value, x * 2)
+    call = describe((x,), {}, call_mode(None))
+    with torch.no_grad():
+        symbolic = pipeline.trace(lambda t: _Boxed(t * 2), call, [x], dims={0: frozenset({0})})
+    assert isinstance(symbolic, pipeline.Declined) and symbolic.result is pipeline.NO_RESULT
+    failed = _trace(lambda t: t.nonexistent(), x, recorder=True)
+    assert isinstance(failed, pipeline.Declined) and failed.reason.startswith("tracing failed: AttributeError")
+    assert failed.result is pipeline.NO_RESULT

@@ -18,7 +18,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import warnings
@@ -26,13 +25,17 @@ import warnings
 import pytest
 import torch
 
-from jitfreeze.cache import store as jf_store
+from jitfreeze.cache import repair, sqlindex
+from jitfreeze.cache import files as jf_files
 from jitfreeze import JitFreezeWarning, jitfreeze
 from jitfreeze.cache.persistent import maintain
-from jitfreeze.cache.files import RawOnlyDisk
-from jitfreeze.cache.store import DiskStore, MemoryStore
+from jitfreeze.cache.rawdisk import RawOnlyDisk
+from jitfreeze.cache.disk import DiskStore
+from jitfreeze.cache.store import MemoryStore
 
-from .conftest import ROOT, assert_same, run_script
+from .children import (BROKEN_TS, EVICT_CHILD, HANG_IN_COMPILE, MODEL_CHILD, OPEN_CHILD, child_env, model_child,
+                       run_child, run_children, start_child)
+from .conftest import ROOT, assert_same
 from .models import make
 
 OTHER_UID = 65534
@@ -73,7 +76,7 @@ def key_of(model, x):
     probe = jitfreeze(model, cache_dir=MemoryStore())
     with torch.no_grad():
         probe(x)
-    return next(iter(probe._table.values())).key
+    return probe.signatures()[0].key
 
 
 def fresh_process_state():
@@ -81,40 +84,6 @@ def fresh_process_state():
     from jitfreeze import errors as jf_errors
     jf_cache.forget_open_caches()
     jf_errors.reset_warnings_once()
-
-
-def child_env(extra=None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JITFREEZE_")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra or {})
-    return env
-
-
-# A child that runs one model through jitfreeze; ``setup`` (Python source) injects the fault first.
-CHILD = """
-import json, os, signal, sys, time
-import torch
-import jitfreeze
-from tests.models import make, report
-args = json.loads(sys.argv[1])
-model, inputs = make(args.get("model", "mlp"), seed=args.get("seed", 0))
-exec(args.get("setup", ""))
-fast = jitfreeze.jitfreeze(model, cache_dir=args["cache_dir"])
-report(fast, model, inputs)
-"""
-
-
-def child(cache_dir, setup="", check=True, env=None, **kw):
-    return run_script(CHILD, json.dumps(dict(kw, cache_dir=str(cache_dir), setup=textwrap.dedent(setup))),
-                      check=check, env=env)
-
-
-# Children that only need the cache (no torch): import the package's modules without its __init__.
-NO_TORCH = f"""
-import sys, types
-_pkg = types.ModuleType("jitfreeze"); _pkg.__path__ = [{os.path.join(ROOT, "jitfreeze")!r}]
-sys.modules["jitfreeze"] = _pkg
-"""
 
 
 def _can_mount():
@@ -227,59 +196,26 @@ def test_concurrent_first_calls_in_threads(cache_dir):
 
 # -- 3: 32 processes open an empty directory at once -----------------------------------------------
 
-OPEN_CHILD = NO_TORCH + """
-import json, time, warnings
-from jitfreeze.cache.persistent import open_cache
-from jitfreeze.config import Config
-start = float(sys.argv[2])
-while time.time() < start:
-    pass
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    cache = open_cache(sys.argv[1], Config.from_env())
-    stored = cache.store is not None and cache.put("k" + sys.argv[3], {}, b"x" * 100)
-    found = cache.get("k" + sys.argv[3])
-print(json.dumps({"stored": bool(stored), "found": found is not None and found[1] == b"x" * 100,
-                  "warnings": [str(w.message) for w in caught]}))
-"""
-
 
 def test_32_processes_open_an_empty_directory_at_once(cache_dir):
     """Fault 3: concurrent first opens (diskcache's 'database is locked' at creation) all succeed."""
     n = 32
     start = time.time() + 2.0
-    procs = [subprocess.Popen([sys.executable, "-c", OPEN_CHILD, str(cache_dir), str(start), str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
-             for i in range(n)]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    results = run_children(OPEN_CHILD, [(cache_dir, start, i) for i in range(n)], timeout=120)
     assert all(r["stored"] and r["found"] and r["warnings"] == [] for r in results), results
     store = DiskStore(cache_dir, 2**30)
-    assert store.stats()["entries"] == n and store.check() == []
+    assert store.stats()["entries"] == n and repair.check(store) == []
     assert oct(cache_dir.stat().st_mode & 0o777) == oct(0o700)
 
 
 # -- 4: SIGKILL while holding a key's lock -----------------------------------------------------------
-
-HANG_IN_COMPILE = """
-from jitfreeze.backend import torchscript as _p
-def _hang(self, traced, *args):
-    print("compiling", flush=True)
-    time.sleep(600)
-_p.TorchScriptBackend.compile = _hang
-"""
 
 
 def test_sigkill_while_holding_the_key_lock(cache_dir):
     """Fault 4: the kernel releases the killed holder's flock: the next process proceeds at once, compiles once."""
     import filelock
 
-    args = json.dumps({"cache_dir": str(cache_dir), "setup": HANG_IN_COMPILE})
-    holder = subprocess.Popen([sys.executable, "-c", CHILD, args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=child_env())
+    holder = start_child(MODEL_CHILD, json.dumps({"cache_dir": str(cache_dir), "setup": HANG_IN_COMPILE}))
     try:
         assert holder.stdout.readline().strip() == "compiling", holder.stderr.read()
         (lock_file,) = (cache_dir / "locks").glob("*.lock")
@@ -329,7 +265,7 @@ KILL_IN_WRITE = {
     """,
     # the file complete, killed before the row is inserted
     "before-row": """
-        from jitfreeze.cache.files import RawOnlyDisk
+        from jitfreeze.cache.rawdisk import RawOnlyDisk
         _store = RawOnlyDisk.store
         def _then_die(self, *a, **k):
             out = _store(self, *a, **k)
@@ -353,7 +289,7 @@ KILL_IN_WRITE = {
 @pytest.mark.parametrize("when", list(KILL_IN_WRITE))
 def test_sigkill_mid_write(cache_dir, when):
     """Fault 5: later reads are a clean miss; maintenance removes the orphan; check() is clean."""
-    _, proc = child(cache_dir, KILL_IN_WRITE[when], check=False, model="projected")   # > 32 KiB: a file
+    _, proc = model_child(cache_dir, KILL_IN_WRITE[when], check=False, model="projected")   # > 32 KiB: a file
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert len(value_files(cache_dir)) == 1                   # the orphan
     model, (x,) = make("projected")
@@ -380,7 +316,7 @@ def test_maintain_keeps_young_orphans_and_lock_files(cache_dir):
     assert maintain(cache_dir)["orphan_files"] == 0
     assert maintain(cache_dir, min_age=0)["orphan_files"] == 1
     assert sorted((cache_dir / "locks").glob("*.lock")) == locks
-    assert DiskStore(cache_dir, 2**30).check() == []
+    assert repair.check(DiskStore(cache_dir, 2**30)) == []
 
 
 # -- 6: truncated or bit-flipped artifacts ----------------------------------------------------------
@@ -494,7 +430,7 @@ def _corrupt_db(cache_dir, how):
 @pytest.mark.parametrize("how", ["garbage", "truncated", "index-page"])
 def test_corrupt_cache_db_is_set_aside(cache_dir, how):
     """Fault 7: one warning, the index set aside (with its -wal/-shm), the right answer, a working cache after."""
-    first, _ = child(cache_dir)
+    first, _ = model_child(cache_dir)
     assert first["info"]["compiles"] == 1 and not (cache_dir / "cache.db-wal").exists()
     _corrupt_db(cache_dir, how)
     model, (x,) = make("mlp")
@@ -508,24 +444,24 @@ def test_corrupt_cache_db_is_set_aside(cache_dir, how):
     fresh_process_state()
     again, _ = run(model, x, cache_dir)                             # the new index works
     assert again.cache_info().loads == 1
-    assert DiskStore(cache_dir, 2**30).check() == []
+    assert repair.check(DiskStore(cache_dir, 2**30)) == []
 
 
 def test_corrupt_index_found_while_running(cache_dir):
     """A process that opened the index before it was damaged: the error is a miss plus one warning, the
     index is set aside once (not the fresh one another process started), and this process carries on."""
-    first, _ = child(cache_dir)
+    first, _ = model_child(cache_dir)
     store = DiskStore(cache_dir, 2**30)
     assert store.get("a/nothing") is None
     ino = os.stat(cache_dir / "cache.db").st_ino
     store.close()
     _corrupt_db(cache_dir, "index-page")
-    with pytest.raises(jf_store.CorruptStore, match="set it aside"):
+    with pytest.raises(sqlindex.CorruptStore, match="set it aside"):
         DiskStore(cache_dir, 2**30).get("a/" + "0" * 64)
     assert os.stat(cache_dir / "cache.db").st_ino != ino
     # a stale view of the old index does not set the new one aside
-    assert jf_store.set_aside_index(cache_dir, expect_ino=(os.stat(cache_dir).st_dev, ino)) is None
-    assert DiskStore(cache_dir, 2**30).check() == []
+    assert sqlindex.set_aside(cache_dir, expect_ino=(os.stat(cache_dir).st_dev, ino)) is None
+    assert repair.check(DiskStore(cache_dir, 2**30)) == []
 
 
 # -- 8: planted rows ----------------------------------------------------------------------------------
@@ -585,15 +521,18 @@ def test_planted_rows_never_run_or_touch_files(cache_dir, tmp_path, how):
     counts = maintain(cache_dir, min_age=0)
     assert counts["unsafe_rows"] == 2 and counts["problems"] == 0
     assert not marker.exists() and victim.read_bytes() == b"precious"
-    assert DiskStore(cache_dir, 2**30).unsafe_rows() == []
+    assert repair.unsafe_rows(DiskStore(cache_dir, 2**30)) == []
 
 
 def test_raw_only_disk_refuses_pickle_on_write(cache_dir):
     store = DiskStore(cache_dir, 2**30)
     with pytest.raises(TypeError):
         store.put("k", {"not": "bytes"})
-    with pytest.raises(TypeError):
-        store._cache.set(("tuple", "key"), b"x")
+    import diskcache
+
+    with diskcache.Cache(str(cache_dir), disk=RawOnlyDisk) as raw:      # the disk the store's index uses
+        with pytest.raises(TypeError):
+            raw.set(("tuple", "key"), b"x")
     assert store.stats()["entries"] == 0
 
 
@@ -602,8 +541,26 @@ def test_store_constants_are_diskcaches():
     index name must be diskcache's."""
     import diskcache.core
 
-    assert (jf_store.MODE_RAW, jf_store.MODE_BINARY, jf_store.DB_NAME) == \
+    assert (jf_files.MODE_RAW, jf_files.MODE_BINARY, sqlindex.DB_NAME) == \
         (diskcache.core.MODE_RAW, diskcache.core.MODE_BINARY, diskcache.core.DBNAME)
+
+
+def test_the_index_has_the_schema_sqlindex_relies_on(cache_dir):
+    """jitfreeze.cache.sqlindex writes its own SQL against diskcache's tables: the columns and
+    settings it names must be in the index the installed diskcache creates, and its major version
+    the one they were read from."""
+    import diskcache
+
+    assert int(diskcache.__version__.split(".")[0]) == sqlindex.DISKCACHE_MAJOR, diskcache.__version__
+    DiskStore(cache_dir, 2**30).close()
+    con = sqlite3.connect(cache_dir / sqlindex.DB_NAME)
+    try:
+        columns = {row[1] for row in con.execute("PRAGMA table_info(Cache)")}
+        settings = {row[0] for row in con.execute("SELECT key FROM Settings")}
+    finally:
+        con.close()
+    assert set(sqlindex.CACHE_COLUMNS) <= columns, set(sqlindex.CACHE_COLUMNS) - columns
+    assert set(sqlindex.SETTINGS_KEYS) <= settings, set(sqlindex.SETTINGS_KEYS) - settings
 
 
 def test_reads_touch_access_times_off_the_reading_thread(cache_dir, monkeypatch):
@@ -620,7 +577,7 @@ def test_reads_touch_access_times_off_the_reading_thread(cache_dir, monkeypatch)
     store = DiskStore(cache_dir, 2**30)
     store.put("a/old", b"a" * 40_000)
     store.put("a/mid", b"b" * 40_000)
-    limit = store._cache.volume() + 20_000          # room for the two, not for a third
+    limit = store.stats()["bytes"] + 20_000          # room for the two, not for a third
     store.close()
     store = DiskStore(cache_dir, limit)                # a warm process: the plain reader connection
     assert store._reader is not None
@@ -706,7 +663,7 @@ def test_adopted_value_files_are_entries_like_put_ones(cache_dir):
         assert data == artifact.pack(f"a/k{size}", {"n": size}, payload)
         assert artifact.unpack(data, f"a/k{size}")[1] == payload
         assert (store.get_file(f"a/k{size}") is not None) == (size > 1000)
-    assert len(value_files(cache_dir)) == 1 and store.check() == []
+    assert len(value_files(cache_dir)) == 1 and repair.check(store) == []
     with pytest.raises(ValueError):
         store.put_file("a/x", "../outside.val")
     new = store.new_file()
@@ -732,10 +689,10 @@ def test_a_value_file_being_written_survives_maintenance(cache_dir):
     new = store.new_file()
     with open(new.path, "wb") as f:
         f.write(os.urandom(100 * 1024))
-    assert store.maintain(min_age=0.0)["orphan_files"] == 0 and os.path.exists(new.path)
-    assert store.check() == []
+    assert repair.maintain_store(store, min_age=0.0)["orphan_files"] == 0 and os.path.exists(new.path)
+    assert repair.check(store) == []
     new.close()                                           # the writer died (the kernel drops its flock)
-    assert store.maintain(min_age=0.0)["orphan_files"] == 1 and not os.path.exists(new.path)
+    assert repair.maintain_store(store, min_age=0.0)["orphan_files"] == 1 and not os.path.exists(new.path)
 
 
 # -- 9: read-only cache directory or file system -----------------------------------------------------
@@ -746,7 +703,7 @@ def test_read_only_file_system(tmpfs, monkeypatch, state):
     mnt = tmpfs.mount()
     cache_dir = mnt / "sub" if state == "missing-subdir" else mnt
     if state == "populated":
-        first, _ = child(cache_dir)
+        first, _ = model_child(cache_dir)
         assert first["info"]["compiles"] == 1
     tmpfs.remount(ro=True)
     opens = []
@@ -875,11 +832,11 @@ def test_disk_full_tmpfs(tmpfs):
     assert warm.cache_info().loads == 1
     # A process that starts on the full disk reads the index without writing anything (diskcache,
     # which writes its settings when it opens, is not opened to read): it loads, with no warning.
-    late, _ = child(cache_dir, model="projected", seed=0)
+    late, _ = model_child(cache_dir, model="projected", seed=0)
     assert late["ok"] and late["info"]["loads"] == 1 and late["info"]["compiles"] == 0
     assert late["warnings"] == []
     # A new signature there compiles, can't be stored, and says so once.
-    late, _ = child(cache_dir, model="projected", seed=1)
+    late, _ = model_child(cache_dir, model="projected", seed=1)
     assert late["ok"] and late["info"]["compiles"] == 1
     assert len(late["warnings"]) == 1 and "cannot write" in late["warnings"][0]
 
@@ -943,7 +900,7 @@ def test_disk_full_injected(cache_dir, monkeypatch, fault):
     fresh_process_state()
     warm, _ = run(make("projected", seed=0)[0], kx, cache_dir)
     assert warm.cache_info().loads == 1
-    assert DiskStore(cache_dir, 2**30).check() == []
+    assert repair.check(DiskStore(cache_dir, 2**30)) == []
 
 
 # -- 12: lock held past the timeout ---------------------------------------------------------------------
@@ -1054,7 +1011,7 @@ def test_fork_after_warm_up_dataloader_workers(cache_dir):
     assert len({r["pid"] for r in results}) == 2
     with torch.no_grad():
         assert_same(fast(x), model(x))                          # the parent is unaffected
-    assert DiskStore(cache_dir, 2**30).check() == []
+    assert repair.check(DiskStore(cache_dir, 2**30)) == []
 
 
 def test_fork_while_another_thread_compiles(cache_dir):
@@ -1122,40 +1079,6 @@ def test_fork_while_another_thread_compiles(cache_dir):
 
 # -- 15: eviction under concurrent readers --------------------------------------------------------------
 
-EVICT_CHILD = NO_TORCH + """
-import json, os, random, time
-from jitfreeze.cache import envelope as artifact
-from jitfreeze.cache.store import DiskStore
-directory, role, seconds, limit, n_keys = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-store = DiskStore(directory, limit)
-rng = random.Random(os.getpid())
-counts = {"complete": 0, "miss": 0, "bad": 0, "errors": 0, "puts": 0, "max_volume": 0}
-end = time.time() + seconds
-while time.time() < end:
-    i = rng.randrange(n_keys)
-    key = f"a/{i:04d}"
-    try:
-        if role == "writer":
-            size = 40_000 if i % 2 else 8_000            # file-backed and inline entries
-            store.put(key, artifact.pack(key, {"i": i}, bytes([i % 251]) * size))
-            counts["puts"] += 1
-            counts["max_volume"] = max(counts["max_volume"], store.stats()["bytes"])
-        else:
-            data = store.get(key)
-            if data is None:
-                counts["miss"] += 1
-            else:
-                meta, payload = artifact.unpack(data, key)
-                ok = meta["i"] == i and payload == bytes([i % 251]) * len(payload)
-                counts["complete" if ok else "bad"] += 1
-    except artifact.BadEntry:
-        counts["bad"] += 1
-    except Exception as exc:
-        counts["errors"] += 1
-        counts["last_error"] = repr(exc)
-print(json.dumps(counts))
-"""
-
 
 def test_eviction_under_concurrent_readers(cache_dir):
     """Fault 15: 2 writers over a small size limit, 4 readers: readers get complete bytes or a miss,
@@ -1163,14 +1086,7 @@ def test_eviction_under_concurrent_readers(cache_dir):
     limit, seconds = 400_000, 4.0
     DiskStore(cache_dir, limit).close()
     roles = ["writer"] * 2 + ["reader"] * 4
-    procs = [subprocess.Popen([sys.executable, "-c", EVICT_CHILD, str(cache_dir), role, str(seconds), str(limit), "40"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
-             for role in roles]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    results = run_children(EVICT_CHILD, [(cache_dir, role, seconds, limit, 40) for role in roles], timeout=120)
     writers, readers = results[:2], results[2:]
     assert all(r["errors"] == 0 and r["bad"] == 0 for r in results), results
     assert sum(r["complete"] for r in readers) > 0 and sum(r["miss"] for r in readers) > 0
@@ -1178,53 +1094,17 @@ def test_eviction_under_concurrent_readers(cache_dir):
     assert max(r["max_volume"] for r in writers) <= limit + 100_000          # near the limit (+ one entry, pages)
     store = DiskStore(cache_dir, limit)
     assert store.stats()["bytes"] <= limit + 100_000
-    assert store.check() == []
+    assert repair.check(store) == []
 
 
 # -- 16: TorchScript failing as a whole ------------------------------------------------------------------
-
-BROKEN_TS = """
-import json, os, sys, warnings
-import torch
-import jitfreeze
-from tests.models import make
-model, (x,) = make("mlp")
-def f(x, w):
-    return torch.nn.functional.gelu(x @ w)
-w = torch.randn(16, 8)
-results = {}
-for which in ("none", "script", "freeze", "load"):
-    real = getattr(torch.jit, which, None)
-    if which != "none":
-        def broken(*a, **k):
-            raise RuntimeError("TorchScript is not available in this build")
-        setattr(torch.jit, which, broken)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", jitfreeze.JitFreezeWarning)
-            fast_m = jitfreeze.jitfreeze(model, cache_dir=os.path.join(sys.argv[1], which))
-            fast_f = jitfreeze.jitfreeze(f, cache_dir=os.path.join(sys.argv[1], which))
-            ok = True
-            with torch.no_grad():
-                for _ in range(3):
-                    ok = ok and torch.allclose(fast_m(x), model(x), atol=1e-5) \\
-                        and torch.allclose(fast_f(x, w), f(x, w), atol=1e-5)
-    finally:
-        if which != "none":
-            setattr(torch.jit, which, real)
-    results[which] = {"ok": bool(ok), "compiles": fast_m.cache_info().compiles + fast_f.cache_info().compiles,
-                      "fallbacks": fast_m.cache_info().fallbacks + fast_f.cache_info().fallbacks,
-                      "warnings": [str(m.message) for m in caught
-                                   if issubclass(m.category, jitfreeze.JitFreezeWarning)]}
-print(json.dumps(results))
-"""
 
 
 def test_torchscript_broken_everywhere(cache_dir):
     """Fault 16, under -W error::DeprecationWarning: with TorchScript working, no deprecation warning
     escapes (compiles as usual); with torch.jit.script, freeze or load raising, each function falls back
     to eager with one clear warning, and the answers are right."""
-    results, proc = run_script(BROKEN_TS, cache_dir, env={"PYTHONWARNINGS": "error::DeprecationWarning"})
+    results, proc = run_child(BROKEN_TS, cache_dir, env={"PYTHONWARNINGS": "error::DeprecationWarning"})
     assert all(r["ok"] for r in results.values()), results
     assert results["none"]["warnings"] == [] and results["none"]["compiles"] == 2
     for which, expected in (("script", "torch.jit.script failed"), ("freeze", "torch.jit.freeze failed"),

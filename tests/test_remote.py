@@ -5,11 +5,9 @@ at the end; the tests are skipped when redis-server or the redis package is miss
 """
 
 import json
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -23,8 +21,7 @@ from jitfreeze.cache.persistent import open_cache
 from jitfreeze.config import Config
 from jitfreeze.cache.store import MemoryStore
 
-from .conftest import ROOT, run_script
-from .models import RUN_ONE as SCRIPT
+from .children import RUN_ONE, run_child, run_children
 from .models import make
 
 redis = pytest.importorskip("redis")
@@ -86,8 +83,6 @@ def remote(redis_server, monkeypatch):
     return url, client
 
 
-
-
 def _env(url):
     return {"JITFREEZE_REMOTE_CACHE": url, "JITFREEZE_CACHE_KEY": KEY, "JITFREEZE_LOG": "info"}
 
@@ -99,12 +94,12 @@ def _counters(cache_dir):
 
 def test_second_machine_loads_from_redis_and_compiles_nothing(remote, tmp_path, capsys):
     url, client = remote
-    first, _ = run_script(SCRIPT, tmp_path / "m1", "mlp", env=_env(url))
+    first, _ = run_child(RUN_ONE, tmp_path / "m1", "mlp", env=_env(url))
     assert first["info"]["compiles"] == 1 and first["ok"] and first["warnings"] == []
     names = {k.decode() for k in client.keys("jitfreeze:*")}
     assert any(":a/" in n for n in names) and any(":i/" in n for n in names)
     assert not any(":lock/" in n for n in names)                 # released after the compile
-    second, proc = run_script(SCRIPT, tmp_path / "m2", "mlp", env=_env(url))
+    second, proc = run_child(RUN_ONE, tmp_path / "m2", "mlp", env=_env(url))
     assert second["info"]["compiles"] == 0 and second["info"]["loads"] == 1 and second["ok"]
     assert second["traces"] == 0                                # the index came from Redis too
     assert second["warnings"] == []
@@ -115,24 +110,15 @@ def test_second_machine_loads_from_redis_and_compiles_nothing(remote, tmp_path, 
     info = json.loads(capsys.readouterr().out)
     assert info["remote"]["reachable"] and info["remote"]["entries"] >= 2 and info["counters"]["loads_remote"] == 1
     # stored locally: a third run on machine 2 needs no Redis at all
-    third, _ = run_script(SCRIPT, tmp_path / "m2", "mlp", env={"JITFREEZE_CACHE_KEY": KEY})
+    third, _ = run_child(RUN_ONE, tmp_path / "m2", "mlp", env={"JITFREEZE_CACHE_KEY": KEY})
     assert third["info"]["loads"] == 1 and third["info"]["compiles"] == 0 and third["traces"] == 0
 
 
 def test_cold_fleet_compiles_once(remote, tmp_path):
     url, client = remote
     n = 4
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JITFREEZE_")}
-    env.update(_env(url), PYTHONPATH=ROOT)
     start = time.time() + 8.0              # every process imports torch first, then all start together
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path / f"m{i}"), "mlp", str(start)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for i in range(n)]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    results = run_children(RUN_ONE, [(tmp_path / f"m{i}", "mlp", start) for i in range(n)], env=_env(url))
     assert sum(r["info"]["compiles"] for r in results) == 1, results
     assert sum(r["info"]["loads"] for r in results) == n - 1
     assert all(r["ok"] and r["warnings"] == [] for r in results)

@@ -20,41 +20,16 @@ from jitfreeze.errors import CacheError
 from jitfreeze.cache import persistent as jf_cache
 from jitfreeze import errors as jf_errors
 from jitfreeze.cache.layers import ReadOnlyDirStore
-from jitfreeze.cache.store import DiskStore, UnsafeEntry, create_value_file
+from jitfreeze.cache.disk import DiskStore
+from jitfreeze.cache.files import UnsafeEntry, create_value_file
 
-from .conftest import assert_same, run_script
+from .children import FILL_CACHE, run_child
+from .conftest import assert_same
 from .models import make
 
 OTHER_UID = 65534
 as_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
                              reason="chown to another uid needs root")
-
-FILL = """
-import json, os, sys
-os.umask(int(sys.argv[2], 8))
-import torch
-from jitfreeze import jitfreeze
-from jitfreeze.cache.bundle import export_bundle
-from jitfreeze.cli.commands import main
-from jitfreeze.cache.store import DiskStore
-from tests.models import make
-cache_dir = sys.argv[1] + "/nested/jf"              # its missing parents are created too
-for name in ("mlp", "projected"):                   # inline in cache.db; a value file (torch.jit.save)
-    model, (x,) = make(name)
-    with torch.no_grad():
-        jitfreeze(model, cache_dir=cache_dir)(x)
-store = DiskStore(cache_dir, 2**30)
-store.put("x/big", os.urandom(40000))               # a value file through diskcache's Disk.store
-store.close()
-export_bundle(sys.argv[1] + "/b.jfb", [DiskStore(cache_dir, 2**30)], None)
-assert main(["import", sys.argv[1] + "/b.jfb", "--into", sys.argv[1] + "/made/layer"]) == 0
-modes = {}                                          # while the cache is open: its -wal and -shm too
-for base, dirs, files in os.walk(sys.argv[1]):
-    for name in dirs + files:
-        path = os.path.join(base, name)
-        modes[path] = os.lstat(path).st_mode
-print(json.dumps(modes))
-"""
 
 
 @pytest.mark.parametrize("umask", ["000", "002"])
@@ -63,7 +38,7 @@ def test_everything_created_is_owner_only_whatever_the_umask(tmp_path, umask):
     their directories, a cache directory with missing parents): every directory is 0700 and every
     file 0600. A bundle and an imported layer are for sharing: readable by all, writable by the
     owner only (0644/0755)."""
-    found, _ = run_script(FILL, tmp_path, umask)
+    found, _ = run_child(FILL_CACHE, tmp_path, umask)
     modes = {p: stat.S_IMODE(m) for p, m in found.items()}
     private = {p: m for p, m in modes.items() if p.startswith(str(tmp_path / "nested"))}
     names = {os.path.basename(p) for p in private}

@@ -6,7 +6,6 @@ code (a trace: the index entry no longer matches), while unedited functions in t
 still load from the index without a trace. All cases share two processes.
 """
 
-import json
 import logging
 import os
 import sys
@@ -15,9 +14,10 @@ import pytest
 import torch
 
 from jitfreeze.trace import fingerprint as fp
+from jitfreeze.trace import fingerprint_fixed as fixed
 from jitfreeze import jitfreeze
 
-from .conftest import run_script
+from .children import GAPS_RUNNER, UNHASHABLE, run_child
 
 # {k} is the value the test edits: 2 in process 1, 3 in process 2 (fixed: 5, never edited).
 GAPS = '''
@@ -164,40 +164,6 @@ class Net(nn.Module):
         return torch.relu(x) * {k}
 '''
 
-# For the child processes: the jitfreeze logger's messages (INFO and up) collected in ``messages``.
-_COLLECT_LOG = """
-messages = []
-class Collect(logging.Handler):
-    def emit(self, record):
-        messages.append(record.getMessage())
-logging.getLogger("jitfreeze").addHandler(Collect())
-logging.getLogger("jitfreeze").setLevel(logging.INFO)
-"""
-
-RUNNER = """
-import json, logging, sys
-sys.path.insert(0, sys.argv[1])
-import torch
-from jitfreeze import jitfreeze
-import gaps
-from tests.models import make
-""" + _COLLECT_LOG + """
-x = torch.arange(4.0) + 1
-result = {}
-for name, fn in gaps.CASES.items():
-    fast = jitfreeze(fn, cache_dir=sys.argv[2])
-    with torch.no_grad():
-        out, ref = fast(x), fn(x)
-    info = fast.cache_info()
-    result[name] = {"traces": fast.traces, "loads": info.loads, "out": out.tolist(), "ref": ref.tolist()}
-model, (mx,) = make("mlp")
-fast = jitfreeze(model, cache_dir=sys.argv[2])
-with torch.no_grad():
-    ok = bool(torch.allclose(fast(mx), model(mx), atol=1e-5))
-result["mlp"] = {"traces": fast.traces, "loads": fast.cache_info().loads, "ok": ok}
-result["refused"] = [m for m in messages if "fingerprint index is not used" in m]
-print(json.dumps(result))
-"""
 
 GAP_NAMES = ["torchnets", "partial", "deep", "staticmethod", "lru_cache", "class_attrs", "nested_config", "numpy",
              "closure"]
@@ -215,12 +181,12 @@ def write_gaps(path, k):
 def test_edits_the_fingerprint_used_to_miss_give_eagers_answer(tmp_path):
     code, cache_dir = tmp_path / "user", tmp_path / "jf"
     write_gaps(code, 2)
-    first, _ = run_script(RUNNER, code, cache_dir)
+    first, _ = run_child(GAPS_RUNNER, code, cache_dir)
     for name in GAP_NAMES + ["unedited"]:
         assert first[name]["traces"] == 1 and first[name]["out"] == first[name]["ref"], (name, first[name])
     assert first["refused"] == [], first["refused"]        # every case is fingerprinted: none refused
     write_gaps(code, 3)
-    second, _ = run_script(RUNNER, code, cache_dir)
+    second, _ = run_child(GAPS_RUNNER, code, cache_dir)
     # eager's answer for the edited code (listed together: each case fails on its own without its check)
     assert [name for name in GAP_NAMES if second[name]["out"] != second[name]["ref"]] == []
     for name in GAP_NAMES:
@@ -234,31 +200,11 @@ def test_edits_the_fingerprint_used_to_miss_give_eagers_answer(tmp_path):
     assert second["refused"] == []
 
 
-UNHASHABLE = """
-import array, json, logging, sys
-import torch
-from jitfreeze import jitfreeze
-""" + _COLLECT_LOG + """
-k = float(sys.argv[2])
-held = array.array("f", [k])         # a C object whose state the fingerprint can't read
-
-def scaled(x):
-    return x * held[0]
-
-fast = jitfreeze(scaled, cache_dir=sys.argv[1], dynamic=False)
-with torch.no_grad():
-    outs = [fast(torch.ones(3)).tolist(), fast(torch.ones(5)).tolist()]   # two signatures
-refs = [scaled(torch.ones(3)).tolist(), scaled(torch.ones(5)).tolist()]
-print(json.dumps({"outs": outs, "refs": refs, "traces": fast.traces, "loads": fast.cache_info().loads,
-                  "refused": [m for m in messages if "fingerprint index is not used" in m]}))
-"""
-
-
 def test_unhashable_value_makes_the_index_unusable_and_says_why(tmp_path):
     cache_dir = tmp_path / "jf"
-    first, _ = run_script(UNHASHABLE, cache_dir, 2.0)
-    second, _ = run_script(UNHASHABLE, cache_dir, 3.0)       # the held value changed
-    third, _ = run_script(UNHASHABLE, cache_dir, 3.0)        # unchanged: the graph key finds the artifact
+    first, _ = run_child(UNHASHABLE, cache_dir, 2.0)
+    second, _ = run_child(UNHASHABLE, cache_dir, 3.0)       # the held value changed
+    third, _ = run_child(UNHASHABLE, cache_dir, 3.0)        # unchanged: the graph key finds the artifact
     assert first["outs"] == first["refs"] == [[2.0] * 3, [2.0] * 5]
     assert second["outs"] == second["refs"] == [[3.0] * 3, [3.0] * 5]
     for run in (first, second, third):
@@ -309,7 +255,7 @@ def test_c_callables_outside_the_fixed_libraries_raise():
 
 def test_depth_and_size_limits_raise(monkeypatch):
     nested: list = []
-    for _ in range(fp._MAX_DEPTH + 5):
+    for _ in range(fp.MAX_DEPTH + 5):
         nested = [nested]
 
     def f(x):
@@ -317,7 +263,7 @@ def test_depth_and_size_limits_raise(monkeypatch):
 
     with pytest.raises(fp.Unfingerprintable, match="nested more than"):
         _digest(f)
-    monkeypatch.setattr(fp, "_MAX_OBJECTS", 50)
+    monkeypatch.setattr(fp, "MAX_OBJECTS", 50)
     many = [[i] for i in range(100)]
 
     def g(x):
@@ -328,13 +274,13 @@ def test_depth_and_size_limits_raise(monkeypatch):
 
 
 def test_fixed_code_is_recognised_by_its_file_not_its_name(tmp_path, monkeypatch):
-    assert fp._lib_of_file(torch.nn.functional.__file__) == "torch"
-    assert fp._lib_of_file(os.__file__) == "stdlib"
-    assert fp._lib_of_file(str(tmp_path / "torchnets.py")) is None
-    assert fp._lib_of_file(str(tmp_path / "torch" / "nn.py")) is None
+    assert fixed.lib_of_file(torch.nn.functional.__file__) == "torch"
+    assert fixed.lib_of_file(os.__file__) == "stdlib"
+    assert fixed.lib_of_file(str(tmp_path / "torchnets.py")) is None
+    assert fixed.lib_of_file(str(tmp_path / "torch" / "nn.py")) is None
     site = [p for p in sys.path if p.endswith("site-packages")]
     if site:
-        assert fp._lib_of_file(os.path.join(site[0], "transformers", "x.py")) is None
+        assert fixed.lib_of_file(os.path.join(site[0], "transformers", "x.py")) is None
 
 
 def test_edits_change_the_digest_in_process(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ import torch
 import jitfreeze
 from jitfreeze import jitfreeze as jf
 
-from .conftest import run_script
+from .children import SHAPES_SECOND, run_child
 
 torch.manual_seed(0)
 _W = torch.randn(4, 3)
@@ -73,7 +73,7 @@ SIZE_AS_NUMBER = [scale_float, scale_int, scale_sqrt, weighted_rows, plus_tensor
 SIZES = (3, 5, 1, 7, 0, 2, 5, 4, 9)
 
 
-def _x(b, fn):
+def sample(b, fn):
     return torch.randn(b, 3, 2) if fn is rows_flattened else torch.randn(b, 3)
 
 
@@ -89,7 +89,7 @@ def test_size_as_number_follows_eager_at_every_size_automatic(fn, cache_dir, no_
     for b in SIZES:
         if fn is plus_weight and b not in (1, 4):
             continue          # eager can't broadcast (b, 3) against (4, 3) either
-        x = _x(b, fn)
+        x = sample(b, fn)
         _same(fast(x), fn(x))
     assert fast.cache_info().fallbacks == 0
 
@@ -102,7 +102,7 @@ def test_size_as_number_follows_eager_dynamic_true(fn, cache_dir, no_jf_warnings
     for b in (1, 3, 5, 0, 3, 6):
         if b == 0 and fn is rows_flattened:
             continue          # eager can't reshape 0 elements to (0, -1) either
-        x = _x(b, fn)
+        x = sample(b, fn)
         _same(fast(x), fn(x))
 
 
@@ -140,7 +140,7 @@ def test_specialized_dims_are_traced_statically_from_then_on(cache_dir, no_jf_wa
         x = torch.randn(b, 3)
         _same(fast(x), scale_float(x))
     # Size 5 made dim 0 dynamic; its symbolic trace specialized it: one guarded graph, then static ones.
-    assert sum(len(v) for v in fast._dyn.values()) == 1
+    assert len({s.key for s in fast.signatures() if s.dynamic}) == 1
     assert "tracing it statically from now on" in caplog.text
     assert fast.cache_info().compiles == 4
 
@@ -164,31 +164,11 @@ def test_index_entries_written_without_size_guards_are_not_served(cache_dir, mon
 
     with monkeypatch.context() as old:
         old.setattr(key, "INDEX_VERSION", "3")
-        old.setattr(dynamic, "_specializations", lambda placeholders, dims: ([], {}))
+        old.setattr(dynamic, "specializations", lambda placeholders, dims: ([], {}))
         jf(scale_float, cache_dir=cache_dir, dynamic=True)(torch.randn(3, 3))
     x = torch.randn(5, 3)
     _same(jf(scale_float, cache_dir=cache_dir, dynamic=True)(x), scale_float(x))
 
-
-SECOND = """
-import json, sys, torch
-from jitfreeze import jitfreeze
-from tests import test_soundness_shapes as m
-report = {}
-for name, dynamic in m.SECOND_CASES:
-    fn = getattr(m, name)
-    fast = jitfreeze(fn, cache_dir=sys.argv[1], dynamic={"auto": None, "true": True}[dynamic])
-    sizes = sys.argv[2] if dynamic == "auto" else sys.argv[3]
-    bad = []
-    torch.manual_seed(3)
-    for b in map(int, sizes.split(",")):
-        x = m._x(b, fn)
-        got, want = fast(x), fn(x)
-        if got.shape != want.shape or not torch.allclose(got, want, atol=1e-5, rtol=1e-5):
-            bad.append(b)
-    report[name] = {"bad": bad, "dyn": sum(len(v) for v in fast._dyn.values()), "info": fast.cache_info()._asdict()}
-print(json.dumps(report))
-"""
 
 SECOND_CASES = [("scale_float", "auto"), ("weighted_rows", "auto"), ("plus_tensor_of_size", "true"),
                 ("scale_sqrt", "true"), ("rows_flattened", "true")]
@@ -197,9 +177,9 @@ SECOND_CASES = [("scale_float", "auto"), ("weighted_rows", "auto"), ("plus_tenso
 def test_second_process_gets_eager_answers_at_other_sizes(cache_dir):
     """A first process compiles at some sizes (automatic: 3 then 5, which specializes; dynamic=True:
     1, 3, 5); a second one loads its cache and is fed other sizes and the same ones."""
-    first, _ = run_script(SECOND, cache_dir, "3,5", "1,3,5")
+    first, _ = run_child(SHAPES_SECOND, cache_dir, "3,5", "1,3,5")
     assert all(r["bad"] == [] for r in first.values()), first
-    second, _ = run_script(SECOND, cache_dir, "7,4,1,5,2,3", "7,4,1,5,2,3")
+    second, _ = run_child(SHAPES_SECOND, cache_dir, "7,4,1,5,2,3", "7,4,1,5,2,3")
     assert all(r["bad"] == [] for r in second.values()), second
     for name, dynamic in SECOND_CASES:
         if dynamic == "auto":

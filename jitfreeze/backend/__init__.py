@@ -7,14 +7,10 @@ The decorator, the key and the cache never name one: :func:`get_backend` picks i
 
 from __future__ import annotations
 
-import contextlib
-import os
-
-import torch
-
 from ..config import BACKENDS
+from .base import BindingError, EagerIsFaster, SavedArtifact, module_weights, room_for
 
-__all__ = ["SavedArtifact", "BindingError", "module_weights", "room_for", "get_backend", "BACKENDS"]
+__all__ = ["SavedArtifact", "BindingError", "EagerIsFaster", "module_weights", "room_for", "get_backend", "BACKENDS"]
 
 
 def get_backend(name: str = "torchscript", optimize: bool = True):
@@ -28,55 +24,3 @@ def get_backend(name: str = "torchscript", optimize: bool = True):
         from .aoti import AOTIBackend
         return AOTIBackend(optimize)
     raise ValueError(f"unknown jitfreeze backend {name!r}; choose one of {', '.join(BACKENDS)}")
-
-
-class SavedArtifact:
-    """A freshly saved artifact in a file: load it in place, read its bytes, remove it.
-
-    ``error`` is the exception that kept it from the path the caller asked for (it was then saved
-    to a temporary file instead), or None. :meth:`release` hands the file over to whoever now
-    owns it (a cache that adopted it): :meth:`remove` then leaves it alone."""
-
-    __slots__ = ("path", "error")
-
-    def __init__(self, path: str, error: Exception | None = None):
-        self.path = path
-        self.error = error
-
-    def read(self) -> bytes:
-        with open(self.path, "rb") as f:
-            return f.read()
-
-    def release(self) -> None:
-        self.path = None
-
-    def remove(self) -> None:
-        if self.path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-
-    def __len__(self) -> int:
-        return os.path.getsize(self.path)
-
-
-def room_for(path: str, need: int) -> bool:
-    try:
-        st = os.statvfs(os.path.dirname(path) or ".")
-    except OSError:
-        return True          # unknown: let the write tell
-    return st.f_bavail * st.f_frsize >= need
-
-
-class BindingError(RuntimeError):
-    """An artifact binds weights that the module at hand does not have (or not in that form)."""
-
-
-def module_weights(module) -> dict | None:
-    """A module's tensors by name -- what bound artifacts bind -- or None for anything else."""
-    if not isinstance(module, torch.nn.Module):
-        return None
-    weights = dict(module.named_parameters(remove_duplicate=False))
-    weights.update(module.named_buffers(remove_duplicate=False))
-    return weights
-
-

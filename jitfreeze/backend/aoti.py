@@ -160,9 +160,11 @@ class AOTIBackend:
     # -- compile -------------------------------------------------------------------------------
 
     def compile(self, traced, path: str | None = None, bindings: dict | None = None,
-                example: list | None = None) -> SavedArtifact:
+                example: list | None = None, tune: bool = True) -> SavedArtifact:
         """Export and compile ``traced`` for the call's inputs ``example`` (not modified); the
-        package is written to ``path`` (or a temporary file: see :class:`SavedArtifact`)."""
+        package is written to ``path`` (or a temporary file: see :class:`SavedArtifact`).
+        ``tune`` (``JITFREEZE_TUNE``) is not used: there is one compiled form, and no timing
+        against eager (a compile that takes tens of seconds is kept)."""
         bindings = bindings or {}
         if compiler_version() is None:
             raise FallbackReason(

@@ -15,16 +15,16 @@ import os
 import re
 import tempfile
 import threading
-import time
 
 import torch
 
 from ..errors import FallbackReason
 from ..key import tensor_layout
 from ..trace.pipeline import _HOISTED_OPS, Traced, _first_line, _quiet_torchscript
-from . import BindingError, SavedArtifact, room_for
+from .base import BindingError, EagerIsFaster, SavedArtifact, room_for
+from .tuning import Choice, choose
 
-__all__ = ["TorchScriptBackend"]
+__all__ = ["TorchScriptBackend", "variants"]
 
 log = logging.getLogger("jitfreeze")
 
@@ -95,11 +95,6 @@ class TorchScriptBackend:
     # ~1 ms per MB (1.5 with a cold page cache): binding pays from a few tens of MB.
     BIND_MIN_BYTES = 32 * 2**20
 
-    # The linear-layout choice (:meth:`_linear_layout`) times a few calls: only where one costs
-    # less than this, and a layout must win by this factor to be taken.
-    TUNE_MAX_CALL_S = 5e-3
-    TUNE_MARGIN = 0.95
-
     def bindings(self, traced: Traced, names: dict) -> dict:
         """The bindings to use: ``names`` ({graph attribute: the module's name for that tensor},
         the constants that are the module's own) when they weigh at least :attr:`BIND_MIN_BYTES`,
@@ -108,30 +103,42 @@ class TorchScriptBackend:
         return dict(names) if names and size >= self.BIND_MIN_BYTES else {}
 
     def compile(self, traced: Traced, path: str | None = None, bindings: dict | None = None,
-                example: list | None = None) -> SavedArtifact:
+                example: list | None = None, tune: bool = True) -> SavedArtifact:
         """The scripted function saved to ``path`` (or a temporary file: see :func:`_save`).
 
         ``bindings`` ({graph attribute: the module's name for that tensor}, from :meth:`bindings`)
         are left out of the artifact and recorded in it, to be bound and frozen at :meth:`load`.
-        Without bindings the function is frozen now and stored frozen, weights inside, its linear
-        layers in the layout that ran faster on ``example`` (the call's inputs, not modified; see
-        :meth:`_linear_layout`)."""
+        Without bindings the function is frozen now and stored frozen, weights inside.
+
+        With ``example`` (the call's inputs, not modified) and ``tune``, the graph's variants
+        (:func:`variants`) are timed against each other and against eager
+        (:func:`jitfreeze.backend.tuning.choose`); the choice is recorded in the artifact, and
+        applied when it loads (a pre-transposed layout is stored as such). When eager was faster
+        than every variant, :meth:`load` raises :class:`~jitfreeze.backend.EagerIsFaster`."""
         bindings = bindings or {}
         with _quiet_torchscript(), _no_jit_autocast():
             try:
                 scripted = torch.jit.script(_scriptable(traced.graph_module))
             except Exception as exc:  # noqa: BLE001
                 raise FallbackReason(f"torch.jit.script failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+            kinds = set(_node_kinds(scripted.graph.block()))
+            cpu = example is not None and all(t.device.type == "cpu" for t in example)
+            names = variants(kinds, self.optimize and cpu, bound=bool(bindings))
+            choice = Choice(names[0])
+            if example is not None and tune:
+                # Before the bound weights are left out: each variant is frozen from the scripted
+                # module with its real weights (freezing shares them: no copy).
+                choice = choose(names[0], {name: _Lazy(scripted, name) for name in names},
+                                traced.graph_module, example)
             record = []
             for attr, tensor in traced.constants:
                 if attr in bindings:
                     record.append([attr, bindings[attr], *tensor_layout(tensor)])
                     scripted._c.setattr(attr, torch.empty(0, dtype=tensor.dtype))
             if not bindings:
-                scripted = _freeze(scripted)
-                if example is not None:
-                    scripted = self._linear_layout(scripted, example)
-            extra = {_BINDINGS_FILE: json.dumps({"format": 1, "frozen": not bindings, "bindings": record})}
+                scripted = _variant(_freeze(scripted), "transposed" if choice.variant == "transposed" else "frozen")
+            extra = {_BINDINGS_FILE: json.dumps({"format": 1, "frozen": not bindings, "bindings": record,
+                                                 "tuned": choice.record()})}
             # Through a file, not a BytesIO: torch.jit.save/load through Python file objects is
             # 4-6x slower (434 MB BERT-size artifact: save 3.6 s vs 0.8 s, load 1.7 s vs 0.3 s).
             # Expected size: the stored tensors (64-byte aligned records), the code (a few hundred
@@ -139,51 +146,6 @@ class TorchScriptBackend:
             stored = sum(t.untyped_storage().nbytes() + 64 for a, t in traced.constants if a not in bindings)
             code = 400 * len(traced.graph_module.graph.nodes)
             return _save(scripted, path, extra, estimate=stored + stored // 16 + code + 64 * 1024)
-
-    def _linear_layout(self, frozen, example):
-        """``frozen``, or a copy with each linear layer's weight transposed once, at compile time
-        (``matmul`` + ``add``: what ``optimize_for_inference``'s FrozenLinearTranspose makes),
-        whichever ran faster on ``example``.
-
-        Which is faster depends on the CPU and the shapes: on the benchmark MLP (batch 64,
-        256-512-512-10) the transposed graph ran at 0.82x on one machine and within 2% on another;
-        single linears measured 0.56-1.33x (one-row inputs gain most, wide outputs can lose). So
-        both are timed, taking turns, on the call's own inputs (copies), with the executor's
-        optimization off as calls run, and the transposed one is kept only if its median is under
-        ``TUNE_MARGIN`` of the other's. CPU graphs with ``aten::linear`` and no convolution only
-        (graphs with convolutions get ``optimize_for_inference``, which transposes too, after
-        loading), and only where a call costs under ``TUNE_MAX_CALL_S``: the timing costs about
-        ten calls. The transposed weights replace the originals in the artifact (no second
-        copy), which is why bound artifacts, whose weights are the module's own, keep theirs."""
-        if not self.optimize or not example or any(t.device.type != "cpu" for t in example):
-            return frozen
-        kinds = set(_node_kinds(frozen.graph.block()))
-        if "aten::linear" not in kinds or any("conv" in k for k in kinds):
-            return frozen
-        args = [t.clone() for t in example]
-        # No autograd, and the caller's random stream as it was (a graph may draw random numbers).
-        with torch.no_grad(), torch.random.fork_rng(devices=[]), torch.jit.optimized_execution(False):
-            try:
-                frozen(*args)
-                t0 = time.perf_counter()
-                frozen(*args)
-                once = time.perf_counter() - t0
-                if once > self.TUNE_MAX_CALL_S:
-                    return frozen
-                buffer = io.BytesIO()            # an independent copy: deepcopy shares the graph
-                torch.jit.save(frozen, buffer)
-                buffer.seek(0)
-                transposed = torch.jit.load(buffer)
-                torch._C._jit_pass_transpose_frozen_linear(transposed.graph)
-                transposed(*args)
-                as_is_s, transposed_s = _medians_side_by_side([frozen, transposed], args, once)
-            except Exception as exc:  # noqa: BLE001 - a choice of speed: the frozen graph stands
-                log.debug("jitfreeze: linear layers as traced (timing them failed: %s)", exc)
-                return frozen
-        chosen = transposed if transposed_s < self.TUNE_MARGIN * as_is_s else frozen
-        log.debug("jitfreeze: linear layers %s (per call: as traced %.1f us, transposed %.1f us)",
-                  "transposed" if chosen is transposed else "as traced", as_is_s * 1e6, transposed_s * 1e6)
-        return chosen
 
     def first_call(self, module, tensors):
         """Call a freshly loaded ``module`` once: ``(its outputs, the function to call it with)``.
@@ -202,14 +164,14 @@ class TorchScriptBackend:
         elementwise operators on 16 floats, 20 us vs 16 us). Then, or when the caller runs with
         executor optimization off, calls go through :meth:`runner`."""
         fwd = module.forward
-        if torch._C._get_graph_executor_optimize() and not _canonicalized_scalars(fwd.graph):
+        if torch._C._get_graph_executor_optimize() and not canonicalized_scalars(fwd.graph):
             with _PLAN_LOCK:             # the bailout depth is process-wide: our plans take turns
                 strategy = torch._C._jit_set_fusion_strategy([("STATIC", 0)])
                 try:
                     outs = fwd(*tensors)
                 finally:
                     torch._C._jit_set_fusion_strategy(strategy)
-            if _planned_as_is(module, fwd.graph):
+            if planned_as_is(module, fwd.graph):
                 return outs, fwd
             # A change the test above did not foresee: drop the plan and run the graph as it is
             # (this call again too: it costs one call, so the test should foresee what it can).
@@ -228,19 +190,31 @@ class TorchScriptBackend:
     def load(self, data, device: torch.device | None, weights: dict | None = None):
         """bytes (or a verified file: anything with ``.path``) -> the frozen module, post-load passes
         run: call it through :meth:`runner`. ``weights``: the module's tensors by name (the
-        artifact's bindings are looked up there); :class:`BindingError` when they don't fit."""
-        return self.post_load(self.load_frozen(data, device, weights), device)
+        artifact's bindings are looked up there); :class:`BindingError` when they don't fit;
+        :class:`~jitfreeze.backend.EagerIsFaster` when the artifact records that eager was faster."""
+        module, record = self._read(data, device)
+        tuned = record.get("tuned") or {}
+        if tuned.get("eager"):
+            raise EagerIsFaster(tuned)
+        return self.post_load(self._bind(module, record, weights), device, tuned.get("variant"))
 
     def load_frozen(self, data, device: torch.device | None, weights: dict | None = None):
         """The artifact loaded, its weights bound, frozen (no post-load passes: this one can be saved)."""
+        module, record = self._read(data, device)
+        return self._bind(module, record, weights)
+
+    def _read(self, data, device):
         path = getattr(data, "path", None)
         extra = {_BINDINGS_FILE: ""}
         with _quiet_torchscript():
             module = torch.jit.load(path if path is not None else io.BytesIO(data), map_location=device,
                                     _extra_files=extra)
-            record = json.loads(extra[_BINDINGS_FILE] or "{}")
-            if record.get("frozen"):
-                return module
+        return module, json.loads(extra[_BINDINGS_FILE] or "{}")
+
+    def _bind(self, module, record: dict, weights: dict | None):
+        if record.get("frozen"):
+            return module
+        with _quiet_torchscript():
             for attr, name, *layout in record.get("bindings", []):
                 tensor = (weights or {}).get(name)
                 if tensor is None:
@@ -251,25 +225,67 @@ class TorchScriptBackend:
                 module._c.setattr(attr, tensor.detach())
             return _freeze(module)
 
-    def post_load(self, module, device: torch.device | None):
-        """The passes that run on a frozen module after loading: on CPU, graphs with convolutions
-        get optimize_for_inference (conv-BN folding already ran in freeze; this adds MKLDNN
-        layouts and conv+add+relu fusion: 0.67x eager per call on the conv net vs 0.86x frozen only).
-
-        Other graphs are left as frozen: there the pass only pre-transposes linear weights, which
-        measured no faster per call (BERT-base, transformer encoder, MLP: within 2%) and copies
-        them (BERT-size: 0.4-0.5 s at load and a second copy of most weights). Its output does
-        not survive save/load (MKLDNN-prepacked constants), so it runs after loading."""
+    def post_load(self, module, device: torch.device | None, variant: str | None = None):
+        """The passes that run on a frozen module after loading: the recorded ``variant``'s
+        (``mkldnn``: conv-add-relu fusion and MKLDNN layouts; ``ofi``: those and pre-transposed
+        linear weights, ``torch.jit.optimize_for_inference``), whose output does not survive
+        save/load (MKLDNN-prepacked constants). Artifacts from before variants were recorded
+        (``variant`` None) get ``ofi`` on CPU graphs with convolutions, as then."""
         if not self.optimize or (device is not None and device.type != "cpu"):
             return module
-        if not any("conv" in kind for kind in _node_kinds(module.graph.block())):
+        if variant is None:
+            variant = "ofi" if any("conv" in kind for kind in _node_kinds(module.graph.block())) else "frozen"
+        if variant not in ("ofi", "mkldnn"):
             return module
         with _quiet_torchscript():
             try:
-                return torch.jit.optimize_for_inference(module)
+                return _variant(module, variant)
             except Exception as exc:  # noqa: BLE001 - the frozen module is still correct
-                log.debug("optimize_for_inference failed, using the frozen module: %s", exc)
+                log.debug("%s passes failed, using the frozen module: %s", variant, exc)
                 return module
+
+
+def variants(kinds: set, optimize: bool, bound: bool) -> list:
+    """The variants worth timing for a graph with these node ``kinds``, its default first.
+
+    On CPU, with ``optimize``: graphs with convolutions get ``ofi`` (``optimize_for_inference``:
+    conv-add-relu fusion, MKLDNN layouts, pre-transposed linear weights), ``mkldnn`` (the same
+    without transposing: a transpose turns ``linear`` into ``matmul``, which runs a
+    non-contiguous input as a batched matmul) and ``frozen`` (none of it); graphs of linear
+    layers stored with their weights get ``frozen`` and ``transposed`` (which ran at 0.56-1.33x
+    on single linears: one-row inputs gain most, wide outputs can lose). Otherwise ``frozen``."""
+    if not optimize:
+        return ["frozen"]
+    if any("conv" in kind for kind in kinds):
+        return ["ofi", "mkldnn", "frozen"]
+    if "aten::linear" in kinds and not bound:
+        return ["frozen", "transposed"]
+    return ["frozen"]
+
+
+def _variant(frozen, name: str):
+    """``frozen`` (a frozen module) made into variant ``name``, in place where the passes allow."""
+    if name == "transposed":
+        torch._C._jit_pass_transpose_frozen_linear(frozen.graph)
+    elif name == "mkldnn":
+        torch._C._jit_pass_fuse_frozen_conv_add_relu(frozen.graph)
+        torch._C._jit_pass_convert_frozen_ops_to_mkldnn(frozen.graph)
+    elif name == "ofi":
+        frozen = torch.jit.optimize_for_inference(frozen)
+    return frozen
+
+
+class _Lazy:
+    """A variant made on its first call (freezing the scripted module then), for timing."""
+
+    def __init__(self, scripted, name: str):
+        self.scripted, self.name, self.fn = scripted, name, None
+
+    def __call__(self, *tensors):
+        if self.fn is None:
+            with _quiet_torchscript():
+                self.fn = _variant(_freeze(self.scripted), self.name).forward
+        return self.fn(*tensors)
 
 
 def _scriptable(gm):
@@ -284,22 +300,6 @@ def _scriptable(gm):
         name for name, value in vars(gm).items()
         if name not in used and name != "training" and not isinstance(value, (torch.Tensor, torch.nn.Module))]
     return gm
-
-
-def _medians_side_by_side(fns, args, once: float, rounds: int = 5) -> list:
-    """Median seconds per call of each of ``fns``, timed in turns (order alternating each round)
-    in blocks of about half a millisecond (``once``: one call's time)."""
-    n = max(1, int(5e-4 / max(once, 1e-7)))
-    samples: list = [[] for _ in fns]
-    clock = time.perf_counter
-    for r in range(rounds):
-        for i in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
-            fn = fns[i]
-            t0 = clock()
-            for _ in range(n):
-                fn(*args)
-            samples[i].append((clock() - t0) / n)
-    return [sorted(s)[len(s) // 2] for s in samples]
 
 
 def _freeze(module):
@@ -328,7 +328,7 @@ def _unprofiled(fwd):
 _CANONICALIZED = frozenset(f"aten::{name}" for name in _HOISTED_OPS)   # out of place: hoisting's ops
 
 
-def _canonicalized_scalars(graph) -> bool:
+def canonicalized_scalars(graph) -> bool:
     """Whether TorchScript's CanonicalizeOps pass would turn a 0-dim tensor constant of this graph
     back into a number: the ``other`` of an out-of-place add/sub/mul/div."""
     for node in graph.findAllNodes("prim::Constant"):
@@ -344,7 +344,7 @@ _VALUE_NAME = re.compile(r"%[\w.]+")
 _CONSTANT_LINE = re.compile(r"(%[\w.]+) : .*? = prim::Constant(.*)$")
 
 
-def _structure(graph) -> list:
+def graph_structure(graph) -> list:
     """A graph's lines with the values renamed in order of definition and each constant written
     where it is used (so the passes' pooling and reordering of constants don't count): equal for
     a graph and a copy the executor's passes left alone. Text, not the graph's Python bindings:
@@ -367,13 +367,13 @@ def _structure(graph) -> list:
     return lines
 
 
-def _planned_as_is(module, graph) -> bool:
+def planned_as_is(module, graph) -> bool:
     """Whether the executor's plan for ``module.forward`` runs ``graph`` as it is."""
     try:
         plans = list(module._c.get_debug_state().execution_plans.values())
     except RuntimeError:          # no plan made (the executor ran unoptimized)
         return False
-    return len(plans) == 1 and _structure(plans[0].graph) == _structure(graph)
+    return len(plans) == 1 and graph_structure(plans[0].graph) == graph_structure(graph)
 
 
 def _node_kinds(block):

@@ -54,7 +54,7 @@ def export_bundle(path, stores, hmac_key: bytes | None, *, select=None) -> dict:
     """
     import torch
 
-    from .. import __version__
+    from ..version import __version__
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -147,17 +147,10 @@ def import_bundle(path, target, hmac_key: bytes | None, *, dry_run: bool = False
 
 def finalize_layer(directory) -> None:
     """Make a cache directory a read-only layer: no WAL left, readable by all, writable by its owner only."""
-    import sqlite3
-
-    from .store import DB_NAME
+    from .sqlindex import DB_NAME, make_snapshot
 
     directory = Path(directory)
-    con = sqlite3.connect(str(directory / DB_NAME), timeout=30)
-    try:
-        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        con.execute("PRAGMA journal_mode=DELETE")
-    finally:
-        con.close()
+    make_snapshot(directory / DB_NAME)
     for name in (DB_NAME + "-wal", DB_NAME + "-shm"):
         if (directory / name).exists() and (directory / name).stat().st_size == 0:
             (directory / name).unlink()

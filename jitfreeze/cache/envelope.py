@@ -33,7 +33,7 @@ try:
 except ImportError:  # pragma: no cover - xxhash is a declared dependency
     _xxhash = None
 
-__all__ = ["pack", "seal_file", "unpack", "unpack_file", "peek_meta", "BadEntry", "MAX_META"]
+__all__ = ["pack", "seal_file", "unpack", "unpack_file", "peek_meta", "read_meta", "BadEntry", "MAX_META"]
 
 MAGIC = b"JITFRZ\x00\x02"
 SIGNED = 1
@@ -243,3 +243,18 @@ def peek_meta(data: bytes) -> dict:
     """Metadata of an entry after checking its checksum (no key or signature check)."""
     meta, _ = _verify_bytes(data, None, None)
     return meta
+
+
+def read_meta(reader) -> dict:
+    """The metadata of an entry read through ``reader`` (``.size``, ``.read(offset, n)``): its
+    trailer and metadata only, no checksum (listings, which never read payloads); raises BadEntry."""
+    size = reader.size
+    if size < _TRAILER:
+        raise BadEntry(f"entry truncated ({size} bytes)")
+    meta_len, payload_len = _parse_trailer(reader.read(size - _TRAILER, _TRAILER), size)[:2]
+    if meta_len > MAX_META:
+        raise BadEntry(f"entry metadata is {meta_len} bytes (at most {MAX_META})")
+    meta_bytes = reader.read(payload_len, meta_len)
+    if len(meta_bytes) < meta_len:
+        raise BadEntry("entry truncated while reading")
+    return _meta(meta_bytes, None)

@@ -9,10 +9,11 @@ is read as a snapshot; a bundle file is read through ``os.pread``. Nothing here
 deletes, evicts or clears.
 
 Trust: ``torch.jit.load`` runs an entry's code, so a layer, its index and its value
-files must not be writable by anyone but you or root (the one rule of
-:mod:`jitfreeze.cache.trust`: owner you or root, not group- or world-writable), unless
-``JITFREEZE_CACHE_KEY`` is set (every entry is then authenticated) or
-``JITFREEZE_ALLOW_UNSAFE_CACHE_DIR=1``.
+files must not be writable by anyone but you or root: the checks of a cache directory
+(:func:`jitfreeze.cache.trust.check_directory`; a bundle file, :func:`~jitfreeze.cache.trust.check_file`),
+unless ``JITFREEZE_CACHE_KEY`` is set (every entry is then authenticated) or
+``JITFREEZE_ALLOW_UNSAFE_CACHE_DIR=1``. Rows and value files are read by
+:mod:`jitfreeze.cache.files` (the layout only), the index by :mod:`jitfreeze.cache.sqlindex`.
 
 Also here: :func:`scan`, the metadata of every entry of any store without
 reading payloads (for ``jitfreeze cache list``, ``explain`` and ``export``).
@@ -24,50 +25,39 @@ import dataclasses
 import json
 import logging
 import os
-import sqlite3
-import struct
 import tarfile
 import threading
 from pathlib import Path
 from typing import Iterator
 
-from . import lru
-from .store import DB_NAME, MODE_BINARY, MODE_RAW, UnsafeEntry
-from .trust import UnsafeDirectory, check_path
+from . import sqlindex
+from .envelope import read_meta
+from .files import BytesReader, FileReader, fetch, head, value_file_path
+from .sqlindex import DB_NAME
+from .store import Listable
+from .trust import UnsafeDirectory, check_directory, check_file
 
 log = logging.getLogger("jitfreeze")
 
-__all__ = ["ReadOnlyDirStore", "BundleStore", "open_layer", "check_layer", "scan", "Row", "read_meta",
+__all__ = ["ReadOnlyDirStore", "BundleStore", "open_layer", "check_layer", "scan", "Row",
            "BUNDLE_MANIFEST", "read_manifest"]
 
 BUNDLE_MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "jitfreeze-bundle"
 _MANIFEST_LIMIT = 256 * 2**20
 
-# Envelope layouts (see jitfreeze.cache.envelope), read here for listings without reading payloads:
-#   v1: MAGIC1 (8) | flags (1) | meta_len (4) | payload_len (8) | meta | payload | sums
-#   v2: payload | meta | meta_len (4) | payload_len (8) | flags (1) | algorithm (1) | digest (32)
-#       | hmac (32) | MAGIC2 (8)
-_HEAD1 = struct.Struct(">8sBIQ")
-_MAGIC1 = b"JITFRZ\x00\x01"
-_LENS2 = struct.Struct(">IQ")
-_TRAILER2 = 4 + 8 + 1 + 1 + 32 + 32 + 8
-_META_LIMIT = 64 * 2**20
-
-
 class UnsafeLayer(Exception):
     """A read-only layer that others could have written (refused)."""
 
 
 def check_layer(path: Path) -> None:
-    """Raise UnsafeLayer unless ``path`` (and its SQLite index) passes the trust rule
-    (:func:`jitfreeze.cache.trust.untrusted`: owned by you or root, writable by no one else)."""
+    """Raise UnsafeLayer unless ``path`` passes the trust checks of a cache directory
+    (:func:`jitfreeze.cache.trust.check_directory`), or of a file for a bundle."""
     try:
-        check_path(path, "read-only cache layer")
         if path.is_dir():
-            for name in (DB_NAME, DB_NAME + "-wal"):
-                if os.path.lexists(path / name):
-                    check_path(path / name, "cache file")
+            check_directory(path)
+        else:
+            check_file(path, "read-only cache layer")
     except UnsafeDirectory as exc:
         raise UnsafeLayer(str(exc)) from None
 
@@ -102,64 +92,29 @@ class ReadOnlyDirStore:
         self._lock = threading.Lock()
         self._con = _connect_readonly(db)
 
-    def _rows(self, sql: str, args=()):
+    def _rows(self, run):
         with self._lock:
-            return self._con.execute(sql, args).fetchall()
-
-    def _row(self, key: str):
-        rows = self._rows("SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1", (key,))
-        return rows[0] if rows else None
-
-    def _file(self, filename: str) -> Path:
-        full = (self.directory / filename).resolve()
-        if self.directory not in full.parents:
-            raise UnsafeEntry(f"cache row points outside the layer: {filename!r}")
-        if self.check_trust:
-            try:
-                for part in reversed(full.parents[:full.parents.index(self.directory)]):
-                    check_path(part, "cache value directory")
-                check_path(full, "cache value file")
-            except FileNotFoundError:
-                pass        # a missing file: the caller's miss
-            except UnsafeDirectory as exc:
-                raise UnsafeEntry(str(exc)) from None
-        return full
+            return run(self._con.execute)
 
     def get(self, key):
-        row = self._row(key)
+        row = self._rows(lambda execute: sqlindex.stored_row(execute, key))
         if row is None:
             return None
-        mode, filename, value = row
-        if mode == MODE_RAW and value is not None:
-            return bytes(value)
-        if mode == MODE_BINARY and filename:
-            try:
-                return self._file(filename).read_bytes()
-            except FileNotFoundError:
-                return None
-        raise UnsafeEntry(f"cache row in mode {mode} (only raw bytes are accepted)")
+        try:
+            return fetch(self.location, *row, check=self.check_trust)
+        except FileNotFoundError:
+            return None
 
     def get_file(self, key):
         """Path of a file-backed entry's value file (loaded in place, never written), or None."""
-        row = self._row(key)
+        row = self._rows(lambda execute: sqlindex.stored_row(execute, key))
         if row is None:
             return None
-        mode, filename, _value = row
-        if mode != MODE_BINARY or not filename:
-            return None
-        path = self._file(filename)
-        return str(path) if path.is_file() else None
+        return value_file_path(self.location, row[0], row[1], self.check_trust)
 
     def head(self, key):
-        row = self._row(key)
-        if row is None:
-            return None
-        mode, filename, value = row
-        if mode == MODE_RAW and value is not None:
-            return _BytesReader(bytes(value))
-        if mode == MODE_BINARY and filename:
-            return _FileReader(self._file(filename))
-        return None
+        row = self._rows(lambda execute: sqlindex.stored_row(execute, key))
+        return None if row is None else head(self.location, *row)
 
     def put(self, key, value):
         raise PermissionError(f"{self.location} is a read-only layer")
@@ -171,25 +126,22 @@ class ReadOnlyDirStore:
         raise PermissionError(f"{self.location} is a read-only layer")
 
     def keys(self):
-        return iter([k for (k,) in self._rows("SELECT key FROM Cache WHERE raw = 1 ORDER BY rowid")
-                     if type(k) is str])
+        return iter(self._rows(sqlindex.raw_keys))
 
     def rows(self):
-        """(key, size, store_time, access_time) of every raw row."""
-        return self._rows("SELECT key, mode, size, length(value), store_time, access_time FROM Cache "
-                          "WHERE raw = 1 ORDER BY rowid")
+        """(key, mode, size, inline length, store_time, access_time) of every raw row."""
+        return self._rows(sqlindex.listing)
 
     def stats(self):
-        ((n, size),) = self._rows("SELECT COUNT(*), COALESCE(SUM(size), 0) + COALESCE(SUM(length(value)), 0) "
-                                  "FROM Cache WHERE raw = 1")
-        return {"entries": n, "bytes": int(size), "size_limit": None}
+        n, size = self._rows(sqlindex.totals)
+        return {"entries": n, "bytes": size, "size_limit": None}
 
     def close(self):
         with self._lock:
             self._con.close()
 
 
-def _connect_readonly(db: Path) -> sqlite3.Connection:
+def _connect_readonly(db: Path):
     """Open ``db`` as an immutable snapshot: no lock, no journal, no shared-memory file, no write."""
     wal = db.with_name(db.name + "-wal")
     try:
@@ -199,9 +151,7 @@ def _connect_readonly(db: Path) -> sqlite3.Connection:
                      "`jitfreeze import BUNDLE --into DIR`, or from a cache no process has open", db.parent, db.name)
     except OSError:
         pass
-    con = sqlite3.connect(db.resolve().as_uri() + "?mode=ro&immutable=1", uri=True, check_same_thread=False)
-    con.execute("SELECT COUNT(*) FROM Cache WHERE 0").fetchall()
-    return con
+    return sqlindex.connect_snapshot(db)
 
 
 # -- a bundle file -----------------------------------------------------------------------------------
@@ -274,7 +224,7 @@ class BundleStore:
         if where is None:
             return None
         offset, size = where
-        return _FileReader(self.path, base=offset, size=size)
+        return FileReader(self.path, base=offset, size=size)
 
     def put(self, key, value):
         raise PermissionError(f"{self.location} is a read-only layer")
@@ -324,92 +274,17 @@ class Row:
         return self.key[:2]
 
 
-class _BytesReader:
-    def __init__(self, data: bytes):
-        self.data, self.size = data, len(data)
-
-    def read(self, offset: int, n: int) -> bytes:
-        return self.data[offset:offset + n]
-
-
-class _FileReader:
-    """Random access to ``size`` bytes of ``path`` starting at ``base``."""
-
-    def __init__(self, path, base: int = 0, size: int | None = None):
-        self.path, self.base = path, base
-        self.size = os.stat(path).st_size - base if size is None else size
-
-    def read(self, offset: int, n: int) -> bytes:
-        n = max(0, min(n, self.size - offset))
-        with open(self.path, "rb") as f:
-            f.seek(self.base + offset)
-            return f.read(n)
-
-
-def read_meta(reader) -> dict:
-    """The metadata of an entry, read from its head or trailer (no checksum check: listings only)."""
-    if reader.size >= _HEAD1.size and reader.read(0, len(_MAGIC1)) == _MAGIC1:
-        _magic, _flags, meta_len, _payload_len = _HEAD1.unpack(reader.read(0, _HEAD1.size))
-        start = _HEAD1.size
-    else:
-        if reader.size < _TRAILER2:
-            raise ValueError("truncated entry")
-        trailer = reader.read(reader.size - _TRAILER2, _TRAILER2)
-        if trailer[-8:-1] != b"JITFRZ\x00":
-            raise ValueError("not a jitfreeze entry")
-        meta_len, payload_len = _LENS2.unpack_from(trailer)
-        start = payload_len
-        if payload_len + meta_len + _TRAILER2 != reader.size:
-            raise ValueError("truncated or padded entry")
-    if meta_len > _META_LIMIT:
-        raise ValueError("metadata too large")
-    data = reader.read(start, meta_len)
-    if len(data) < meta_len:
-        raise ValueError("truncated entry")
-    meta = json.loads(data)
-    if not isinstance(meta, dict):
-        raise ValueError("metadata is not an object")
-    return meta
-
-
-def _disk_rows(store):
-    """(key, mode, size, value length, store_time, access_time) of a DiskStore's raw rows."""
-    lru.drain(store.timeout)
-    return store._cache._sql("SELECT key, mode, size, length(value), store_time, access_time FROM Cache "
-                             "WHERE raw = 1 ORDER BY rowid").fetchall()
-
-
-def _disk_head(store, key):
-    rows = store._cache._sql("SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1",
-                             (key,)).fetchall()
-    if not rows:
-        return None
-    mode, filename, value = rows[0]
-    if mode == MODE_RAW and value is not None:
-        return _BytesReader(bytes(value))
-    if mode == MODE_BINARY and filename:
-        return _FileReader(Path(store.directory) / filename)
-    return None
-
-
 def scan(store, *, with_meta: bool = True) -> Iterator[Row]:
-    """Every entry of ``store`` (any Store) with its metadata, reading only the head of each."""
-    writable = not getattr(store, "readonly", False)
-    location = getattr(store, "location", "?")
-    if hasattr(store, "rows"):
+    """Every entry of ``store`` with its metadata, reading only the head of each (a
+    :class:`~jitfreeze.cache.store.Listable` store; any other Store: its keys, each read whole)."""
+    if isinstance(store, Listable):
         rows, head = store.rows(), store.head
-    elif hasattr(store, "_cache") and hasattr(store._cache, "_sql"):       # DiskStore
-        rows, head = _disk_rows(store), (lambda k: _disk_head(store, k))
-    else:                                                                   # MemoryStore and others
-        rows = []
-        for k in store.keys():
-            info = store.info(k) if hasattr(store, "info") else None
-            info = info or {}
-            rows.append((k, None, info.get("size", 0), None, info.get("store_time"), info.get("access_time")))
+    else:
+        rows = [(k, None, 0, None, None, None) for k in store.keys()]
 
         def head(k):
             data = store.get(k)
-            return None if data is None else _BytesReader(data)
+            return None if data is None else BytesReader(data)
     for key, _mode, size, vlen, store_time, access_time in rows:
         if type(key) is not str:
             continue
@@ -423,5 +298,5 @@ def scan(store, *, with_meta: bool = True) -> Iterator[Row]:
                     meta = read_meta(reader)
             except Exception as exc:  # noqa: BLE001 - listings report, verify repairs
                 error = f"{type(exc).__name__}: {exc}"
-        yield Row(key=key, layer=location, writable=writable, size=int(size or 0) + int(vlen or 0),
+        yield Row(key=key, layer=store.location, writable=not store.readonly, size=int(size or 0) + int(vlen or 0),
                   stored=store_time, accessed=access_time, meta=meta, error=error)

@@ -20,14 +20,13 @@ import atexit
 import os
 import sqlite3
 import threading
-from pathlib import Path
+
+from . import sqlindex
 
 __all__ = ["add", "drain"]
 
 _BUSY_S = 0.1           # how long a touch waits for another writer
 _DRAIN_AT_EXIT_S = 2.0  # how long exit (or fork) waits for queued touches
-
-_SQL = "UPDATE Cache SET access_time = ?, access_count = access_count + 1 WHERE rowid = ?"
 
 
 class _Touches:
@@ -77,16 +76,13 @@ def _write(batch) -> None:
         by_db.setdefault(db, []).append((when, rowid))
     for db, rows in by_db.items():
         try:
-            # mode=rw: an index removed since the read (a cleared cache, a deleted directory) is
-            # not created again here.
-            con = sqlite3.connect(Path(db).as_uri() + "?mode=rw", uri=True, timeout=_BUSY_S,
-                                  isolation_level=None)
+            # an index removed since the read (a cleared cache, a deleted directory) is not created again
+            con = sqlindex.connect_existing(db, _BUSY_S)
         except (sqlite3.Error, ValueError):
             continue
         try:
-            con.execute("PRAGMA synchronous = NORMAL")
             con.execute("BEGIN IMMEDIATE")
-            con.executemany(_SQL, rows)
+            con.executemany(sqlindex.TOUCH, rows)
             con.execute("COMMIT")
         except sqlite3.Error:
             pass

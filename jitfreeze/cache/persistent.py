@@ -1,7 +1,8 @@
 """The persistent cache as the decorator sees it: verified entries or a miss.
 
-Ties a :class:`~jitfreeze.cache.store.Store`, the entry envelope
-(:mod:`jitfreeze.cache.envelope`), the key locks and the trust checks together, and
+Ties a :class:`~jitfreeze.cache.store.Store` (the writable layer), the read-only layers
+(:mod:`jitfreeze.cache.layers`), the remote tier (:class:`~jitfreeze.cache.remote.RemoteLink`),
+the entry envelope (:mod:`jitfreeze.cache.envelope`), the key locks and the trust checks together, and
 is the one place where cache trouble becomes "a miss plus one warning"
 (:func:`jitfreeze.errors.trouble`). Nothing here raises to the caller unless
 ``JITFREEZE_STRICT=1``.
@@ -12,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -20,8 +20,10 @@ from pathlib import Path
 from ..config import Config
 from ..errors import trouble
 from . import envelope
+from .disk import DiskStore, open_disk_store
+from .files import UnsafeEntry
 from .lock import KeyLock, LockTimeout, MemoryLock
-from .store import DiskStore, MemoryStore, UnsafeEntry, set_aside_index
+from .store import FileBacked, InPlaceWritable, MemoryStore
 from .trust import UnsafeDirectory, prepare_directory
 
 __all__ = ["PersistentCache", "open_cache", "clear_cache", "forget_open_caches", "maintain"]
@@ -31,8 +33,6 @@ log = logging.getLogger("jitfreeze")
 ARTIFACT = "a/"       # frozen artifacts, by graph key
 INDEX = "i/"          # fingerprint -> graph key (the trace-free warm path)
 DECISION = "d/"       # function + input structure -> which dims are dynamic
-
-REMOTE_RETRY_AFTER = 30.0     # seconds without the remote tier after it failed
 
 
 class FilePayload:
@@ -56,14 +56,27 @@ class PersistentCache:
         self.store = store                  # None: running uncached (trouble was reported)
         self.config = config
         self.lock_dir = lock_dir
-        self.location = getattr(store, "location", "<none>")
+        self.location = store.location if store is not None else "<none>"
         self._writes_failed = False
         self.layers: list = []              # read-only layers (JITFREEZE_CACHE_PATH), never written
-        self.remote = None                  # RemoteTier (JITFREEZE_REMOTE_CACHE) or None
+        self._link = None                   # RemoteLink over the remote tier, or None
         self.journal = None                 # counters and miss records (jitfreeze.cache.stats), slow path only
         self._masked: set = set()           # full keys evicted here: not read again from layers or remote
-        self._remote_down_until = 0.0
         self._source = threading.local()
+
+    @property
+    def remote(self):
+        """The remote tier (:class:`~jitfreeze.cache.remote.RemoteTier`, ``JITFREEZE_REMOTE_CACHE``) or None."""
+        return self._link.tier if self._link is not None else None
+
+    @remote.setter
+    def remote(self, tier) -> None:
+        if tier is None:
+            self._link = None
+            return
+        from .remote import RemoteLink
+
+        self._link = RemoteLink(tier, self.config, lambda: self.journal and self.journal.bump(("remote_errors",)))
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -99,8 +112,8 @@ class PersistentCache:
         return getattr(self._source, "value", None) or self.location
 
     def _get_from(self, store, key: str, ns: str):
-        location = getattr(store, "location", self.location)
-        if ns == ARTIFACT and hasattr(store, "get_file"):
+        location = store.location
+        if ns == ARTIFACT and isinstance(store, FileBacked):
             found = self._get_file_from(store, key, ns, location)
             if found is not None:
                 return found
@@ -144,35 +157,17 @@ class PersistentCache:
 
     def _refuse(self, full_key: str, message: str, exc: BaseException | None, store=None) -> None:
         store = self.store if store is None else store
-        if store is not None and not getattr(store, "readonly", False):
+        if store is not None and not store.readonly:
             with contextlib.suppress(Exception):
                 store.delete(full_key)
-        location = getattr(store, "location", self.location)
+        location = store.location if store is not None else self.location
         trouble(message, exc, strict=self.config.strict, once=("bad", location, full_key))
 
     # -- the remote tier ---------------------------------------------------------------------
 
-    def _remote_ok(self) -> bool:
-        return self.remote is not None and time.monotonic() >= self._remote_down_until
-
-    def _remote_trouble(self, exc: BaseException, what: str) -> None:
-        """Redis is down, slow or refusing: one warning, then local only for a while."""
-        self._remote_down_until = time.monotonic() + REMOTE_RETRY_AFTER
-        if self.journal is not None:
-            self.journal.bump(("remote_errors",))
-        trouble(f"the jitfreeze remote cache {self.remote.location} failed ({what}); carrying on with the "
-                f"local cache (retrying the remote in {REMOTE_RETRY_AFTER:g}s)", exc,
-                strict=self.config.strict, once=("remote", self.remote.location))
-
     def _get_remote(self, key: str, ns: str):
-        if not self._remote_ok():
-            return None
         full = ns + key
-        try:
-            data = self.remote.get(full)
-        except Exception as exc:  # noqa: BLE001 - down, slow, refused
-            self._remote_trouble(exc, "get")
-            return None
+        data = self._link.get(full)
         if data is None:
             return None
         try:
@@ -190,37 +185,6 @@ class PersistentCache:
                 self.write_failed(exc, key)
         return found
 
-    def _publish(self, key: str, ns: str, data: bytes) -> bool:
-        if not self._remote_ok():
-            return False
-        try:
-            return self.remote.put(ns + key, data)
-        except Exception as exc:  # noqa: BLE001
-            self._remote_trouble(exc, "publish")
-            return False
-
-    @contextlib.contextmanager
-    def _remote_lock(self, key: str):
-        """The fleet-wide compile lock (graph keys only); on Redis trouble, one warning and no lock."""
-        if not self._remote_ok() or len(key) != 64 or key.strip("0123456789abcdef"):
-            yield           # e.g. "index-<key>": a local read-modify-write, nothing to compile
-            return
-        handle = self.remote.lock(key)
-        try:
-            state = handle.acquire(self.config.lock_timeout, ARTIFACT + key)
-        except Exception as exc:  # noqa: BLE001
-            handle.release()
-            self._remote_trouble(exc, "lock")
-            yield
-            return
-        if state == "timeout":
-            log.info("jitfreeze: waited %.0fs for another machine compiling %s; compiling here",
-                     self.config.lock_timeout, key[:16])
-        try:
-            yield
-        finally:
-            handle.release()
-
     # -- writing ---------------------------------------------------------------------------
 
     def new_file(self):
@@ -228,7 +192,7 @@ class PersistentCache:
         :meth:`DiskStore.new_file`) that a large artifact can be written to directly and then
         stored by :meth:`put` without a copy; None where that is not possible (a memory store,
         no writable layer, writes failed here before). The caller closes it after :meth:`put`."""
-        if self.store is None or self._writes_failed or not hasattr(self.store, "new_file"):
+        if self.store is None or self._writes_failed or not isinstance(self.store, InPlaceWritable):
             return None
         try:
             return self.store.new_file()
@@ -277,7 +241,7 @@ class PersistentCache:
                     self.write_failed(exc, key)
         if ns == ARTIFACT and self.journal is not None:
             self._record_compile(key, meta)
-        if data is not None and self.remote is not None and self._publish(key, ns, data):
+        if data is not None and self._link is not None and self._link.publish(ns + key, data):
             stored = True
             log.debug("jitfreeze: published %s to %s", full[:18], self.remote.location)
         return stored
@@ -316,7 +280,7 @@ class PersistentCache:
             yield False
             return
         try:
-            with self._remote_lock(key):
+            with self._link.lock(key, ARTIFACT + key) if self._link is not None else contextlib.nullcontext():
                 yield True
         finally:
             lock.__exit__(None, None, None)
@@ -351,25 +315,18 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=forget_open_caches)
 
 
-def _set_aside(db: Path) -> None:
-    # With its -wal/-shm files (a stale WAL must not be replayed into the new index), under the lock.
-    aside = set_aside_index(db.parent)
-    if aside:
-        log.info("set aside a corrupt cache index: %s", aside)
-
-
-def _open_store(path: Path, config: Config):
+def _open_store(path: Path, config: Config) -> DiskStore:
     prepare_directory(path, allow_unsafe=config.allow_unsafe_dir)
-    check = not config.allow_unsafe_dir
-    try:
-        return DiskStore(path, config.size_limit, check_trust=check)
-    except sqlite3.DatabaseError as exc:
-        if "not a database" not in str(exc) and "malformed" not in str(exc):
+    store, problem = open_disk_store(path, config.size_limit, check_trust=not config.allow_unsafe_dir)
+    if problem is not None:
+        try:
+            trouble(f"the jitfreeze cache index {path / DiskStore.DB_NAME} is corrupt; set it aside and "
+                    "starting an empty one", problem.__cause__, strict=config.strict, once=("corrupt", str(path)))
+        except BaseException:
+            store.close()
             raise
-        trouble(f"the jitfreeze cache index {path / DiskStore.DB_NAME} is corrupt; set it aside and "
-                "starting an empty one", exc, strict=config.strict, once=("corrupt", str(path)))
-        _set_aside(path / DiskStore.DB_NAME)
-        return DiskStore(path, config.size_limit, check_trust=check)
+        log.info("set aside a corrupt cache index: %s", problem.aside)
+    return store
 
 
 def open_cache(cache_dir, config: Config) -> PersistentCache:
@@ -468,53 +425,7 @@ MemoryStore = MemoryStore
 
 
 def maintain(cache_dir=None, *, verify: bool = False, min_age: float = 600.0) -> dict:
-    """Repair a cache directory after crashes or tampering; returns counts of what was done.
+    """Repair a cache directory after crashes or tampering: :func:`jitfreeze.cache.repair.maintain`."""
+    from .repair import maintain as run
 
-    Removes rows that are not raw bytes (planted pickle rows, pickled keys, rows naming files
-    outside the cache) or whose value file others could have written (both ``unsafe_rows``),
-    rows whose value file is missing or has the wrong size, and value files no row refers to
-    (left by a process killed mid-write; only those older than ``min_age`` seconds, younger ones
-    may belong to a write in progress). A corrupt index is set aside and
-    an empty one started. ``verify=True`` also reads every entry and checks its checksum (and
-    its signature when ``JITFREEZE_CACHE_KEY`` is set), removing the bad ones. Lock files are
-    never touched.
-
-    Returns a dict with the keys ``entries``, ``bytes`` (after), ``unsafe_rows``,
-    ``missing_files``, ``wrong_size``, ``bad_entries``, ``orphan_files``, ``index_set_aside``
-    (counts removed or done) and ``problems`` (inconsistencies diskcache's check still reports;
-    0 when clean). Raises :class:`~jitfreeze.cache.trust.UnsafeDirectory` for a directory the trust
-    checks refuse, and FileNotFoundError when ``cache_dir`` holds no cache.
-    """
-    from .store import CorruptStore, is_corrupt
-    from .trust import check_directory
-
-    config = Config.from_env()
-    path = Path(cache_dir if cache_dir is not None else config.cache_dir).expanduser()
-    if not (path / DiskStore.DB_NAME).exists():
-        raise FileNotFoundError(f"no jitfreeze cache in {path}")
-    if not config.allow_unsafe_dir:
-        check_directory(path)
-    set_aside, check = 0, not config.allow_unsafe_dir
-    try:
-        store = DiskStore(path, config.size_limit, check_trust=check)
-    except sqlite3.DatabaseError as exc:
-        if not is_corrupt(exc):
-            raise
-        set_aside_index(path)
-        set_aside = 1
-        store = DiskStore(path, config.size_limit, check_trust=check)
-
-    def validate(key: str, data: bytes) -> None:
-        envelope.unpack(data, key, config.hmac_key)
-
-    try:
-        try:
-            counts = store.maintain(min_age=min_age, validate=validate if verify else None)
-        except CorruptStore:
-            set_aside += 1
-            counts = store.maintain(min_age=min_age, validate=validate if verify else None)
-        counts["problems"] = len(store.check())
-    finally:
-        store.close()
-    counts["index_set_aside"] = set_aside
-    return counts
+    return run(cache_dir, verify=verify, min_age=min_age)

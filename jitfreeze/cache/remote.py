@@ -7,13 +7,15 @@ is ``SET lock token NX PX ttl``, renewed while the compile runs and released
 only by its holder (compare-and-delete in Lua). Waiters poll with a bounded
 wait and stop as soon as the artifact is published.
 
-Everything here raises on trouble (down, slow, refused); deciding what that
-means (a miss, one warning, carry on locally) is :mod:`jitfreeze.cache.persistent`'s job.
-Every operation is bounded by ``JITFREEZE_REMOTE_TIMEOUT`` (no retries).
+:class:`RemoteTier` and :class:`RemoteLock` raise on trouble (down, slow, refused);
+:class:`RemoteLink` is how :mod:`jitfreeze.cache.persistent` uses them: trouble is one warning,
+then the local cache only for :data:`REMOTE_RETRY_AFTER` seconds. Every operation is bounded by
+``JITFREEZE_REMOTE_TIMEOUT`` (no retries).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -22,14 +24,16 @@ import threading
 import time
 from urllib.parse import urlsplit, urlunsplit
 
+from ..errors import trouble
 from ..key import FORMAT_VERSION
 
-__all__ = ["RemoteTier", "RemoteLock", "redact", "MAX_VALUE"]
+__all__ = ["RemoteTier", "RemoteLock", "RemoteLink", "redact", "MAX_VALUE", "REMOTE_RETRY_AFTER"]
 
 log = logging.getLogger("jitfreeze")
 
 #: Redis strings hold at most 512 MB; larger entries stay local.
 MAX_VALUE = 512 * 2**20 - 4096
+REMOTE_RETRY_AFTER = 30.0     # seconds without the remote tier after it failed
 
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end
@@ -182,3 +186,65 @@ class RemoteLock:
             self.tier._release(keys=[self.name], args=[self.token])
         except Exception as exc:  # noqa: BLE001
             log.debug("jitfreeze: cannot release the remote lock on %s (it expires): %s", self.key[:16], exc)
+
+
+class RemoteLink:
+    """The remote tier as the persistent cache uses it: nothing here raises. Redis down, slow or
+    refusing is one warning (``count_error`` is called too), then the local cache only for
+    :data:`REMOTE_RETRY_AFTER` seconds."""
+
+    def __init__(self, tier: RemoteTier, config, count_error=None):
+        self.tier, self.config, self._count_error = tier, config, count_error
+        self._down_until = 0.0
+
+    def ok(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def failed(self, exc: BaseException, what: str) -> None:
+        self._down_until = time.monotonic() + REMOTE_RETRY_AFTER
+        if self._count_error is not None:
+            self._count_error()
+        trouble(f"the jitfreeze remote cache {self.tier.location} failed ({what}); carrying on with the "
+                f"local cache (retrying the remote in {REMOTE_RETRY_AFTER:g}s)", exc,
+                strict=self.config.strict, once=("remote", self.tier.location))
+
+    def get(self, full_key: str) -> bytes | None:
+        if not self.ok():
+            return None
+        try:
+            return self.tier.get(full_key)
+        except Exception as exc:  # noqa: BLE001 - down, slow, refused
+            self.failed(exc, "get")
+            return None
+
+    def publish(self, full_key: str, data: bytes) -> bool:
+        if not self.ok():
+            return False
+        try:
+            return self.tier.put(full_key, data)
+        except Exception as exc:  # noqa: BLE001
+            self.failed(exc, "publish")
+            return False
+
+    @contextlib.contextmanager
+    def lock(self, key: str, published: str):
+        """The fleet-wide compile lock (graph keys only; ``published``: the full key whose
+        publication ends a wait); on Redis trouble, one warning and no lock."""
+        if not self.ok() or len(key) != 64 or key.strip("0123456789abcdef"):
+            yield           # e.g. "index-<key>": a local read-modify-write, nothing to compile
+            return
+        handle = self.tier.lock(key)
+        try:
+            state = handle.acquire(self.config.lock_timeout, published)
+        except Exception as exc:  # noqa: BLE001
+            handle.release()
+            self.failed(exc, "lock")
+            yield
+            return
+        if state == "timeout":
+            log.info("jitfreeze: waited %.0fs for another machine compiling %s; compiling here",
+                     self.config.lock_timeout, key[:16])
+        try:
+            yield
+        finally:
+            handle.release()

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from .store import is_corrupt
+from .sqlindex import is_corrupt
 from .trust import create_private_file
 
 __all__ = ["Journal", "SqliteJournal", "MISS_RING", "STATS_DB", "open_journal"]
@@ -243,7 +243,8 @@ class SqliteJournal(Journal):
 
 def open_journal(store, *, readonly: bool = False) -> Journal:
     """The journal of ``store``: ``stats.db`` beside a cache directory's index, else in memory."""
-    directory = getattr(store, "directory", None)
-    if directory is not None and not getattr(store, "readonly", False):
-        return SqliteJournal(Path(directory) / STATS_DB, readonly=readonly)
+    from .disk import DiskStore
+
+    if isinstance(store, DiskStore) and not store.readonly:
+        return SqliteJournal(Path(store.directory) / STATS_DB, readonly=readonly)
     return Journal()

@@ -4,10 +4,10 @@
 code-execution hole. One rule (:func:`untrusted`) decides what may be read: owned by you or by
 root (root can write anything anyway: refusing it adds no safety, and caches baked into images
 belong to root), and writable by neither group nor others. It is applied to the cache directory,
-its index files and ``locks/`` when the cache is opened, to every value file and the directories
-that hold it when the entry is read (:mod:`jitfreeze.cache.store`), and to read-only layers
-(:mod:`jitfreeze.cache.layers`). Symlinks: a path reached through a symlink owned by someone other than
-you or root is refused (the directory itself, or any directory above it) — unless the user opts in.
+its index files and ``locks/`` when the cache is opened (:func:`check_directory`, for read-only
+layers too, :mod:`jitfreeze.cache.layers`; a bundle file: :func:`check_file`), and to every value
+file and the directories that hold it when the entry is read (:mod:`jitfreeze.cache.files`).
+Symlinks: a path reached through a symlink owned by someone other than you or root is refused (the directory itself, or any directory above it) — unless the user opts in.
 
 Everything jitfreeze creates in a cache is owner-only whatever the process umask: directories
 0700 (:func:`make_private_dirs`: ``mkdir``'s mode is masked by the umask, so it is set again with
@@ -22,7 +22,7 @@ import os
 import stat
 from pathlib import Path
 
-__all__ = ["UnsafeDirectory", "untrusted", "check_path", "prepare_directory", "check_directory",
+__all__ = ["UnsafeDirectory", "untrusted", "check_path", "prepare_directory", "check_directory", "check_file",
            "make_private_dirs", "create_private_file", "PRIVATE_DIR", "PRIVATE_FILE"]
 
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
@@ -81,6 +81,14 @@ def check_directory(path: Path) -> None:
         child = path / name
         if os.path.lexists(child):
             check_path(child, "cache file", uid)
+
+
+def check_file(path: Path, what: str = "cache file") -> None:
+    """Raise UnsafeDirectory unless only the current user (or root) can write the file ``path``
+    (a bundle used as a layer), and no directory above it is reached through someone else's symlink."""
+    uid = os.geteuid()
+    _check_ancestors(Path(path), uid)
+    check_path(path, what, uid)
 
 
 def make_private_dirs(path, mode: int = PRIVATE_DIR) -> None:

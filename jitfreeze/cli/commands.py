@@ -28,13 +28,14 @@ import time
 import warnings
 from pathlib import Path
 
+from ..trace import sigtext
+
 __all__ = ["main"]
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)?\s*$", re.IGNORECASE)
 _DURATION_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_SHAPE_RE = re.compile(r"Tensor\(shape=\(([^)]*)\), dtype=([^,]+)")
 
 
 class CommandError(Exception):
@@ -81,15 +82,7 @@ def short_signature(texts) -> str:
     """``(4x16 float32, int:3)`` from an entry's signature lines."""
     if not isinstance(texts, list):
         return "?"
-    items = []
-    for text in texts:
-        m = _SHAPE_RE.match(str(text))
-        if m:
-            dims = "x".join(d.strip() for d in m.group(1).split(",") if d.strip()) or "scalar"
-            items.append(f"{dims} {m.group(2).replace('torch.', '')}")
-        else:
-            items.append(str(text))
-    return "(" + ", ".join(items) + ")"
+    return sigtext.short_signature(texts)
 
 
 def _device(meta) -> str:
@@ -340,13 +333,15 @@ def _index_targets(meta: dict) -> list[str]:
 
 def cmd_verify(args) -> int:
     from ..cache import envelope
+    from ..cache.disk import DiskStore
+    from ..cache.repair import maintain_store
 
     env = _Env(args)
     key = env.config.hmac_key
     data = {"checked": 0, "bad": [], "signed_check": bool(key), "repairs": {}}
     for store in env.stores:
-        writable = not getattr(store, "readonly", False)
-        if writable and hasattr(store, "maintain"):
+        writable = not store.readonly
+        if writable and isinstance(store, DiskStore):
             # the cache directory: structural repairs too (planted rows, missing or truncated value
             # files, orphan files), with every entry's checksum/signature checked on the way
             def validate(full, value, store=store):
@@ -358,7 +353,7 @@ def cmd_verify(args) -> int:
                                         "error": f"{type(exc).__name__}: {exc}"})
                     raise
             try:
-                counts = store.maintain(validate=validate)
+                counts = maintain_store(store, validate=validate)
             except Exception as exc:  # noqa: BLE001 - e.g. a corrupt index
                 raise CommandError(f"cannot check {store.location}: {type(exc).__name__}: {exc}") from None
             data["repairs"] = {k: v for k, v in counts.items()
@@ -451,7 +446,7 @@ def cmd_export(args) -> int:
 
 def cmd_import(args) -> int:
     from ..cache.bundle import finalize_layer, import_bundle
-    from ..cache.store import DiskStore
+    from ..cache.disk import DiskStore
     from ..cache.trust import make_private_dirs
     from ..config import Config
 

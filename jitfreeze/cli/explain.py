@@ -10,12 +10,10 @@ entry second).
 
 from __future__ import annotations
 
-import re
+from ..trace.sigtext import tensor_fields
 
 __all__ = ["nearest", "differences", "explain_misses"]
 
-_TENSOR_RE = re.compile(r"^Tensor\((.*)\)$")
-_FIELD_RE = re.compile(r"(\w+)=(\([^()]*\)|[^,()]+)")
 
 _PART_WORDS = {
     "format": "cache format",
@@ -30,14 +28,6 @@ _PART_WORDS = {
 def _short(text, limit: int = 80) -> str:
     text = str(text)
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _tensor(text: str):
-    """{"shape": "(8, 128)", "dtype": ..., ...} of a signature line describing a tensor, else None."""
-    m = _TENSOR_RE.match(str(text or ""))
-    if not m:
-        return None
-    return {k: v.strip() for k, v in _FIELD_RE.findall(m.group(1))}
 
 
 def _signature(record: dict):
@@ -60,7 +50,7 @@ def _signature_differences(new_sig, old_sig, new_spec, old_spec) -> list[str]:
     for i, (a, b) in enumerate(zip(new_sig, old_sig)):
         if a == b:
             continue
-        ta, tb = _tensor(a), _tensor(b)
+        ta, tb = tensor_fields(a), tensor_fields(b)
         if ta is None or tb is None:
             out.append(f"input {i} {_short(a, 60)} vs {_short(b, 60)}")
             continue

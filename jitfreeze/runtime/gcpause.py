@@ -21,7 +21,7 @@ import gc
 import os
 import threading
 
-__all__ = ["paused"]
+__all__ = ["paused", "paused_threads"]
 
 _guard = threading.Lock()
 _holders: dict = {}      # thread ident -> how deep that thread is inside paused()
@@ -47,6 +47,12 @@ def paused():
                 _holders[me] -= 1
             if not _holders and _resume:
                 gc.enable()
+
+
+def paused_threads() -> int:
+    """How many threads are inside :func:`paused` now (0: the collector is as the application left it)."""
+    with _guard:
+        return len(_holders)
 
 
 def _after_fork_in_child() -> None:

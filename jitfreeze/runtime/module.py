@@ -83,6 +83,15 @@ class JitFreezeModule(torch.nn.Module):
     def cache_clear(self) -> None:
         self._jitfreeze_function.cache_clear()
 
+    def signatures(self):
+        """:meth:`JitFreezeFunction.signatures` of the function that serves the model."""
+        return self._jitfreeze_function.signatures()
+
+    @property
+    def cache_location(self) -> str | None:
+        """:attr:`JitFreezeFunction.cache_location` of the function that serves the model."""
+        return self._jitfreeze_function.cache_location
+
     def extra_repr(self) -> str:
         return f"jitfreeze-wrapped: {self._jitfreeze_function.name}"
 

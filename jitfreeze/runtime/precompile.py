@@ -136,7 +136,8 @@ def _as_jitfreeze(fn: Any):
     """The jitfreeze function to call: ``fn`` itself, a module's decorated ``forward``, or a new wrapper."""
     import torch
 
-    from .function import JitFreezeFunction, jitfreeze
+    from .decorator import jitfreeze
+    from .function import JitFreezeFunction
     from .module import JitFreezeModule
 
     if isinstance(fn, (JitFreezeFunction, JitFreezeModule)):

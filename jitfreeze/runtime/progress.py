@@ -10,7 +10,7 @@ and, when it ends, one more with the total (``...: compiled and stored in 23.4 s
 numbers) and the current phase (a string the miss replaces as it goes). One watchdog thread serves
 every miss (:class:`_Watchdog`).
 
-The logger: ``jitfreeze.progress``, set to INFO and given :class:`_DefaultHandler` (stderr) at
+The logger: ``jitfreeze.progress``, set to INFO and given :class:`DefaultHandler` (stderr) at
 import unless the user configured it first. That handler writes only when no other handler would
 show the record (the ``jitfreeze`` logger's, which ``JITFREEZE_LOG`` installs, or the root's): the
 line is printed once however logging is set up. Silence it with
@@ -29,7 +29,6 @@ import sys
 import threading
 import time
 
-from ..errors import FallbackReason
 
 __all__ = ["Progress", "quiet", "LOGGER_NAME"]
 
@@ -37,7 +36,7 @@ LOGGER_NAME = "jitfreeze.progress"
 log = logging.getLogger(LOGGER_NAME)
 
 
-class _DefaultHandler(logging.Handler):
+class DefaultHandler(logging.Handler):
     """stderr (looked up at each line, as ``logging.lastResort`` does), only when no other handler
     on the way up from the ``jitfreeze.progress`` logger would take the record."""
 
@@ -46,7 +45,7 @@ class _DefaultHandler(logging.Handler):
         self.setFormatter(logging.Formatter("jitfreeze: %(message)s"))
 
     def handle(self, record):
-        if _handled_elsewhere(record.levelno, self):
+        if handled_elsewhere(record.levelno, self):
             return False
         return super().handle(record)
 
@@ -58,7 +57,7 @@ class _DefaultHandler(logging.Handler):
             self.handleError(record)
 
 
-def _handled_elsewhere(level: int, mine: logging.Handler) -> bool:
+def handled_elsewhere(level: int, mine: logging.Handler) -> bool:
     logger = log
     while logger is not None:
         if any(h is not mine and level >= h.level for h in logger.handlers):
@@ -72,7 +71,7 @@ def _handled_elsewhere(level: int, mine: logging.Handler) -> bool:
 def _install() -> None:
     if log.level == logging.NOTSET and not log.handlers:       # unless the user configured it first
         log.setLevel(logging.INFO)
-        log.addHandler(_DefaultHandler())
+        log.addHandler(DefaultHandler())
 
 
 _install()
@@ -94,12 +93,13 @@ def quiet():
 class Progress:
     """The progress of one miss: ``with Progress(name, signature, where, after) as w:``; ``w.phase``
     ("compiling", "loading", "waiting") as it goes; ``w.done = "compiled"`` etc. for the closing
-    line. ``where``: the cache directory (None: uncached). ``after``: seconds (None: never)."""
+    line, or ``w.eager = True`` when the call runs eagerly after all. ``where``: the cache directory (None: uncached). ``after``: seconds (None: never)."""
 
     def __init__(self, name: str, signature: str, where: str | None, after: float | None):
         self.name, self.signature, self.where = name, signature, where
         self.phase = "compiling"
         self.done = ""
+        self.eager = False
         self._fired = False
         self._over = False
         self._lock = threading.Lock()
@@ -119,7 +119,7 @@ class Progress:
             fired = self._fired
         if fired:
             seconds = time.monotonic() - self._t0
-            if exc_type is not None and issubclass(exc_type, FallbackReason):
+            if self.eager:
                 log.info("%s for %s runs eagerly after %.1f s (see the warning)", self.name, self.signature, seconds)
             elif exc_type is not None:
                 log.info("%s for %s stopped after %.1f s (%s)", self.name, self.signature, seconds,

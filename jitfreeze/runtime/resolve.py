@@ -6,8 +6,9 @@ back, verify its first outputs against the trace's eager ones, and store it. A l
 is verified the same way, and evicted when it disagrees. The bound module's large weights are
 left out of artifacts and bound again at load (:meth:`Resolver.bindings`).
 
-Each stage returns an :class:`Outcome`; why a call must run eagerly travels as a
-:class:`~jitfreeze.errors.FallbackReason`.
+Both return a :class:`Loaded` entry; a compile that must stop (the artifact does not load back,
+or disagrees with eager) raises :class:`~jitfreeze.errors.FallbackReason`, which the miss path
+(:mod:`jitfreeze.runtime.miss`) turns into a fallback.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import time
 from typing import Callable
 
@@ -24,24 +24,24 @@ import torch
 
 from ..backend import BindingError, module_weights
 from ..cache.persistent import INDEX
+from ..backend import EagerIsFaster
 from ..errors import FallbackReason
 from ..key import graph_key
 from ..trace.pipeline import HOISTED_PREFIX, outputs_match
 from ..trace.reach import reads as _reads
+from ..trace.sigtext import short_signature
 from .entry import Entry
 from .watch import Watch
 
-__all__ = ["Resolver", "Outcome", "GradFallback", "short_sig"]
+__all__ = ["Resolver", "Loaded", "short_sig"]
 
 log = logging.getLogger("jitfreeze")
 
 
-class GradFallback(FallbackReason):
-    """Grad mode is why the call runs eagerly (warned once per function, with the fix)."""
-
-
 @dataclasses.dataclass
-class Outcome:
+class Loaded:
+    """An artifact loaded or compiled for this call."""
+
     entry: Entry
     result: object                 # this call's result
     guards: object = None          # an index hit's dynamic guards (None: static)
@@ -59,10 +59,13 @@ class Resolver:
         self._cache = cache
         self.loads = self.compiles = 0
 
-    def from_index(self, call, fp, index, tensors) -> Outcome | None:
-        """The first candidate of the fingerprint ``index``'s entry for ``fp`` that loads, or None. No trace."""
-        if call.mode[0] and any(t.requires_grad for t in fp.tensors):
-            raise GradFallback("weights the function uses require grad and frozen graphs are inference-only")
+    @property
+    def backend_name(self) -> str:
+        return self._backend.name
+
+    def from_index(self, call, fp, index, tensors) -> Loaded | None:
+        """The first candidate of the fingerprint ``index``'s entry for ``fp`` that loads, or None. No trace.
+        (The caller has checked grad mode: :func:`jitfreeze.runtime.fallback.grad_weights`.)"""
         cache = self._cache()
         for candidate in index.candidates(cache, fp.key, tensors):
             key = candidate.graph_key
@@ -87,16 +90,14 @@ class Resolver:
             self.loads += 1
             log.info("%s: loaded %s for %s from %s (index hit, no trace)", self.name, key[:16], short_sig(call),
                      cache.where())
-            return Outcome(entry, result, candidate.guards)
+            return Loaded(entry, result, candidate.guards)
         return None
 
 
-    def load_or_compile(self, call, traced, copies, t0, t_trace, texts, progress=None) -> Outcome:
-        """``progress``: the miss's :class:`jitfreeze.runtime.progress.Progress` (its phase is set here), or None."""
+    def load_or_compile(self, call, traced, copies, t0, t_trace, texts, progress=None) -> Loaded:
+        """``progress``: the miss's :class:`jitfreeze.runtime.progress.Progress` (its phase is set here), or None.
+        (The caller has checked grad mode: :func:`jitfreeze.runtime.fallback.grad_weights`.)"""
         progress = progress if progress is not None else _NoProgress()
-        if call.mode[0] and any(t.requires_grad for _, t in traced.constants):
-            # The trace ran under no_grad; this call wants a graph for autograd: eager it is.
-            raise GradFallback("weights the function uses require grad and frozen graphs are inference-only")
         bindings = self.bindings(traced)
         key, parts = graph_key(self.name, self._backend.name, call, traced, texts, bindings)
         cache = self._cache()
@@ -111,7 +112,7 @@ class Resolver:
                 if why is None:
                     self.loads += 1
                     log.info("%s: loaded %s for %s from %s", self.name, key[:16], short_sig(call), cache.where())
-                    return Outcome(self._entry(fwd, key, call, traced, "cache"), traced.real_result)
+                    return Loaded(self._entry(fwd, key, call, traced, "cache"), traced.real_result)
                 cache.evict(key, f"its outputs differ from eager: {why}")
         progress.phase = "waiting" if cache.store is not None else "compiling"
         with cache.lock(key) as held:
@@ -124,7 +125,7 @@ class Resolver:
                     if module is not None:
                         self.loads += 1
                         log.info("%s: loaded %s (compiled by another process) from %s", self.name, key[:16], cache.where())
-                        return Outcome(self._entry(self._backend.runner(module), key, call, traced, "cache"),
+                        return Loaded(self._entry(self._backend.runner(module), key, call, traced, "cache"),
                                        traced.real_result)
             progress.phase = "compiling"
             t1 = time.perf_counter()
@@ -133,7 +134,8 @@ class Resolver:
             file = cache.new_file() if held else None
             with file if file is not None else contextlib.nullcontext():     # closed once stored
                 try:
-                    saved = self._backend.compile(traced, file.path if file else None, bindings, copies)
+                    saved = self._backend.compile(traced, file.path if file else None, bindings, copies,
+                                                  cache.config.tune)
                 except BaseException:
                     if file is not None:
                         file.discard()
@@ -143,7 +145,14 @@ class Resolver:
                     file = None          # saved elsewhere (a temporary file): nothing to adopt
                 try:
                     t2 = time.perf_counter()
-                    module = self._load(None, key, saved, call)
+                    try:
+                        module = self._load(None, key, saved, call)
+                    except EagerIsFaster as decision:
+                        # Timed at compile time: stored, so later processes run eagerly without compiling.
+                        stored = held and cache.put(key, self._meta(call, parts), saved, file=file)
+                        log.info("%s: %s for %s%s", self.name, decision, short_sig(call),
+                                 f"; stored as {key[:16]}" if stored else "")
+                        raise
                     if module is None:
                         raise FallbackReason("the frozen artifact does not load back")
                     t3 = time.perf_counter()
@@ -161,7 +170,7 @@ class Resolver:
                      "first call %.2fs, store %.2fs)%s", self.name, short_sig(call), time.perf_counter() - t0,
                      t_trace, t2 - t1, t3 - t2, t4 - t3, time.perf_counter() - t4,
                      f"; stored {size / 1e6:.1f} MB as {key[:16]}" if stored else "; not stored")
-            return Outcome(self._entry(fwd, key, call, traced, "compiled" if stored else "unstored"),
+            return Loaded(self._entry(fwd, key, call, traced, "compiled" if stored else "unstored"),
                            traced.real_result)
 
     def weights(self) -> dict | None:
@@ -191,6 +200,8 @@ class Resolver:
                 raise FallbackReason(f"the compiled function does not bind the module's weights: {exc}") from exc
             log.info("%s: %s not used: %s", self.name, key[:16], exc)
             return None
+        except EagerIsFaster:
+            raise                    # a stored decision, not trouble: the call runs eagerly
         except FallbackReason:
             if cache is None:
                 raise
@@ -242,15 +253,4 @@ def as_list(out):
 
 def short_sig(call) -> str:
     """``(4x8 float32, 8x16 float32, scale=2.0)``-style text for log lines."""
-    items = []
-    for text in call.texts:
-        m = _SHAPE_RE.match(text)
-        if m:
-            dims = "x".join(d.strip() for d in m.group(1).split(",") if d.strip()) or "scalar"
-            items.append(f"{dims} {m.group(2).replace('torch.', '')}")
-        else:
-            items.append(text)
-    return "(" + ", ".join(items) + ")"
-
-
-_SHAPE_RE = re.compile(r"Tensor\(shape=\(([^)]*)\), dtype=([^,]+)")
+    return short_signature(call.texts)

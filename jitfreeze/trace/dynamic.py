@@ -18,6 +18,7 @@ import torch
 
 from ..cache.persistent import DECISION
 from ..key import decision_key
+from .sigtext import dynamic_tensor_text
 
 __all__ = ["AutoDynamic", "Guards", "GuardError", "dynamic_texts", "symbolic_inputs", "produce_guards",
            "value_shaped_op"]
@@ -133,8 +134,7 @@ def dynamic_texts(call, tensors, dims: dict) -> tuple:
         t = tensors[j]
         shape = tuple("s" if d in dyn else n for d, n in enumerate(t.shape))
         pos = _text_position(call, leaf)
-        texts[pos] = (f"Tensor(shape={shape}, dtype={t.dtype}, device={t.device}, "
-                      f"contiguous={t.is_contiguous()}, layout={t.layout})")
+        texts[pos] = dynamic_tensor_text(t, shape)
     return tuple(texts)
 
 
@@ -172,7 +172,7 @@ def produce_guards(shape_env, placeholder_values, dims: dict) -> tuple[list[str]
     from torch._dynamo.source import LocalSource
 
     sources = [LocalSource(f"t{j}") for j in range(len(placeholder_values))]
-    fixed, specialized = _specializations(placeholder_values, dims)
+    fixed, specialized = specializations(placeholder_values, dims)
     texts = fixed + list(shape_env.produce_guards(placeholder_values, sources))
     Guards(texts)          # refuse now what we could not evaluate later
     return texts, specialized
@@ -185,7 +185,7 @@ def _as_int(value) -> int | None:
     return int(value)
 
 
-def _specializations(placeholder_values, dims: dict) -> tuple[list[str], dict]:
+def specializations(placeholder_values, dims: dict) -> tuple[list[str], dict]:
     guards, specialized = [], {}
     for j, t in enumerate(placeholder_values):
         dyn = dims.get(j, ())

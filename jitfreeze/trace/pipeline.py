@@ -19,10 +19,10 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import NO_RESULT, FallbackReason
+from ..errors import FallbackReason
 from .signature import CallSpec
 
-__all__ = ["Traced", "trace", "HOISTED_PREFIX", "outputs_match"]
+__all__ = ["Traced", "Declined", "NO_RESULT", "trace", "HOISTED_PREFIX", "outputs_match"]
 
 log = logging.getLogger("jitfreeze")
 
@@ -44,6 +44,21 @@ def _quiet_torchscript():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*TorchScript.*")
         yield
+
+
+# A result that does not exist: the function did not run on this call's real values (a symbolic
+# trace runs it on fake inputs; a trace that failed may not have run it to the end).
+NO_RESULT = object()
+
+
+@dataclasses.dataclass
+class Declined:
+    """A function that can't be traced for this signature (``reason``): it runs eagerly. ``result``:
+    its result when the trace already ran it to the end on the real inputs (calling it again would
+    repeat its side effects), else ``NO_RESULT``."""
+
+    reason: str
+    result: Any = NO_RESULT
 
 
 @dataclasses.dataclass
@@ -245,8 +260,10 @@ def _split_output(out, hint: Callable[[Any], str | None] | None):
     return leaves, spec, tuple(tensor_idx), tuple(consts)
 
 
-def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None, recorder: bool = True) -> Traced:
+def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None,
+          recorder: bool = True) -> Traced | Declined:
     """Trace ``fn`` at the pre-dispatch level for one signature; non-tensor leaves are baked in.
+    Returns the :class:`Traced` graph, or :class:`Declined` with why it can't be compiled.
 
     A real-tensor trace goes to :mod:`jitfreeze.trace.record` first (``recorder``; the same graph as
     ``make_fx``, without importing Dynamo), and to ``make_fx`` where the recorder declines.
@@ -266,14 +283,15 @@ def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None,
     libraries.install_fast_paths()
 
     captured: list = []
+    ran: list = []                       # the result of a run whose output can't be a graph's
 
     def flat_fn(*flat_tensors):
         args, kwargs = call.rebuild(flat_tensors)
         out = libraries.ensure_pytree_output(fn(*args, **kwargs))
         try:
             leaves, spec, tensor_idx, consts = _split_output(out, output_hint)
-        except FallbackReason as reason:
-            reason.result = out          # the function ran: its result is the answer to this call
+        except FallbackReason:
+            ran.append(out)              # the function ran: its result is the answer to this call
             raise
         captured.append((out, spec, tensor_idx, consts, [leaves[i] for i in tensor_idx]))
         if spec.is_leaf() and tensor_idx == (0,):
@@ -295,14 +313,13 @@ def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None,
                     with libraries.one_fake_mode():
                         gm = make_fx(flat_fn, pre_dispatch=True)(*tensors)
     except FallbackReason as reason:
-        if dims:
-            reason.result = NO_RESULT      # a symbolic trace ran on fake inputs: no real result
-        raise
+        # a symbolic trace ran on fake inputs: no real result
+        return Declined(str(reason), ran[-1] if ran and not dims else NO_RESULT)
     except Exception as exc:  # noqa: BLE001 - any trace failure is a fallback with its reason
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "data-dependent" in msg.lower() or "tracing tensor" in msg.lower() or "GuardOnDataDependent" in type(exc).__name__:
             msg = f"data-dependent control flow or value ({msg}); tracing would bake one branch"
-        raise FallbackReason(f"tracing failed: {type(exc).__name__}: {msg}") from exc
+        return Declined(f"tracing failed: {type(exc).__name__}: {msg}")
     out, out_spec, out_tensor_idx, out_consts, real = captured[-1]
     guards, specialized = [], {}
     try:
@@ -320,9 +337,7 @@ def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None,
         _in_place(gm)
         _clean(gm)
     except FallbackReason as reason:
-        if not dims:
-            reason.result = out
-        raise
+        return Declined(str(reason), NO_RESULT if dims else out)
     if dims:
         out, real = NO_RESULT, None
     constants = []

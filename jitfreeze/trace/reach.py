@@ -44,8 +44,8 @@ def _code_names(code) -> set:
 
 
 def _fixed(filename: str) -> bool:
-    from .fingerprint import _lib_of_file
-    return _lib_of_file(filename) is not None
+    from .fingerprint_fixed import lib_of_file
+    return lib_of_file(filename) is not None
 
 
 def reads(fn) -> tuple[tuple, tuple]:

@@ -25,6 +25,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import FallbackReason
+from .sigtext import _const_text, _float_key, alias_text, tensor_text
 
 __all__ = ["CallSpec", "alias_pattern", "alias_text", "describe", "fast_key", "tensor_guards", "tensor_text"]
 
@@ -42,11 +43,6 @@ except ImportError:                                        # pragma: no cover - 
 # Plain constants that a trace bakes in; their repr is stable across processes.
 _CONST_TYPES = (type(None), bool, int, str, bytes, complex, torch.dtype, torch.device,
                 torch.layout, torch.memory_format)
-
-
-def _float_key(x: float):
-    # repr tells -0.0 from 0.0 and makes nan equal to itself.
-    return repr(x)
 
 
 def alias_pattern(tensors) -> tuple:
@@ -99,11 +95,6 @@ def _span(t) -> tuple:
         else:
             hi += reach
     return lo, hi + t.element_size()
-
-
-def alias_text(pattern: tuple) -> str:
-    """The pattern as a line of the persistent key ('' when nothing aliases)."""
-    return "aliases: " + ", ".join(f"{i}~{j} {kind}" for i, j, kind in pattern) if pattern else ""
 
 
 def fast_key(args: tuple, module):
@@ -165,19 +156,6 @@ def tensor_guards(args: tuple):
 def call_mode(module) -> tuple:
     """Global state that changes the trace: grad mode, autocast, training flag."""
     return (_grad_enabled(), _any_autocast(), module.training if module is not None else None)
-
-
-def tensor_text(t: torch.Tensor) -> str:
-    return (f"Tensor(shape={tuple(t.shape)}, dtype={t.dtype}, device={t.device}, "
-            f"stride={tuple(t.stride())}, layout={t.layout})")
-
-
-def _const_text(value: Any) -> str:
-    if isinstance(value, enum.Enum):
-        return f"{type(value).__module__}.{type(value).__qualname__}.{value.name}"
-    if isinstance(value, float):
-        return f"float:{_float_key(value)}"
-    return f"{type(value).__name__}:{value!r}"
 
 
 def _path_text(path, names: list[str] | None) -> str:
@@ -294,3 +272,4 @@ def _top_level(path, names):
     if getattr(path[0], "idx", None) == 0 and pos is not None:
         return (pos, names[pos] if names is not None and pos < len(names) else None)
     return (None, getattr(top, "key", None))
+

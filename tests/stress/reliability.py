@@ -198,11 +198,12 @@ def run(mode: str, processes: int, threads: int, keys: int, seconds: float, dire
     for r in results:
         per_key.update(r["compiled_keys"])
     sys.path.insert(0, ROOT)
-    from jitfreeze.cache.store import DiskStore
+    from jitfreeze.cache.disk import DiskStore
+    from jitfreeze.cache.repair import check
 
     store = DiskStore(directory, 4 * 2**30)
     present = {k[2:] for k in store.keys() if k.startswith("a/")}
-    problems = store.check()
+    problems = check(store)
     stats = store.stats()
     store.close()
     warns = [w for r in results for w in r["warnings"]]
