@@ -159,6 +159,7 @@ def test_cold_stampede_compiles_once(cache_dir):
 
 
 CORRUPT = """
+import sys
 from jitfreeze.cache.persistent import open_cache
 from jitfreeze.config import Config
 cache = open_cache(sys.argv[1], Config.from_env())
