@@ -215,8 +215,10 @@ x = torch.randn(4, 16)
 with warnings.catch_warnings(record=True) as caught, torch.no_grad():
     warnings.simplefilter("always")
     ok = bool(torch.allclose(fast(x), model(x), atol=1e-5))
-(entry,) = {id(e): e for e in fast._table.values()}.values()   # the entry's runner holds the package
-package = entry.fwd.package
+# The stored package, loaded the way jitfreeze loads it, with the module's weights.
+from jitfreeze.backend import get_backend, module_weights
+from tests.conftest import stored_payload
+package = get_backend("aoti").load(stored_payload(fast), None, module_weights(model))
 meta = json.loads(package.loader.get_metadata()["jitfreeze"])
 shared = {t.data_ptr() for t in package.constants.values()} >= {p.data_ptr() for p in model.parameters()}
 print(json.dumps({"info": fast.cache_info()._asdict(), "ok": ok, "frozen": meta["frozen"], "shared": shared,

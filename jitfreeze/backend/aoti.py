@@ -40,7 +40,7 @@ import torch
 
 from ..errors import FallbackReason
 from ..key import tensor_layout
-from . import BindingError, SavedArtifact, room_for
+from .base import BindingError, SavedArtifact, room_for
 
 __all__ = ["AOTIBackend", "AOTIPackage", "compiler_version", "host_text"]
 
