@@ -62,11 +62,13 @@ class Case:
 
 
 CASES = {
-    "cold": Case("cold", "Cold first call, empty caches", ("jitfreeze", "bare", "compile", "floor", "cachefloor"),
+    "cold": Case("cold", "Cold first call, empty caches", ("jitfreeze", "jitfreeze-aoti", "bare", "compile", "floor",
+                                                          "cachefloor"),
                  "first_s", fills=True),
     "warm": Case("warm", "Warm first call in a fresh process (caches filled by an earlier process)",
-                 ("jitfreeze", "jitfreeze-discard", "compile", "limit", "eager"), "first_s"),
-    "steady": Case("steady", "Steady per-call latency", ("eager", "trace", "compile", "jitfreeze"), "per_call_s",
+                 ("jitfreeze", "jitfreeze-aoti", "jitfreeze-discard", "compile", "limit", "eager"), "first_s"),
+    "steady": Case("steady", "Steady per-call latency", ("eager", "trace", "compile", "jitfreeze", "jitfreeze-aoti"),
+                   "per_call_s",
                    one_process=True),
     # Issue 6: batch sizes 1..64 served by one fresh process per system. Long loops whose
     # figures are mostly counts (compiles, artifacts): once, not every repetition.
@@ -78,8 +80,11 @@ CASES = {
 VARBATCH_MAX = 64              # --varbatch-max: batch sizes 1..N in the varbatch case
 WARM_TARGET_MODELS = ("cnn", "bert")   # issue 5's warm first-call targets are stated for these
 
+# Systems that run only when named (--systems): AOTInductor compiles take tens of seconds per model.
+OPT_IN = ("jitfreeze-aoti",)
+
 # Which system fills which cache, when the cold case did not run it this repetition.
-FILLERS = {"jitfreeze": "jitfreeze", "inductor": "compile"}
+FILLERS = {"jitfreeze": "jitfreeze", "jitfreeze-aoti": "jitfreeze-aoti", "inductor": "compile"}
 
 TARGETS = {
     "cold_bare": "cold: jitfreeze <= 1.15x the bare pipeline",
@@ -706,7 +711,8 @@ def main(argv=None) -> int:
                    help="check the harness: tiny model, 1 run, no torch.compile, minimal timing")
     p.add_argument("--models", nargs="+", choices=list(models_mod.MODELS), help="default: all (small ones with --quick)")
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
-    p.add_argument("--systems", nargs="+", choices=list(SYSTEMS), help="default: every system of each case")
+    p.add_argument("--systems", nargs="+", choices=list(SYSTEMS),
+                   help="default: every system of each case but " + ", ".join(OPT_IN))
     p.add_argument("--repeat", type=int, help="runs per figure (default 5; 1 with --quick or --smoke)")
     p.add_argument("--budget", type=float, help="seconds of timed calls per steady figure (default 2)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per worker process")
@@ -740,12 +746,12 @@ def main(argv=None) -> int:
         models = args.models or ["tiny"]
         repeat = args.repeat or 1
         budget = args.budget or 0.05
-        systems = set(args.systems) if args.systems else {s for s in SYSTEMS if s != "compile"}
+        systems = set(args.systems) if args.systems else {s for s in SYSTEMS if s != "compile" and s not in OPT_IN}
     else:
         models = args.models or models_mod.names(small_only=args.quick)
         repeat = args.repeat or (1 if args.quick else 5)   # --quick: one run, to fit ~3 minutes
         budget = args.budget or (0.3 if args.quick else 2.0)
-        systems = set(args.systems) if args.systems else None
+        systems = set(args.systems) if args.systems else set(SYSTEMS) - set(OPT_IN)
     global THREADS, VARBATCH_MAX
     THREADS = args.threads
     VARBATCH_MAX = args.varbatch_max

@@ -123,6 +123,9 @@ system("jitfreeze-discard", "jitfreeze (discard_parameters=True)", needs=("jitfr
 # which new shapes run eagerly) so that the variable-batch case really compiles every size 1..64.
 system("jitfreeze-static", "jitfreeze (dynamic=False, max_signatures=64)", needs=("jitfreeze",))(
     _jitfreeze_with(dynamic=False, max_signatures=64))
+# Issue 24: the torch.export + AOTInductor backend, side by side with the default (TorchScript) one. Its
+# entries live in the same cache directory under other keys; "needs" keeps its own filled-or-not state.
+system("jitfreeze-aoti", "jitfreeze (backend='aoti')", needs=("jitfreeze-aoti",))(_jitfreeze_with(backend="aoti"))
 
 
 @system("bare", "bare pipeline (no cache)")
@@ -277,7 +280,7 @@ def artifact_file(cache_dir, info: dict | None = None) -> tuple[str, bytes]:
 
 
 def read_artifact(cache_dir, info: dict | None = None) -> bytes:
-    """The payload (torch.jit.save'd frozen module) of the one artifact in a jitfreeze cache.
+    """The payload (torch.jit.save'd frozen module) of the one TorchScript artifact in a jitfreeze cache.
 
     Read through jitfreeze's own verified path, with the store opened read-only and strict
     mode on: a bad entry raises here instead of being dropped from the cache.
@@ -294,9 +297,17 @@ def read_artifact(cache_dir, info: dict | None = None) -> bytes:
         keys = [k for k in store.keys() if k.startswith(ARTIFACT)]
         if not keys:
             raise RuntimeError(f"no artifact in {cache_dir}: fill it first")
-        found = PersistentCache(store, config, None).get(keys[-1][len(ARTIFACT):])
+        cache = PersistentCache(store, config, None)
+        found = None
+        for k in reversed(keys):          # the TorchScript backend's (backend='aoti' may share the directory)
+            found = cache.get(k[len(ARTIFACT):])
+            if found is None:
+                raise RuntimeError(f"the artifact in {cache_dir} does not verify")
+            if not str(found[0].get("parts", {}).get("backend", "torchscript")).startswith("aoti"):
+                break
+            found = None
         if found is None:
-            raise RuntimeError(f"the artifact in {cache_dir} does not verify")
+            raise RuntimeError(f"no TorchScript artifact in {cache_dir}: fill it first")
         payload = found[1]
         if not isinstance(payload, bytes):       # a verified file left in place (cache.FilePayload)
             payload = payload.read() if hasattr(payload, "read") else bytes(payload)
@@ -321,7 +332,7 @@ def compiled_graph(fn):
     fn = unwrap(fn)
     compiled = [s.compiled for s in fn.signatures() if s.compiled is not None] \
         if hasattr(fn, "signatures") else []
-    if compiled:                                          # jitfreeze: the entry's ScriptMethod
+    if compiled:                                          # jitfreeze: the entry's ScriptMethod (aoti: none)
         return getattr(compiled[0], "graph", None)
     if isinstance(fn, torch.jit.ScriptModule):
         return fn.graph

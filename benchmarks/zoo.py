@@ -5,6 +5,7 @@
     python -m benchmarks.zoo --models vit bert --batches 1 --systems eager,jitfreeze --repeat 1
     python -m benchmarks.zoo --size tiny --models bert vit --systems eager,jitfreeze   # harness check
     python -m benchmarks.zoo --varbatch --models bert --varbatch-max 16   # batches 1..16, two processes
+    python -m benchmarks.zoo --quick --backend torchscript,aoti      # jitfreeze's two backends side by side
 
 Models are built in code from transformers' configs (``XxxConfig()`` defaults where they are the
 real checkpoint's size, the checkpoint's figures where they are not: ``ZOO`` names the checkpoint
@@ -306,6 +307,15 @@ def summarize(records, names) -> dict:
                        for r in records if r.get("model") == m and not r.get("ok")],
         }
         f = row["first"]
+        aoti = {"cold": get("cold", m, "jitfreeze-aoti"), "warm": get("warm", m, "jitfreeze-aoti"),
+                "steady": get("steady", m, "jitfreeze-aoti", "per_call_s"),
+                "rss_mb": get("warm", m, "jitfreeze-aoti", "rss_mb")}
+        if any(v is not None for v in aoti.values()):
+            row["aoti"] = aoti
+            row["aoti_ratios"] = {"steady_aoti_ts": run._ratio(aoti["steady"], steady["jitfreeze"]),
+                                  "steady_aoti_compile": run._ratio(aoti["steady"], steady["compile"]),
+                                  "warm_aoti_compile": run._ratio(aoti["warm"], f["compile_warm"]),
+                                  "warm_aoti_ts": run._ratio(aoti["warm"], f["jitfreeze_warm"])}
         row["ratios"] = {"steady_jf_eager": run._ratio(steady["jitfreeze"], steady["eager"]),
                          "steady_jf_compile": run._ratio(steady["jitfreeze"], steady["compile"]),
                          "warm_jf_limit": run._ratio(f["jitfreeze_warm"], f["limit"]),
@@ -314,6 +324,10 @@ def summarize(records, names) -> dict:
         rows[m] = row
     geo = {k: _geomean([row["ratios"][k] for row in rows.values()]) for k in
            ("steady_jf_eager", "steady_jf_compile", "warm_jf_limit", "warm_jf_compile", "cold_jf_compile")}
+    with_aoti = [row for row in rows.values() if "aoti_ratios" in row]
+    if with_aoti:
+        geo.update({k: _geomean([row["aoti_ratios"][k] for row in with_aoti]) for k in
+                    ("steady_aoti_ts", "steady_aoti_compile", "warm_aoti_compile", "warm_aoti_ts")})
     return {"models": rows, "geomean": geo}
 
 
@@ -404,6 +418,28 @@ def write_table(path: Path, result: dict) -> str:
                                                   ("warm_jf_limit", "warm jf / limit"),
                                                   ("warm_jf_compile", "warm jf / torch.compile"),
                                                   ("cold_jf_compile", "cold jf / torch.compile"))) + "."]
+        if any("aoti" in row for row in rows.values()):
+            L += _head("Backends side by side: jitfreeze with backend='aoti' (issue 24)",
+                       ["model", "batch", "aoti cold", "aoti warm", "torchscript warm", "torch.compile warm",
+                        "aoti steady", "torchscript steady", "torch.compile steady", "aoti / torchscript",
+                        "aoti / torch.compile", "warm aoti / torch.compile", "aoti warm peak RSS (MB)"],
+                       "The same runs: cold and warm first calls each in a fresh process, steady per call with "
+                       "every system taking turns in one process.")
+            for m, row in rows.items():
+                if "aoti" not in row:
+                    continue
+                arch, _, batch = _parse(m)
+                a, r, f, s = row["aoti"], row["aoti_ratios"], row["first"], row["steady"]
+                rss = f"{a['rss_mb']:.0f}" if a["rss_mb"] is not None else "n/a"
+                L.append(f"| {arch} | {batch} | " + " | ".join(fmt_time(v) for v in (
+                    a["cold"], a["warm"], f["jitfreeze_warm"], f["compile_warm"], a["steady"], s["jitfreeze"],
+                    s["compile"])) + f" | {_x(r['steady_aoti_ts'])} | {_x(r['steady_aoti_compile'])} | "
+                    f"{_x(r['warm_aoti_compile'])} | {rss} |")
+            L += ["", "Geometric means: " + ", ".join(
+                f"{label} {_x(g.get(k))}" for k, label in (("steady_aoti_ts", "steady aoti / torchscript"),
+                                                          ("steady_aoti_compile", "steady aoti / torch.compile"),
+                                                          ("warm_aoti_compile", "warm aoti / torch.compile"),
+                                                          ("warm_aoti_ts", "warm aoti / torchscript"))) + "."]
         errors = [f"{m}: {e}" for m, row in rows.items() for e in row["errors"]]
         if errors:
             L += ["", "### Failures\n"] + [f"- {_md(e)[:500]}" for e in errors]
@@ -480,6 +516,9 @@ def main(argv=None) -> int:
     p.add_argument("--batches", nargs="+", type=int, help="batch sizes (default: 1 and 8; tiny: 1 and 2; quick: 1)")
     p.add_argument("--systems", default="eager,trace,compile,jitfreeze",
                    help="comma-separated, of " + ",".join(USER_SYSTEMS) + " (jitfreeze brings its load limit)")
+    p.add_argument("--backend", default="torchscript",
+                   help="jitfreeze backends, comma-separated: torchscript (the default, always the reference) "
+                        "and aoti (jitfreeze with backend='aoti' runs next to it: cold, warm, steady)")
     p.add_argument("--repeat", type=int, help="runs per figure (default 3; 1 with --quick)")
     p.add_argument("--budget", type=float, help="seconds of timed calls per system, steady (default 1; quick 0.3)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
@@ -496,6 +535,9 @@ def main(argv=None) -> int:
     unknown = set(systems) - set(USER_SYSTEMS)
     if unknown:
         p.error(f"unknown systems {sorted(unknown)} (choose from {list(USER_SYSTEMS)})")
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    if not backends or not set(backends) <= {"torchscript", "aoti"}:
+        p.error(f"--backend {args.backend!r}: expected torchscript, aoti or torchscript,aoti")
     archs = args.models or (QUICK if args.quick else list(ZOO))
     batches = args.batches or ([1] if args.quick else list(SIZES[args.size]["batches"]))
     repeat = args.repeat or (1 if args.quick else 3)
@@ -519,6 +561,8 @@ def main(argv=None) -> int:
     with open(log_path, "w") as log:
         if not args.varbatch_only:
             chosen = [s for u in systems for s in USER_SYSTEMS[u]]
+            if "aoti" in backends and "jitfreeze" in systems:
+                chosen.append("jitfreeze-aoti")
             records = run_zoo(names, chosen, repeat, budget, args.timeout, tmp_root, log,
                               progress=lambda s: print(s, flush=True))
         if args.varbatch or args.varbatch_only:
@@ -533,7 +577,7 @@ def main(argv=None) -> int:
     machine = run.machine_info(records + varbatch)
     machine["transformers"] = md.version("transformers")
     meta = {"date": started.strftime("%Y-%m-%d %H:%M %Z"), "size": args.size, "archs": archs, "batches": batches,
-            "systems": systems, "repeat": repeat, "budget_s": budget, "varbatch_max": args.varbatch_max,
+            "systems": systems, "backends": backends, "repeat": repeat, "budget_s": budget, "varbatch_max": args.varbatch_max,
             "wall_s": wall, "loadavg_start": load_start, "loadavg_end": [round(v, 2) for v in os.getloadavg()],
             "argv": sys.argv[1:] if argv is None else list(argv)}
     result = {"meta": meta, "machine": machine,

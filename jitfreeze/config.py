@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["Config", "parse_size", "default_cache_dir", "ENV_VARS"]
+__all__ = ["Config", "parse_size", "default_cache_dir", "backend_name", "ENV_VARS"]
 
 #: name -> one-line description; the README's table is generated from this (scripts/env_table.py --write;
 #: tests/test_docs.py checks that the README matches).
@@ -32,6 +32,7 @@ ENV_VARS = {
     "JITFREEZE_REMOTE_TIMEOUT": "Seconds one Redis operation may take (default `1`); past it, one warning and the process carries on locally (retrying Redis 30 s later).",
     "JITFREEZE_REMOTE_LOCK_TTL": "Expiry in seconds of the fleet-wide compile lock in Redis (default `60`; renewed while the compile runs).",
     "JITFREEZE_PROGRESS_AFTER": "Seconds a first call (trace and compile, or load) may run before one line on stderr says what is compiling (default `5`); `0` or `off`: never. The line goes to the `jitfreeze.progress` logger (see docs/operations.md).",
+    "JITFREEZE_BACKEND": "`torchscript` (default) or `aoti` (torch.export + AOTInductor; needs a C++ compiler to compile): the backend of functions decorated without `backend=`, read when they are decorated.",
     "JITFREEZE_TUNE": "`0`: no timing on a first call: the default compiled form is kept (graphs with convolutions: `optimize_for_inference`), never eager. Default `1`: the graph's variants and eager are timed side by side on the call's inputs (within 3 s), the fastest is stored; where eager is faster, later calls and processes run eagerly (one INFO line).",
     "JITFREEZE_TRACER": "`make_fx`: trace every miss with `make_fx` (imports Dynamo, 2–3 s, on the first miss); default `auto`: jitfreeze's pre-dispatch recorder where it applies (the same graph, no Dynamo), `make_fx` elsewhere.",
 }
@@ -97,6 +98,7 @@ class Config:
     remote_lock_ttl: float = 60.0
     tracer: str = "auto"                # JITFREEZE_TRACER: auto (the recorder where it applies) or make_fx
     progress_after: float | None = 5.0  # JITFREEZE_PROGRESS_AFTER: seconds before a slow miss says so (None: never)
+    backend: str = "torchscript"        # JITFREEZE_BACKEND: the default backend (read when a function is decorated)
     tune: bool = True                   # JITFREEZE_TUNE: time variants and eager at compile time
 
     @classmethod
@@ -135,8 +137,23 @@ class Config:
             remote_lock_ttl=_seconds(env, "JITFREEZE_REMOTE_LOCK_TTL", 60.0),
             tracer=tracer,
             progress_after=_progress_after(env),
+            backend=backend_name(env),
             tune=env.get("JITFREEZE_TUNE", "").strip().lower() not in _FALSE - {""},
         )
+
+
+#: The backends (jitfreeze.backend.get_backend builds them); named here so that reading the
+#: environment never imports torch.
+BACKENDS = ("torchscript", "aoti")
+
+
+def backend_name(env=None) -> str:
+    """``JITFREEZE_BACKEND`` (default ``torchscript``), checked against the known backends."""
+    env = os.environ if env is None else env
+    name = env.get("JITFREEZE_BACKEND", "").strip().lower() or "torchscript"
+    if name not in BACKENDS:
+        raise ValueError(f"JITFREEZE_BACKEND={name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
 
 
 def _cache_path(text: str) -> tuple[tuple, str | None]:

@@ -15,7 +15,7 @@ __all__ = ["jitfreeze"]
 
 def jitfreeze(fn: Callable | torch.nn.Module | None = None, /, *, cache_dir=None, optimize: bool = True,
               max_signatures: int | None = None, index: bool = True, verify: bool | None = None,
-              discard_parameters: bool = False, dynamic=None
+              discard_parameters: bool = False, dynamic=None, backend: str | None = None
               ) -> JitFreezeFunction | JitFreezeModule | Callable[[Callable], JitFreezeFunction | JitFreezeModule]:
     """Compile-and-freeze ``fn`` on its first call per input signature, with a persistent cache.
 
@@ -24,7 +24,8 @@ def jitfreeze(fn: Callable | torch.nn.Module | None = None, /, *, cache_dir=None
     ``@jitfreeze(cache_dir=..., optimize=...)``. ``cache_dir`` may also be a Store instance
     (e.g. :class:`jitfreeze.cache.store.MemoryStore`).
 
-    optimize: apply ``torch.jit.optimize_for_inference`` after loading (CPU).
+    optimize: apply ``torch.jit.optimize_for_inference`` after loading (CPU); with ``backend="aoti"``,
+        Inductor's freezing (constant folding, prepacked weights).
     max_signatures: most signatures compiled per function (default ``JITFREEZE_MAX_SIGNATURES`` or 8).
     index: use the trace-free fingerprint index on warm starts.
     verify: on index hits, trace anyway and compare graph keys (default ``JITFREEZE_VERIFY``).
@@ -34,9 +35,12 @@ def jitfreeze(fn: Callable | torch.nn.Module | None = None, /, *, cache_dir=None
     dynamic: ``None`` (automatic: static first, then the dims whose sizes change become symbolic,
         a decision remembered in the persistent cache), ``False`` (exact shapes), ``True`` (every
         dim symbolic) or ``{argument name or position: [dims]}``.
+    backend: ``"torchscript"`` (script + freeze) or ``"aoti"`` (torch.export + AOTInductor: a C++
+        compile per signature, tens of seconds; see docs/backends.md); default ``JITFREEZE_BACKEND``
+        or ``"torchscript"``.
     """
     options = dict(cache_dir=cache_dir, optimize=optimize, max_signatures=max_signatures, index=index,
-                   verify=verify, discard_parameters=discard_parameters, dynamic=dynamic)
+                   verify=verify, discard_parameters=discard_parameters, dynamic=dynamic, backend=backend)
 
     def wrap(f):
         if isinstance(f, torch.nn.Module):

@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from ..backend import get_backend
 from ..cache.persistent import open_cache
-from ..config import Config
+from ..config import Config, backend_name
 from ..errors import FallbackReason
 from ..trace import fingerprint
 from ..trace import signature as sig_mod
@@ -72,10 +72,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _backend_name() -> str:
-    """The name of the backend new functions compile with (:func:`jitfreeze.backend.get_backend`):
-    the one place it comes in."""
-    return "torchscript"
+def _backend_name(backend: str | None) -> str:
+    """The name of the backend a new function compiles with (:func:`jitfreeze.backend.get_backend`):
+    its ``backend=`` option, else ``JITFREEZE_BACKEND``, else ``"torchscript"``; the one place it comes in."""
+    return backend or backend_name()
 
 
 class JitFreezeFunction:
@@ -84,11 +84,13 @@ class JitFreezeFunction:
     def __init__(self, fn: Callable, *, module: torch.nn.Module | None = None, cache_dir=None,
                  optimize: bool = True, max_signatures: int | None = None, index: bool = True,
                  verify: bool | None = None, discard_parameters: bool = False, dynamic=None,
-                 name: str | None = None, _parent: "JitFreezeFunction | None" = None):
+                 name: str | None = None, backend: str | None = None,
+                 _parent: "JitFreezeFunction | None" = None):
         self.fn = fn
         self.module = module
         self.cache_dir = cache_dir
         self.optimize = optimize
+        self.backend = _backend_name(backend)        # JITFREEZE_BACKEND when not given
         self.max_signatures = max_signatures
         self.index = index
         self.verify = verify
@@ -114,7 +116,7 @@ class JitFreezeFunction:
         self._config: Config | None = None
         self._disabled = False
         self._cache = None
-        backend = get_backend(_backend_name(), optimize)
+        backend = get_backend(self.backend, optimize)
         self._resolver = Resolver(self.name, fn, module, backend, lambda: me()._cache_for())
         self._param_names = None
         self._index = FingerprintIndex(self.name, backend.name, fn, _parent._index if _parent else None)
@@ -139,7 +141,7 @@ class JitFreezeFunction:
             module=instance if isinstance(instance, torch.nn.Module) else None,
             cache_dir=self.cache_dir, optimize=self.optimize, max_signatures=self.max_signatures,
             index=self.index, verify=self.verify, discard_parameters=self.discard_parameters,
-            dynamic=self.dynamic, name=self.name, _parent=self)
+            dynamic=self.dynamic, name=self.name, backend=self.backend, _parent=self)
         try:
             self._bound[instance] = bound
         except TypeError:

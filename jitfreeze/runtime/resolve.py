@@ -213,7 +213,7 @@ class Resolver:
                 return None          # evicted between verification and loading: a plain miss
             if cache is None:
                 raise FallbackReason(f"the frozen artifact does not load back: {type(exc).__name__}: {exc}") from exc
-            cache.evict(key, "torch.jit.load failed", exc)
+            cache.evict(key, "loading the artifact failed", exc)
             return None
 
     def _first_call(self, module, tensors):
