@@ -571,8 +571,8 @@ def test_reads_touch_access_times_off_the_reading_thread(cache_dir, monkeypatch)
     from jitfreeze.cache import lru as touches
 
     threads = []
-    real_write = touches._write
-    monkeypatch.setattr(touches, "_write", lambda batch: threads.append(threading.current_thread()) or
+    real_write = touches.write_batch
+    monkeypatch.setattr(touches, "write_batch", lambda batch: threads.append(threading.current_thread()) or
                         real_write(batch))
     store = DiskStore(cache_dir, 2**30)
     store.put("a/old", b"a" * 40_000)
@@ -580,7 +580,7 @@ def test_reads_touch_access_times_off_the_reading_thread(cache_dir, monkeypatch)
     limit = store.stats()["bytes"] + 20_000          # room for the two, not for a third
     store.close()
     store = DiskStore(cache_dir, limit)                # a warm process: the plain reader connection
-    assert store._reader is not None
+    assert store.reading_plainly
     assert store.get("a/old") == b"a" * 40_000
     assert store.info("a/old")["access_count"] == 1    # info() waits for queued touches
     assert threads and all(t is not threading.main_thread() for t in threads)
@@ -588,9 +588,9 @@ def test_reads_touch_access_times_off_the_reading_thread(cache_dir, monkeypatch)
     assert store.get("a/mid") is None and store.get("a/old") is not None
     assert touches.drain(timeout=30)
     # A batch that fails in an unforeseen way does not stop the thread: the next one is written.
-    monkeypatch.setattr(touches, "_write", lambda batch: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(touches, "write_batch", lambda batch: (_ for _ in ()).throw(RuntimeError("boom")))
     assert store.get("a/old") is not None and touches.drain(timeout=30)
-    monkeypatch.setattr(touches, "_write", real_write)
+    monkeypatch.setattr(touches, "write_batch", real_write)
     store.get("a/old")
     assert store.info("a/old")["access_count"] == 3
     # A writer holding the index past the touch's wait: the touch is dropped, the read is not.
@@ -608,7 +608,7 @@ def test_reads_touch_access_times_off_the_reading_thread(cache_dir, monkeypatch)
     # The index removed between a read and its touch: not created again.
     store = DiskStore(cache_dir, limit)
     gate = threading.Event()
-    monkeypatch.setattr(touches, "_write", lambda batch: gate.wait(30) and real_write(batch))
+    monkeypatch.setattr(touches, "write_batch", lambda batch: gate.wait(30) and real_write(batch))
     assert store.get("a/old") is not None
     for name in ("cache.db", "cache.db-wal", "cache.db-shm"):
         with contextlib.suppress(FileNotFoundError):

@@ -80,6 +80,11 @@ class DiskStore:
         self._ino = sqlindex.inode(self.directory / DB_NAME)
 
     @property
+    def reading_plainly(self) -> bool:
+        """Whether reads go through the plain SQLite reader connection (a warm process's path)."""
+        return self._reader is not None
+
+    @property
     def _cache(self) -> diskcache.Cache:
         cache = self._opened
         if cache is None:

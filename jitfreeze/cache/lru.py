@@ -56,7 +56,7 @@ class _Touches:
                 batch, self._queue = self._queue, []
                 self._busy = True
             try:
-                _write(batch)
+                write_batch(batch)
             except Exception:  # noqa: BLE001 - bookkeeping: the thread must outlive any batch
                 pass
             finally:
@@ -70,7 +70,8 @@ class _Touches:
         self.__init__()
 
 
-def _write(batch) -> None:
+def write_batch(batch) -> None:
+    """Write one batch of access times ``[(index path, rowid, time)]`` (the thread's work)."""
     by_db: dict[str, list[tuple[float, int]]] = {}
     for db, rowid, when in batch:
         by_db.setdefault(db, []).append((when, rowid))
