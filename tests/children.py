@@ -20,12 +20,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def child_env(extra=None) -> dict:
     """The environment of a child: this one without ``JITFREEZE_*``, ``PYTHONPATH`` starting at this
-    checkout, ``JITFREEZE_PROGRESS_AFTER=off``, then ``extra``."""
+    checkout, ``JITFREEZE_PROGRESS_AFTER=off``, ``JITFREEZE_TUNE=0``, then ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JITFREEZE_")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     # No long-compile line (jitfreeze.runtime.progress) unless a test asks: what a test reads on
     # stderr must not depend on how loaded the machine is.
     env["JITFREEZE_PROGRESS_AFTER"] = "off"
+    # Nor which compiled form a child keeps, or whether it keeps eager (tests/test_tuning.py times
+    # for real, in process): the default variant, always compiled.
+    env["JITFREEZE_TUNE"] = "0"
     env.update(extra or {})
     return env
 

@@ -240,3 +240,28 @@ def test_large_weights_are_bound_at_load(cache_dir):
     second, _ = run_script(BOUND, cache_dir, env=AOTI)
     assert second["info"]["loads"] == 1 and second["info"]["compiles"] == 0 and second["ok"]
     assert second["shared"] and second["warnings"] == []
+
+
+@pytest.mark.slow
+@needs_cxx
+def test_eager_faster_than_the_package_runs_eagerly(cache_dir, monkeypatch, caplog):
+    """The package timed against eager (faked here: eager fastest in every round): the decision is
+    recorded in the package, the call runs eagerly with an INFO line, and a fresh function loading
+    the stored package runs eagerly too, without compiling."""
+    import logging
+
+    from jitfreeze.backend import tuning
+
+    def measure(fns, args):
+        return {name: ((0.5, [0.5] * 3) if name == "eager" else (1.0, [1.0] * 3)) for name in fns}
+    monkeypatch.setattr(tuning, "measure", measure)
+    monkeypatch.setenv("JITFREEZE_BACKEND", "aoti")
+    model, inputs = make("mlp")
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="jitfreeze"):
+        fast = jitfreeze(model, cache_dir=cache_dir)
+        assert torch.equal(fast(*inputs), model(*inputs))
+        again = jitfreeze(model, cache_dir=cache_dir)
+        assert torch.equal(again(*inputs), model(*inputs))
+    assert fast.cache_info().fallbacks == 1 and fast.cache_info().compiles == 0
+    assert again.cache_info().fallbacks == 1 and again.cache_info().compiles == 0
+    assert any("eager is faster here" in r.getMessage() for r in caplog.records)

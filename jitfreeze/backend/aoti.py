@@ -40,7 +40,8 @@ import torch
 
 from ..errors import FallbackReason
 from ..key import tensor_layout
-from .base import BindingError, SavedArtifact, room_for
+from .base import BindingError, EagerIsFaster, SavedArtifact, room_for
+from .tuning import choose
 
 __all__ = ["AOTIBackend", "AOTIPackage", "compiler_version", "host_text"]
 
@@ -51,6 +52,7 @@ _COMPILE_LOCK = threading.Lock()    # Inductor's configs and warning filters are
 _META = "jitfreeze"                 # our record in the package's metadata (aot_inductor.metadata)
 _FORMAT = 1
 _CONSTANTS = "jitfreeze/constants.pt"   # a binding package's own constants (torch.save, weights_only at load)
+_TUNED = "jitfreeze/tuned.json"         # written only where eager timed faster than the package
 
 
 def _compiler() -> str:
@@ -163,8 +165,9 @@ class AOTIBackend:
                 example: list | None = None, tune: bool = True) -> SavedArtifact:
         """Export and compile ``traced`` for the call's inputs ``example`` (not modified); the
         package is written to ``path`` (or a temporary file: see :class:`SavedArtifact`).
-        ``tune`` (``JITFREEZE_TUNE``) is not used: there is one compiled form, and no timing
-        against eager (a compile that takes tens of seconds is kept)."""
+        With ``tune`` (``JITFREEZE_TUNE``) the package is timed against eager on ``example``
+        (:func:`jitfreeze.backend.tuning.choose`; one compiled form, no variants); where eager is
+        faster, the package records it and :meth:`load` raises :class:`EagerIsFaster`."""
         bindings = bindings or {}
         if compiler_version() is None:
             raise FallbackReason(
@@ -216,7 +219,21 @@ class AOTIBackend:
             except Exception:
                 saved.remove()
                 raise
+        if tune:
+            self._tune(saved, traced, bindings, example)
         return saved
+
+    def _tune(self, saved: SavedArtifact, traced, bindings: dict, example: list) -> None:
+        weights = {bindings[attr]: t for attr, t in traced.constants if attr in bindings}
+        try:
+            run = self.runner(self.load(saved, example[0].device if example else None, weights))
+        except Exception as exc:  # noqa: BLE001 - loading it back is checked (and reported) by the caller
+            log.debug("jitfreeze: package not timed (%s)", exc)
+            return
+        choice = choose("aoti", {"aoti": run}, traced.graph_module, example)
+        if choice.eager:
+            with zipfile.ZipFile(saved.path, "a") as z:
+                z.writestr(_TUNED, json.dumps(choice.record()))
 
     # -- load and run --------------------------------------------------------------------------
 
@@ -224,6 +241,9 @@ class AOTIBackend:
         """bytes (or a verified file: anything with ``.path``; the envelope after the zip is fine,
         zip readers skip it) -> an :class:`AOTIPackage`. ``weights``: the module's tensors by name,
         for packages that bind them; :class:`BindingError` when they don't fit."""
+        tuned = _tuned(getattr(data, "path", None) or data)
+        if tuned.get("eager"):
+            raise EagerIsFaster(tuned)
         gpu = device is not None and device.type != "cpu"
         index = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else -1
         path = getattr(data, "path", None)
@@ -274,6 +294,12 @@ class AOTIBackend:
                 return loader_run(list(tensors))
         run.package = module
         return run
+
+
+def _tuned(source) -> dict:
+    """The timing record :meth:`AOTIBackend._tune` wrote into the package (:data:`_TUNED`), or {}."""
+    with zipfile.ZipFile(source if isinstance(source, str) else io.BytesIO(source)) as z:
+        return json.loads(z.read(_TUNED)) if _TUNED in z.namelist() else {}
 
 
 def _stored_constants(source) -> dict:
