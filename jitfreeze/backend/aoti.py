@@ -40,7 +40,7 @@ import torch
 
 from ..errors import FallbackReason
 from ..key import tensor_layout
-from .base import BindingError, EagerIsFaster, SavedArtifact, room_for
+from .base import EagerIsFaster, SavedArtifact, bound_tensor, room_for
 from .tuning import choose
 
 __all__ = ["AOTIBackend", "AOTIPackage", "compiler_version", "host_text"]
@@ -263,13 +263,7 @@ class AOTIBackend:
             if record.get("stored"):
                 constants = _stored_constants(getattr(data, "path", None) or data)
             for attr, name, *layout in bound:
-                tensor = (weights or {}).get(name)
-                if tensor is None:
-                    raise BindingError(f"the package binds the module's {name!r}, which it does not have")
-                if tensor_layout(tensor) != layout:
-                    raise BindingError(f"the module's {name!r} is {tensor_layout(tensor)}; the package was "
-                                       f"compiled for {layout} (dtype, shape, strides, offset, device)")
-                constants[attr] = tensor.detach()
+                constants[attr] = bound_tensor(weights, name, layout, "package")
             if needed - set(constants):
                 # A package run with constants missing crashes the process (seen: SIGSEGV): refuse it.
                 raise RuntimeError(f"the package needs constants it does not bind: {sorted(needed - set(constants))[:5]}")

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import FallbackReason
 
-__all__ = ["SavedArtifact", "BindingError", "EagerIsFaster", "module_weights", "room_for"]
+__all__ = ["SavedArtifact", "BindingError", "EagerIsFaster", "module_weights", "bound_tensor", "room_for"]
 
 
 class SavedArtifact:
@@ -78,3 +78,16 @@ def module_weights(module) -> dict | None:
     return weights
 
 
+def bound_tensor(weights: dict | None, name: str, layout: list, what: str):
+    """The module's tensor ``name`` that an artifact (``what``: "artifact", "package") binds,
+    detached; :class:`BindingError` when the module has none or its layout (dtype, shape,
+    strides, offset, device) is not the one the artifact was compiled for."""
+    from ..key import tensor_layout
+
+    tensor = (weights or {}).get(name)
+    if tensor is None:
+        raise BindingError(f"the {what} binds the module's {name!r}, which it does not have")
+    if tensor_layout(tensor) != layout:
+        raise BindingError(f"the module's {name!r} is {tensor_layout(tensor)}; the {what} was "
+                           f"compiled for {layout} (dtype, shape, strides, offset, device)")
+    return tensor.detach()

@@ -21,7 +21,7 @@ import torch
 from ..errors import FallbackReason
 from ..key import tensor_layout
 from ..trace.pipeline import _HOISTED_OPS, Traced, _first_line, _quiet_torchscript
-from .base import BindingError, EagerIsFaster, SavedArtifact, room_for
+from .base import EagerIsFaster, SavedArtifact, bound_tensor, room_for
 from .tuning import Choice, choose
 
 __all__ = ["TorchScriptBackend", "variants"]
@@ -216,13 +216,7 @@ class TorchScriptBackend:
             return module
         with _quiet_torchscript():
             for attr, name, *layout in record.get("bindings", []):
-                tensor = (weights or {}).get(name)
-                if tensor is None:
-                    raise BindingError(f"the artifact binds the module's {name!r}, which it does not have")
-                if tensor_layout(tensor) != layout:
-                    raise BindingError(f"the module's {name!r} is {tensor_layout(tensor)}; the artifact was "
-                                       f"compiled for {layout} (dtype, shape, strides, offset, device)")
-                module._c.setattr(attr, tensor.detach())
+                module._c.setattr(attr, bound_tensor(weights, name, layout, "artifact"))
             return _freeze(module)
 
     def post_load(self, module, device: torch.device | None, variant: str | None = None):

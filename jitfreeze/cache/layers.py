@@ -77,7 +77,20 @@ def open_layer(path, *, trusted: bool):
 # -- a cache directory, read through SQLite in read-only mode ----------------------------------------
 
 
-class ReadOnlyDirStore:
+class _ReadOnly:
+    """Writes to a read-only layer raise."""
+
+    def put(self, key, value):
+        raise PermissionError(f"{self.location} is a read-only layer")
+
+    def delete(self, key):
+        raise PermissionError(f"{self.location} is a read-only layer")
+
+    def clear(self):
+        raise PermissionError(f"{self.location} is a read-only layer")
+
+
+class ReadOnlyDirStore(_ReadOnly):
     """A diskcache directory written by jitfreeze, read without any write (index or files)."""
 
     readonly = True
@@ -115,15 +128,6 @@ class ReadOnlyDirStore:
     def head(self, key):
         row = self._rows(lambda execute: sqlindex.stored_row(execute, key))
         return None if row is None else head(self.location, *row)
-
-    def put(self, key, value):
-        raise PermissionError(f"{self.location} is a read-only layer")
-
-    def delete(self, key):
-        raise PermissionError(f"{self.location} is a read-only layer")
-
-    def clear(self):
-        raise PermissionError(f"{self.location} is a read-only layer")
 
     def keys(self):
         return iter(self._rows(sqlindex.raw_keys))
@@ -177,7 +181,7 @@ def read_manifest(tar: tarfile.TarFile) -> tuple[dict, dict]:
     return manifest, members
 
 
-class BundleStore:
+class BundleStore(_ReadOnly):
     """An uncompressed bundle file (``jitfreeze export``) used directly as a read-only layer."""
 
     readonly = True
@@ -225,15 +229,6 @@ class BundleStore:
             return None
         offset, size = where
         return FileReader(self.path, base=offset, size=size)
-
-    def put(self, key, value):
-        raise PermissionError(f"{self.location} is a read-only layer")
-
-    def delete(self, key):
-        raise PermissionError(f"{self.location} is a read-only layer")
-
-    def clear(self):
-        raise PermissionError(f"{self.location} is a read-only layer")
 
     def keys(self):
         return iter(list(self._index))
