@@ -44,9 +44,10 @@ import types
 
 import torch
 
-from ..digest import digest_tensors
+from ..digest import TensorDigest
 from .fingerprint_code import CodeWalk, _Namespace
-from .fingerprint_fixed import (_C_CALLABLES, _PLAIN, _TUPLEGETTER, _UNSET, _inert_types, _is_annotation, _name)
+from .fingerprint_fixed import (_C_CALLABLES, _PLAIN, _TUPLEGETTER, _UNSET, Unfingerprintable, _inert_types,
+                                _is_annotation, _name)
 from .fingerprint_objects import ObjectWalk
 
 __all__ = ["Unfingerprintable", "function_fingerprint", "module_fingerprint"]
@@ -57,50 +58,48 @@ MAX_DEPTH = 120          # nesting of the walk: containers in containers, helper
 _INSTANCE_TYPES: set = set()     # types whose instances _Walker._dispatch walks as objects (a cache)
 
 
-class Unfingerprintable(Exception):
-    """Something the fingerprint can't describe exactly: take the traced path."""
-
-
 class _Walker(CodeWalk, ObjectWalk):
     """One walk: the hash, what it reached (tensors, modules, fixed libraries), and the dispatch
     from a value to the method that hashes it (code: :class:`CodeWalk`; objects: :class:`ObjectWalk`)."""
 
     def __init__(self):
-        self.hash = hashlib.sha256()
+        # What is hashed, in order: sha256 over the pieces joined (one hash call, not one per piece).
+        self.pieces: list[bytes] = []
+        self.put = self.pieces.append
         self.seen: dict[int, int] = {}
         self.keep: list = []                     # objects whose ids are in seen stay alive
         self.names: set[str] = set()             # every name covered code reads (co_names, identifier consts)
         self.spaces: list[_Namespace] = []
         self.class_spaces: dict[type, _Namespace] = {}
-        self.tensors: list[torch.Tensor] = []   # reached tensors: digested, watched
+        self.tensors = TensorDigest()            # reached tensors: digested (on a thread as they come), watched
         self.modules: list[torch.nn.Module] = []
         self.libs: set[str] = set()
-        self.path: list[str] = []
         self.count = 0
         self.depth = 0
 
     def add(self, *items) -> None:
-        self.hash.update(repr(items).encode())
-        self.hash.update(b"\x00")
+        self.put(repr(items).encode() + b"\x00")
 
     def fail(self, why: str):
-        where = ".".join(self.path[-6:])
-        raise Unfingerprintable(f"{why} (at {where})" if where else why)
+        raise Unfingerprintable(why)
 
     def _visit(self, obj) -> bool:
         """False when ``obj`` was seen already (a back-reference is recorded instead)."""
         key = id(obj)
-        if key in self.seen:
-            self.add("ref", self.seen[key])
+        seen = self.seen
+        if key in seen:
+            self.put(b"('ref', %d)\x00" % seen[key])
             return False
-        self.seen[key] = len(self.seen)
+        seen[key] = len(seen)
         self.keep.append(obj)
         return True
 
     def edge(self, label: str, v) -> None:
-        self.path.append(label)
-        self.value(v)
-        self.path.pop()
+        try:
+            self.value(v)
+        except Unfingerprintable as exc:
+            exc.labels.append(label)
+            raise
 
     def fixed(self, kind: str, lib: str, name: str) -> None:
         self.libs.add(lib)
@@ -112,11 +111,11 @@ class _Walker(CodeWalk, ObjectWalk):
         t = type(v)
         if t is str:
             data = v.encode("utf-8", "surrogatepass")
-            self.hash.update(b"s%d:" % len(data))
-            self.hash.update(data)
+            self.put(b"s%d:" % len(data))
+            self.put(data)
             return
         if t in _PLAIN:
-            self.add(t.__name__, v)
+            self.put(repr((t.__name__, v)).encode() + b"\x00")
             return
         self.count += 1
         if self.count > MAX_OBJECTS:
@@ -135,7 +134,7 @@ class _Walker(CodeWalk, ObjectWalk):
         elif isinstance(v, torch.Tensor):
             if self._visit(v):
                 self.add("tensor", len(self.tensors))
-                self.tensors.append(v)
+                self.tensors.add(v)
         elif t in (tuple, list):
             if self._visit(v):
                 self.add(t.__name__, len(v))
@@ -234,9 +233,9 @@ class _Walker(CodeWalk, ObjectWalk):
         self.settle()
         if "numpy" in self.libs:
             self.add("numpy", sys.modules["numpy"].__version__)
-        self.add("tensors", [f"{t.dtype}:{tuple(t.shape)}:{t.device}" for t in self.tensors])
-        self.add("weights-digest", digest_tensors(self.tensors))
-        return self.hash.hexdigest()
+        self.add("tensors", [f"{t.dtype}:{tuple(t.shape)}:{t.device}" for t in self.tensors.tensors])
+        self.add("weights-digest", self.tensors.result())
+        return hashlib.sha256(b"".join(self.pieces)).hexdigest()
 
 
 #: the decorator's function wrapper class(es), registered by jitfreeze.runtime.function when it is
@@ -255,7 +254,7 @@ def function_fingerprint(fn) -> tuple[str, list, list]:
     walker = _Walker()
     try:
         walker.value(fn)
-        return walker.digest(), walker.tensors, walker.modules
+        return walker.digest(), walker.tensors.tensors, walker.modules
     except RecursionError:
         raise Unfingerprintable("the walk ran out of Python stack") from None
     except Unfingerprintable:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import types
 
 from .fingerprint_fixed import (_CLASS_CREATION, _CLASS_METADATA, _CONSTRUCTORS, _IDENTIFIER, _NOT_CALL_TIME,
+                                Unfingerprintable,
                                 _lib_of_class, lib_of_file, _lib_of_module_name, _name,
                                 _names_fixed_code_reads)
 
@@ -29,12 +30,12 @@ class CodeWalk:
     def code(self, co: types.CodeType, globals_: dict | None) -> None:
         if not self._visit(co):
             return
-        h = self.hash
-        h.update(b"code:%d:%d:%d:%d:%d:" % (len(co.co_code), co.co_argcount, co.co_posonlyargcount,
-                                              co.co_kwonlyargcount, co.co_flags))
-        h.update(co.co_code)
+        put = self.put
+        put(b"code:%d:%d:%d:%d:%d:" % (len(co.co_code), co.co_argcount, co.co_posonlyargcount,
+                                         co.co_kwonlyargcount, co.co_flags))
+        put(co.co_code)
         for names in (co.co_names, co.co_varnames, co.co_freevars, co.co_cellvars):
-            h.update(("\x01".join(names) + "\x02").encode())
+            put(("\x01".join(names) + "\x02").encode())
         self.names.update(co.co_names)
         for const in co.co_consts:
             if type(const) is types.CodeType:
@@ -59,7 +60,6 @@ class CodeWalk:
         if not self._visit(fn):
             return
         lib = lib_of_file(fn.__code__.co_filename)
-        self.path.append(fn.__qualname__)
         try:
             if lib is not None:
                 # fixed code: its bytecode and the library globals it reads are the library's
@@ -84,8 +84,9 @@ class CodeWalk:
             if fn.__dict__:
                 self.add("function-dict")
                 self.state(fn)
-        finally:
-            self.path.pop()
+        except Unfingerprintable as exc:
+            exc.labels.append(fn.__qualname__)
+            raise
 
     # -- classes and modules --------------------------------------------------------------------
 
@@ -100,20 +101,20 @@ class CodeWalk:
         if space is None:
             if not self._visit(cls):
                 return
-            self.path.append(cls.__qualname__)
             try:
                 space = self._class_space(cls)
-            finally:
-                self.path.pop()
+            except Unfingerprintable as exc:
+                exc.labels.append(cls.__qualname__)
+                raise
         else:
             self.add("class-ref", _name(cls))
         if constructed:
-            self.path.append(cls.__qualname__)
             try:
                 for name in _CONSTRUCTORS:
                     self.cover(space, name)
-            finally:
-                self.path.pop()
+            except Unfingerprintable as exc:
+                exc.labels.append(cls.__qualname__)
+                raise
 
     def _class_space(self, cls: type) -> _Namespace:
         self.add("class", _name(cls), [_name(b) for b in cls.__mro__])
@@ -179,11 +180,11 @@ class CodeWalk:
         """Hash every definition of ``name`` in ``space`` (along a class's MRO), once."""
         for owner, attr in space.pending.pop(name, ()):
             self.add("attr", space.label, getattr(owner, "__qualname__", getattr(owner, "__name__", "")), name)
-            self.path.append(name)
             try:
                 self.value(attr)
-            finally:
-                self.path.pop()
+            except Unfingerprintable as exc:
+                exc.labels.append(name)
+                raise
 
     def settle(self) -> None:
         """Cover, to a fixed point, the attributes of reached classes and modules that covered code names."""
@@ -194,9 +195,9 @@ class CodeWalk:
                 # constructors count when their class is reached (super().__init__ names every __init__)
                 hit = (space.pending.keys() & self.names).difference(_CONSTRUCTORS)
                 for name in sorted(hit):
-                    self.path.append(space.label)
                     try:
                         self.cover(space, name)
-                    finally:
-                        self.path.pop()
+                    except Unfingerprintable as exc:
+                        exc.labels.append(space.label)
+                        raise
                     changed = True

@@ -57,6 +57,22 @@ _C_CALLABLES = (types.BuiltinFunctionType, types.MethodDescriptorType, types.Wra
                 types.ClassMethodDescriptorType, types.MethodWrapperType)
 
 
+class Unfingerprintable(Exception):
+    """Something the fingerprint can't describe exactly: take the traced path.
+
+    Its text says why and where: the labels of the walk's last six steps to the object, which
+    the walk adds as the exception leaves each step (no path is kept while nothing fails)."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why
+        self.labels: list[str] = []       # innermost first
+
+    def __str__(self) -> str:
+        where = ".".join(reversed(self.labels[:6]))
+        return f"{self.why} (at {where})" if where else self.why
+
+
 # -- where code lies ------------------------------------------------------------------------------
 
 def _fixed_roots() -> list[tuple[str, str]]:
