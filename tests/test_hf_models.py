@@ -402,3 +402,23 @@ def test_explain_unsupported_output_is_none_for_ordinary_values():
     assert libraries.explain_unsupported_output(torch.ones(1)) is None
     assert libraries.explain_unsupported_output((1, "a", None)) is None
     assert libraries.explain_unsupported_output(object()) is None
+
+
+@pytest.mark.parametrize("tune", ["1", "0"])
+def test_a_variant_that_does_not_run_is_skipped(transformers, tmp_path, monkeypatch, no_jf_warnings, tune):
+    """EfficientNet's graph after ``optimize_for_inference`` fails to run ("Schema not found for
+    node" on an MKLDNN group): the compile skips that variant for one that runs, with or without
+    the timing, and a later load applies the recorded one (before: the RuntimeError reached the caller)."""
+    monkeypatch.setenv("JITFREEZE_TUNE", tune)
+    T = transformers
+    torch.manual_seed(0)
+    model = T.EfficientNetModel(T.EfficientNetConfig(image_size=64, width_coefficient=0.25, depth_coefficient=0.25,
+                                                     hidden_dim=320)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x).last_hidden_state
+        fast = jitfreeze(model, cache_dir=tmp_path / "jf")
+        assert torch.allclose(fast(x).last_hidden_state, ref, atol=1e-4, rtol=1e-4)
+        again = jitfreeze(model, cache_dir=tmp_path / "jf")
+        assert torch.allclose(again(x).last_hidden_state, ref, atol=1e-4, rtol=1e-4)
+    assert fast.cache_info().compiles == 1 and again.cache_info().loads == 1

@@ -124,12 +124,14 @@ class TorchScriptBackend:
             kinds = set(_node_kinds(scripted.graph.block()))
             cpu = example is not None and all(t.device.type == "cpu" for t in example)
             names = variants(kinds, self.optimize and cpu, bound=bool(bindings))
+            lazies = {name: _Lazy(scripted, name) for name in names}
+            if example is not None and len(names) > 1:
+                names = runs_from(names, lazies, example)
             choice = Choice(names[0])
             if example is not None and tune:
                 # Before the bound weights are left out: each variant is frozen from the scripted
                 # module with its real weights (freezing shares them: no copy).
-                choice = choose(names[0], {name: _Lazy(scripted, name) for name in names},
-                                traced.graph_module, example)
+                choice = choose(names[0], {name: lazies[name] for name in names}, traced.graph_module, example)
             record = []
             for attr, tensor in traced.constants:
                 if attr in bindings:
@@ -267,6 +269,24 @@ def _variant(frozen, name: str):
     elif name == "ofi":
         frozen = torch.jit.optimize_for_inference(frozen)
     return frozen
+
+
+def runs_from(names: list, lazies: dict, example: list) -> list:
+    """``names`` from the first variant that runs on (copies of) ``example`` on: the passes can
+    make a graph that fails to run (EfficientNet-B0 after ``optimize_for_inference``: "Schema not
+    found for node" on an MKLDNN group, measured 2026-12-03); ``frozen`` applies none of them."""
+    args = [t.clone() for t in example]
+    for i, name in enumerate(names):
+        if name == "frozen" or i == len(names) - 1:
+            return names[i:]
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]), torch.jit.optimized_execution(False):
+                lazies[name](*args)
+            return names[i:]
+        except Exception as exc:  # noqa: BLE001 - that variant is out; the next one is tried
+            log.debug("jitfreeze: variant %s does not run (%s: %s); trying the next", name, type(exc).__name__,
+                      _first_line(exc))
+    return names[-1:]
 
 
 class _Lazy:
