@@ -353,3 +353,19 @@ def test_dynamic_entries_are_watched(cache_dir):
         _agree(f, lambda x: lin(x), torch.randn(2, 4))
         lin.weight.data = torch.randn(4, 4)
         _agree(f, lambda x: lin(x), torch.randn(5, 4))
+
+
+def test_weights_made_in_inference_mode_run_eagerly_with_the_reason(cache_dir):
+    """Inference tensors have no version counter, and inference mode allows writing them in
+    place: a write the freshness check could not see. Such weights run eagerly, never a stale
+    graph (before: a RuntimeError from the check itself)."""
+    from jitfreeze import JitFreezeWarning
+
+    with torch.inference_mode():
+        lin = nn.Linear(4, 4).eval()
+        f = jitfreeze(lin, cache_dir=cache_dir)
+        x = torch.randn(2, 4)
+        with pytest.warns(JitFreezeWarning, match="inference tensors"):
+            assert_same(f(x), lin(x))
+        lin.weight.add_(1.0)
+        assert_same(f(x), lin(x))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import FallbackReason
 from ..trace.reach import rebound as _rebound
 
 __all__ = ["Watch", "install_hooks", "storages", "module_tensors"]
@@ -83,6 +84,11 @@ class Watch:
         for root in roots:
             tensors += [t for t in module_tensors(root) if id(t) not in seen and not seen.add(id(t))]
         self.tensors = tuple(tensors)
+        if any(t.is_inference() for t in self.tensors):
+            # made under torch.inference_mode: no version counter, so an in-place change (allowed
+            # inside inference mode) could not be seen
+            raise FallbackReason("the weights are inference tensors (created under torch.inference_mode), whose "
+                                 "in-place changes jitfreeze cannot see; create the module outside inference mode")
         self.keep = tuple(t.detach() for t in self.tensors)
         self.versions = tuple(t._version for t in self.keep)
         self.ptrs = tuple(t.data_ptr() for t in self.tensors)
