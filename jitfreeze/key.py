@@ -19,8 +19,7 @@ import torch
 from .digest import digest_tensors
 
 __all__ = ["FORMAT_VERSION", "INDEX_VERSION", "KeyParts", "device_text", "environment_parts", "graph_key",
-           "index_key", "decision_key", "graph_text",
-           "tensor_layout"]
+           "hint_key", "index_key", "decision_key", "graph_text", "tensor_layout"]
 
 log = logging.getLogger("jitfreeze")
 
@@ -139,6 +138,16 @@ def index_key(name: str, backend: str, call, texts, digest: str, tensors) -> str
     parts.add("signature", call.signature_text(texts))
     parts.add("code+weights", digest)
     return parts.key(name + " (index)")
+
+
+def hint_key(name: str, backend: str, call, texts) -> str:
+    """The key of a call's speculation hint (:mod:`jitfreeze.runtime.speculate`): the index key
+    without the fingerprint, known before the walk."""
+    parts = KeyParts(environment_parts())
+    parts.add("backend", backend)
+    parts.add("index", INDEX_VERSION)
+    parts.add("signature", call.signature_text(texts))
+    return parts.key(name + " (hint)")
 
 
 def decision_key(name: str, call, tensors) -> str:

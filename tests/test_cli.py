@@ -88,7 +88,9 @@ def test_corrupt_stats_file_is_started_afresh(cache_dir, capsys):
     rc, info = jf(capsys, "cache", "info", "--cache-dir", str(cache_dir))
     assert rc == 0 and info["artifacts"] == 1
     counters = info["counters"]
-    assert counters.get("compiles", 0) == 0 and counters["loads"] == 2 and counters["index_hits"] == 1
+    # each warm child counts a load and an index hit; the second child's first count is lost
+    assert counters.get("compiles", 0) == 0 and counters["loads"] + counters["index_hits"] == 3
+    assert counters["loads"] >= 1 and counters["index_hits"] >= 1
 
 
 def test_list_rows(cache_dir, capsys):
@@ -200,7 +202,7 @@ def test_export_import_roundtrip_tamper_and_layer(tmp_path, capsys, monkeypatch)
     with tarfile.open(bundle) as tar:
         manifest = json.load(tar.extractfile("manifest.json"))
     assert manifest["format"] == "jitfreeze-bundle" and manifest["torch"] == torch.__version__
-    assert all(len(e["sha256"]) == 64 and e["key"][:2] in ("a/", "i/", "d/") for e in manifest["entries"])
+    assert all(len(e["sha256"]) == 64 and e["key"][:2] in ("a/", "i/", "h/", "d/") for e in manifest["entries"])
     # import into a fresh cache: every entry verified; the function then compiles nothing
     dst = tmp_path / "dst"
     rc, out = jf(capsys, "import", str(bundle), "--cache-dir", str(dst))

@@ -64,7 +64,7 @@ print(json.dumps(infos))
 def test_clear_cache_function(cache_dir):
     model, (x,) = make("mlp")
     run(model, x, cache_dir)
-    assert clear_cache(cache_dir) == 2          # the artifact and its index entry
+    assert clear_cache(cache_dir) == 3          # the artifact, its index entry and its hint
     fast, _ = run(model, x, cache_dir)
     assert fast.cache_info().compiles == 1
     assert jitfreeze.clear_cache is clear_cache

@@ -33,6 +33,7 @@ log = logging.getLogger("jitfreeze")
 ARTIFACT = "a/"       # frozen artifacts, by graph key
 INDEX = "i/"          # fingerprint -> graph key (the trace-free warm path)
 DECISION = "d/"       # function + input structure -> which dims are dynamic
+HINT = "h/"           # function + signature -> the graph to load while the fingerprint is computed
 
 
 class FilePayload:

@@ -294,12 +294,12 @@ def cmd_prune(args) -> int:
                 break
             remove[row.key] = (row, "size")
             total -= row.size
-    # index entries whose compiled function is gone (from every layer) lead nowhere
+    # index entries and hints whose compiled function is gone (from every layer) lead nowhere
     artifacts = {row.key for row, _ in rows if row.key.startswith("a/") and row.key not in remove}
     for layer in env.cache.layers:
         artifacts.update(k for k in layer.keys() if k.startswith("a/"))
     for row, _ in rows:
-        if row.key.startswith("i/") and row.key not in remove:
+        if row.key.startswith(("i/", "h/")) and row.key not in remove:
             targets = _index_targets(row.meta or {})
             if targets and not any("a/" + t in artifacts for t in targets):
                 remove[row.key] = (row, "orphan")

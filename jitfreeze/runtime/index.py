@@ -15,8 +15,8 @@ import logging
 import time
 import typing
 
-from ..cache.persistent import INDEX
-from ..key import index_key
+from ..cache.persistent import HINT, INDEX
+from ..key import hint_key, index_key
 from ..trace import treespec
 from ..trace.dynamic import Guards
 
@@ -87,10 +87,22 @@ class FingerprintIndex:
                 return
             yield parsed
 
-    def write(self, cache, key: str, entry, traced) -> None:
-        """Add ``entry`` (a stored artifact traced as ``traced``) to the index entry ``key``."""
+    def hint(self, cache, call, texts) -> str | None:
+        """The graph key the last index write named for this signature (a static one, whose graph
+        writes to none of its inputs), or None: a guess to start loading while the fingerprint is
+        computed (:mod:`jitfreeze.runtime.speculate`), never an answer."""
+        found = cache.get(hint_key(self.name, self.backend, call, texts), ns=HINT)
+        graph_key = found[0].get("graph_key") if found is not None else None
+        return graph_key if isinstance(graph_key, str) else None
+
+    def write(self, cache, key: str, entry, traced, call, texts) -> None:
+        """Add ``entry`` (a stored artifact traced as ``traced`` for ``call``) to the index entry
+        ``key``, and name it in the signature's hint."""
         if entry.source == "unstored":
             return      # the artifact was not written (lock timeout, write failure): neither is its index
+        hint = entry.key if not traced.guards and not traced.writes_inputs else None
+        cache.put(hint_key(self.name, self.backend, call, texts), {"graph_key": hint, "qualname": self.name},
+                  b"", ns=HINT)
         out = treespec.dumps(traced.out_spec)
         consts = [[i, v] for i, v in traced.out_consts]
         if out is None or not all(isinstance(v, (type(None), bool, int, float, str)) for _, v in consts):

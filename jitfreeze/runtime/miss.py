@@ -140,22 +140,28 @@ class Miss:
 
     def _resolve(self, call, args, kwargs, tensors, dims, texts, config, verify, progress) -> Resolved | Fallback:
         """Index, or trace + key, then load or compile; ``progress``: the miss's progress line."""
-        fp = self.index.fingerprint(call, texts) if self.index is not None else None
-        weights = (list(fp.tensors) if fp is not None else []) + (
-            module_tensors(self.module) if self.module is not None else [])
-        if storages(tensors) & storages(weights):
-            return Fallback(_SHARES_WEIGHT)
-        indexed = None
-        if fp is not None:
-            grad = fallback.grad_weights(call, fp.tensors)
-            if grad is not None:
-                return grad
-            progress.phase = "loading"
-            indexed = self.resolver.from_index(call, fp, self.index, tensors)
-            progress.phase = "compiling"
-            if indexed is not None and not verify:
-                self.dynamic_entries.add(call, texts, indexed.guards, indexed.entry)
-                return Resolved(indexed.entry, indexed.result)
+        spec = self._speculate(call, texts, tensors) if self.index is not None and not verify and not dims \
+            else None
+        try:
+            fp = self.index.fingerprint(call, texts) if self.index is not None else None
+            weights = (list(fp.tensors) if fp is not None else []) + (
+                module_tensors(self.module) if self.module is not None else [])
+            if storages(tensors) & storages(weights):
+                return Fallback(_SHARES_WEIGHT)
+            indexed = None
+            if fp is not None:
+                grad = fallback.grad_weights(call, fp.tensors)
+                if grad is not None:
+                    return grad
+                progress.phase = "loading"
+                indexed = self.resolver.from_index(call, fp, self.index, tensors, spec)
+                progress.phase = "compiling"
+                if indexed is not None and not verify:
+                    self.dynamic_entries.add(call, texts, indexed.guards, indexed.entry)
+                    return Resolved(indexed.entry, indexed.result)
+        finally:
+            if spec is not None:
+                spec.drop()          # not this call's graph (or taken already): gone before the trace
         # The trace runs the function for real (it may mutate its inputs); verification runs the
         # compiled function on copies taken before.
         copies = _copies(tensors) if call.alias else [t.detach().clone() for t in tensors]
@@ -192,8 +198,17 @@ class Miss:
         entry = found.entry
         self.dynamic_entries.add(call, texts, guards, entry)
         if fp is not None:
-            self.index.write(self.cache(), fp.key, entry, traced)
+            self.index.write(self.cache(), fp.key, entry, traced, call, texts)
         return Resolved(entry, found.result)
+
+    def _speculate(self, call, texts, tensors):
+        """The hinted graph's first call, started while the fingerprint is computed
+        (:mod:`jitfreeze.runtime.speculate`), or None: no hint, or state a thread does not share
+        (autocast, a CUDA stream) that the call depends on."""
+        if call.mode[1] or any(d.type != "cpu" for d in call.devices):
+            return None
+        key = self.index.hint(self.cache(), call, texts)
+        return self.resolver.speculate(call, key, tensors) if key is not None else None
 
     def _compiled(self, call, traced, copies, t0, t_trace, texts, config, progress, fp, indexed):
         """The index hit the trace confirms (``verify=True``: :class:`Resolved`), or the traced graph

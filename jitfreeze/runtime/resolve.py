@@ -27,10 +27,11 @@ from ..cache.persistent import INDEX
 from ..backend import EagerIsFaster
 from ..errors import FallbackReason
 from ..key import graph_key
-from ..trace.pipeline import HOISTED_PREFIX, outputs_match
+from ..trace.pipeline import HOISTED_PREFIX, _first_line, outputs_match
 from ..trace.reach import reads as _reads
 from ..trace.sigtext import short_signature
 from .entry import Entry
+from .speculate import Speculation
 from .watch import Watch
 
 __all__ = ["Resolver", "Loaded", "short_sig"]
@@ -63,21 +64,50 @@ class Resolver:
     def backend_name(self) -> str:
         return self._backend.name
 
-    def from_index(self, call, fp, index, tensors) -> Loaded | None:
+    def speculate(self, call, key: str, tensors) -> Speculation | None:
+        """Load the graph ``key`` and start its first call on ``tensors`` on a thread (see
+        :mod:`jitfreeze.runtime.speculate`), or None when it does not load here."""
+        cache = self._cache()
+        artifact = cache.get(key)
+        if artifact is None:
+            return None
+        try:
+            module = self._load(cache, key, artifact[1], call)
+        except EagerIsFaster:
+            return None              # a stored decision: the index path meets it too
+        if module is None:
+            return None
+        log.debug("%s: started %s's first call while the fingerprint is computed", self.name, key[:16])
+        return Speculation(key, module, self._first_call, tensors)
+
+    def from_index(self, call, fp, index, tensors, spec: Speculation | None = None) -> Loaded | None:
         """The first candidate of the fingerprint ``index``'s entry for ``fp`` that loads, or None. No trace.
-        (The caller has checked grad mode: :func:`jitfreeze.runtime.fallback.grad_weights`.)"""
+        ``spec``: a graph loaded and called already, taken when it is the candidate's (and dropped
+        before this returns when it is not). (The caller has checked grad mode:
+        :func:`jitfreeze.runtime.fallback.grad_weights`.)"""
+        try:
+            return self._from_index(call, fp, index, tensors, spec)
+        finally:
+            if spec is not None:
+                spec.drop()
+
+    def _from_index(self, call, fp, index, tensors, spec) -> Loaded | None:
         cache = self._cache()
         for candidate in index.candidates(cache, fp.key, tensors):
             key = candidate.graph_key
-            artifact = cache.get(key)
-            if artifact is None:
-                continue
-            module = self._load(cache, key, artifact[1], call)
-            if module is None:
-                continue
+            taken = spec if spec is not None and key == spec.key and spec.module is not None else None
+            if taken is not None:
+                module = taken.module
+            else:
+                artifact = cache.get(key)
+                if artifact is None:
+                    continue
+                module = self._load(cache, key, artifact[1], call)
+                if module is None:
+                    continue
             watch = self._watch(fp.tensors, call)
             try:
-                outs, fwd = self._first_call(module, tensors)
+                outs, fwd = taken.take() if taken is not None else self._first_call(module, tensors)
             except Exception as exc:  # noqa: BLE001 - a graph that can't run this call doesn't fit it
                 # The index said this graph fits the call and it raised: the index entry is wrong
                 # (it was written by code whose guards missed something). Never let its error reach
@@ -88,8 +118,8 @@ class Resolver:
                            watch, "index")
             result = entry.rebuild(outs)
             self.loads += 1
-            log.info("%s: loaded %s for %s from %s (index hit, no trace)", self.name, key[:16], short_sig(call),
-                     cache.where())
+            log.info("%s: loaded %s for %s from %s (index hit, no trace%s)", self.name, key[:16], short_sig(call),
+                     cache.where(), "; first call run while the fingerprint was computed" if taken else "")
             return Loaded(entry, result, candidate.guards)
         return None
 
@@ -107,13 +137,17 @@ class Resolver:
             progress.phase = "loading"
             module = self._load(cache, key, payload, call)
             if module is not None:
-                outs, fwd = self._first_call(module, copies)
-                why = outputs_match(as_list(outs), traced.real_outputs)
+                try:
+                    outs, fwd = self._first_call(module, copies)
+                    why = outputs_match(as_list(outs), traced.real_outputs)
+                    why = why and f"its outputs differ from eager: {why}"
+                except Exception as exc:  # noqa: BLE001 - a stored graph that can't run this call: compiled again
+                    why = f"it failed on this call: {type(exc).__name__}: {_first_line(exc)}"
                 if why is None:
                     self.loads += 1
                     log.info("%s: loaded %s for %s from %s", self.name, key[:16], short_sig(call), cache.where())
                     return Loaded(self._entry(fwd, key, call, traced, "cache"), traced.real_result)
-                cache.evict(key, f"its outputs differ from eager: {why}")
+                cache.evict(key, why)
         progress.phase = "waiting" if cache.store is not None else "compiling"
         with cache.lock(key) as held:
             progress.phase = "compiling"
@@ -156,7 +190,11 @@ class Resolver:
                     if module is None:
                         raise FallbackReason("the frozen artifact does not load back")
                     t3 = time.perf_counter()
-                    outs, fwd = self._first_call(module, copies)
+                    try:
+                        outs, fwd = self._first_call(module, copies)
+                    except Exception as exc:  # noqa: BLE001 - what the compiled function can't run runs eagerly
+                        raise FallbackReason(f"the compiled function failed on its first call: "
+                                             f"{type(exc).__name__}: {_first_line(exc)}") from exc
                     why = outputs_match(as_list(outs), traced.real_outputs)
                     if why is not None:
                         raise FallbackReason(f"the compiled function disagrees with eager: {why}")

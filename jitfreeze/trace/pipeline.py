@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import operator
 import threading
 import warnings
 from typing import Any, Callable
@@ -74,6 +75,7 @@ class Traced:
     real_result: Any                       # the eager result itself (NO_RESULT: a symbolic trace)
     guards: list = dataclasses.field(default_factory=list)   # shape guards of a symbolic trace
     specialized: dict = dataclasses.field(default_factory=dict)   # {leaf: dims} the function made numbers
+    writes_inputs: bool = True             # the graph may write to its inputs (see _writes_inputs)
 
 
 def _is_mutating(target) -> bool:
@@ -91,6 +93,34 @@ def _root(node):
     while _is_view(node) and node.args:
         node = node.args[0]
     return node
+
+
+# Targets without a schema that only read their arguments.
+_READ_ONLY = frozenset({operator.getitem, torch._C._set_grad_enabled})
+
+
+def _writes_inputs(gm) -> bool:
+    """Whether the graph may write to one of its inputs (``x.add_(1)``, ``out=x``): what an op's
+    schema marks as written, traced back through views to a placeholder. A target with no schema
+    that is not known to only read counts as writing."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        schema = getattr(node.target, "_schema", None)
+        if schema is None:
+            if node.target not in _READ_ONLY and any(
+                    isinstance(a, torch.fx.Node) and _root(a).op == "placeholder"
+                    for a in (*node.args, *node.kwargs.values())):
+                return True
+            continue
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            given = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            for g in given if isinstance(given, (list, tuple)) else (given,):
+                if isinstance(g, torch.fx.Node) and _root(g).op == "placeholder":
+                    return True
+    return False
 
 
 def _clean(gm) -> None:
@@ -335,6 +365,7 @@ def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None,
                 raise FallbackReason(f"shape guards outside what jitfreeze evaluates: {exc}") from exc
         _hoist_scalars(gm)
         _in_place(gm)
+        writes_inputs = _writes_inputs(gm)
         _clean(gm)
     except FallbackReason as reason:
         return Declined(str(reason), NO_RESULT if dims else out)
@@ -346,7 +377,8 @@ def trace(fn: Callable, call: CallSpec, tensors: list, dims: dict | None = None,
             value = getattr(gm, node.target)
             if isinstance(value, torch.Tensor):
                 constants.append((node.target, value))
-    return Traced(gm, constants, out_spec, out_tensor_idx, out_consts, real, out, guards, specialized)
+    return Traced(gm, constants, out_spec, out_tensor_idx, out_consts, real, out, guards, specialized,
+                  writes_inputs)
 
 
 def _value_shaped(gm) -> str | None:
