@@ -99,6 +99,26 @@ def test_missing_compiler_falls_back_to_eager(cache_dir, monkeypatch):
         aoti.compiler_version.cache_clear()
 
 
+def test_missing_compiler_warns_once_per_function(cache_dir, monkeypatch):
+    """No C++ compiler is the machine's trouble, not a signature's: three signatures, each run
+    eagerly and remembered, one warning; another function on the same model says it once too."""
+    monkeypatch.setenv("CXX", str(cache_dir / "no-such-compiler"))
+    aoti.compiler_version.cache_clear()
+    try:
+        model, (x,) = make("mlp")
+        fast = jitfreeze(model, cache_dir=cache_dir, backend="aoti", dynamic=False)
+        with pytest.warns(JitFreezeWarning, match="needs a C\\+\\+ compiler") as caught, torch.no_grad():
+            for batch in (8, 5, 3, 5, 8):
+                xb = x[:1].expand(batch, -1).contiguous()
+                assert torch.equal(fast(xb), model(xb))
+            assert len([w for w in caught if issubclass(w.category, JitFreezeWarning)]) == 1
+            assert fast.cache_info().fallbacks == 3 and fast.cache_info().compiles == 0
+            jitfreeze(model, cache_dir=cache_dir, backend="aoti")(x)
+        assert len([w for w in caught if issubclass(w.category, JitFreezeWarning)]) == 2
+    finally:
+        aoti.compiler_version.cache_clear()
+
+
 def test_key_names_backend_compiler_and_cpu(monkeypatch):
     name = get_backend("aoti", True).name
     assert name.startswith("aoti") and "cxx=" in name and "cpu=" in name

@@ -40,7 +40,7 @@ import torch
 
 from ..errors import FallbackReason
 from ..key import tensor_layout
-from .base import EagerIsFaster, SavedArtifact, bound_tensor, room_for
+from .base import EagerIsFaster, NoCompiler, SavedArtifact, bound_tensor, room_for
 from .tuning import choose
 
 __all__ = ["AOTIBackend", "AOTIPackage", "compiler_version", "host_text"]
@@ -170,7 +170,7 @@ class AOTIBackend:
         faster, the package records it and :meth:`load` raises :class:`EagerIsFaster`."""
         bindings = bindings or {}
         if compiler_version() is None:
-            raise FallbackReason(
+            raise NoCompiler(
                 f"backend 'aoti' needs a C++ compiler to compile and found none ({_compiler()!r} does not run; "
                 "install g++ or set CXX to a C++ compiler), or use backend='torchscript'")
         if example is None:
@@ -340,7 +340,7 @@ def _package(ep, path: str | None, configs: dict, estimate: int) -> SavedArtifac
     except Exception as exc:  # noqa: BLE001 - a compile that fails runs eagerly, with the reason
         with contextlib.suppress(OSError):
             os.unlink(path)
-        raise FallbackReason(_compile_error(exc)) from exc
+        raise _compile_error(exc) from exc
     return SavedArtifact(path, error)
 
 
@@ -363,14 +363,15 @@ def _scratch(extract_here: bool):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _compile_error(exc: BaseException) -> str:
+def _compile_error(exc: BaseException) -> FallbackReason:
+    """What a failed compile means: :class:`NoCompiler` where Inductor found no C++ compiler."""
     c, seen = exc, 0
     while c is not None and seen < 8:
         if type(c).__name__ == "InvalidCxxCompiler":
-            return (f"backend 'aoti' needs a C++ compiler and Inductor found none ({_first_line(c)}); "
-                    "install g++ or set CXX, or use backend='torchscript'")
+            return NoCompiler(f"backend 'aoti' needs a C++ compiler and Inductor found none ({_first_line(c)}); "
+                              "install g++ or set CXX, or use backend='torchscript'")
         c, seen = c.__cause__ or c.__context__, seen + 1
-    return f"AOTInductor compile failed: {type(exc).__name__}: {_first_line(exc)}"
+    return FallbackReason(f"AOTInductor compile failed: {type(exc).__name__}: {_first_line(exc)}")
 
 
 def _first_line(exc: BaseException) -> str:
