@@ -6,6 +6,7 @@ compiles one model once (module-scoped) and reuses its cache for the second-proc
 that compiles again is marked slow.
 """
 
+import io
 import json
 import time
 
@@ -70,6 +71,25 @@ def test_second_process_loads_without_compiling(compiled_mlp, tmp_path):
     assert second["ok"] and second["warnings"] == []
     assert second["tmp"] == []
     assert not second["inductor"]         # the warm path never imports Inductor
+
+
+def test_frozen_package_holds_its_weights_once(compiled_mlp):
+    """A frozen package's weights are in its shared library only: no second copy of them as
+    jitfreeze's constants file (that is for binding packages; a DistilBERT package was 532 MB)."""
+    import zipfile
+
+    from .conftest import stored_payload
+    cache_dir, _ = compiled_mlp
+    model, inputs = make("mlp")
+    fast = jitfreeze(model, cache_dir=cache_dir, backend="aoti")
+    with torch.no_grad():
+        fast(*inputs)
+    assert fast.cache_info().loads == 1
+    payload = stored_payload(fast)
+    with zipfile.ZipFile(payload.path if hasattr(payload, "path") else io.BytesIO(payload)) as z:
+        names = z.namelist()
+    assert any(n.endswith(".wrapper.so") for n in names)
+    assert aoti._CONSTANTS not in names
 
 
 def test_backends_do_not_share_entries(compiled_mlp):

@@ -193,8 +193,8 @@ class AOTIBackend:
                                                                 "single": single})}}
         if bindings:
             configs["aot_inductor.package_constants_in_so"] = False
-        stored = sum(t.untyped_storage().nbytes() for a, t in traced.constants if a not in bindings)
-        estimate = stored + stored // 8 + 16 * 2**20      # the weights, the shared library, the zip
+        inside = sum(t.untyped_storage().nbytes() for a, t in traced.constants if a not in bindings)
+        estimate = inside + inside // 8 + 16 * 2**20      # the weights, the shared library, the zip
         ds = tuple({d: torch.export.Dim.AUTO for d in dims} for dims in dynamic) if any(dynamic) else None
         with _COMPILE_LOCK, warnings.catch_warnings():
             # Inductor's imports and passes warn (TorchScript deprecation, export notes): not the caller's concern.
