@@ -139,6 +139,34 @@ def test_missing_compiler_warns_once_per_function(cache_dir, monkeypatch):
         aoti.compiler_version.cache_clear()
 
 
+def test_binding_threshold_depends_on_convolutions(monkeypatch):
+    """Weights that mostly feed convolutions stay frozen up to CONV_BIND_MIN_BYTES (freezing's gain is
+    largest there); others bind from BIND_MIN_BYTES (transformers lost per call frozen). No compile."""
+    from jitfreeze.backend import module_weights
+    from jitfreeze.trace.pipeline import trace
+    from jitfreeze.trace.signature import call_mode, describe
+
+    backend = aoti.AOTIBackend()
+
+    def binds(name):
+        model, (x,) = make(name)
+        with torch.no_grad():
+            traced = trace(model, describe((x,), {}, call_mode(model)), [x])
+        ids = {id(t): n for n, t in module_weights(model).items()}
+        names = {a: ids[id(t)] for a, t in traced.constants if id(t) in ids}
+        return bool(backend.bindings(traced, names))
+
+    monkeypatch.setattr(aoti.AOTIBackend, "BIND_MIN_BYTES", 1)
+    monkeypatch.setattr(aoti.AOTIBackend, "CONV_BIND_MIN_BYTES", 2**40)
+    assert binds("mlp") and binds("transformer") and not binds("cnn")
+    monkeypatch.setattr(aoti.AOTIBackend, "BIND_MIN_BYTES", 2**40)
+    monkeypatch.setattr(aoti.AOTIBackend, "CONV_BIND_MIN_BYTES", 1)
+    assert not binds("mlp") and not binds("transformer") and binds("cnn")
+    monkeypatch.setattr(aoti.AOTIBackend, "BIND_MIN_BYTES", 2**40)
+    monkeypatch.setattr(aoti.AOTIBackend, "CONV_BIND_MIN_BYTES", 2**40)
+    assert not binds("mlp") and not binds("cnn")
+
+
 def test_key_names_backend_compiler_and_cpu(monkeypatch):
     name = get_backend("aoti", True).name
     assert name.startswith("aoti") and "cxx=" in name and "cpu=" in name

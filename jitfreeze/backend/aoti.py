@@ -131,15 +131,26 @@ class AOTIBackend:
     """torch.export + AOTInductor. The same interface as
     :class:`~jitfreeze.backend.torchscript.TorchScriptBackend`; ``load`` returns an :class:`AOTIPackage`.
 
-    Weights: below :attr:`BIND_MIN_BYTES` of the module's own tensors the graph is frozen (weights
-    folded and prepacked into the package's shared library: per call 0.72x the unfrozen package on
-    the MLP, 0.74x on a 100 MB stack of linears, measured 2026-12-03). From it on, the package is
-    compiled unfrozen and without its weights (``package_constants_in_so=False``: 1.5 MB instead of
-    102 MB, loaded in 5 ms instead of 0.3 s) and the module's tensors are handed to the loader at
-    load (``load_constants(..., user_managed=True)``: shared, no copy) -- losing freezing's gain per
-    call, saving a copy of the weights in memory and one per stored signature on disk."""
+    Weights: the module's own tensors are frozen into the package (folded and prepacked into its
+    shared library) or, from a size on, bound at load: the package is compiled unfrozen and without
+    them (``package_constants_in_so=False``) and the module's tensors are handed to the loader
+    (``load_constants(..., user_managed=True)``: shared, no copy). Where most of the weights' bytes
+    feed convolutions they bind from :attr:`CONV_BIND_MIN_BYTES`, otherwise from :attr:`BIND_MIN_BYTES`
+    (:meth:`bindings`). Measured 2026-12-03 (1 thread, 2 shared cores; docs/backends.md):
 
-    BIND_MIN_BYTES = 256 * 2**20
+    * freezing pays most on convolutions (conv+BN net 0.20x eager per call, MobileNetV2 0.18x the
+      TorchScript backend) and on small linear stacks (MLP 0.72x unfrozen, 100 MB of linears 0.74x);
+    * on transformers it lost: frozen 1.34x the TorchScript backend per call (DistilBERT, batch
+      1 x 128), 1.28x (BERT-base), bound 0.97x and 1.03x; and a frozen package is the weights again
+      (266 / 440 MB on disk per signature, loaded in 0.37-0.41 / 0.63-0.83 s, peak RSS 1112 / 1610 MB)
+      where a bound one is 2 MB, loads in 3-11 ms (RSS 605 / 776 MB). Warm first call in a fresh
+      process: DistilBERT 0.77-0.85 s frozen, 0.38 s bound; BERT 1.38-1.79 s, 0.53-0.59 s.
+
+    So a transformer-size model binds; a conv net keeps its frozen weights up to 256 MiB (ResNet-50's
+    98 MB included)."""
+
+    BIND_MIN_BYTES = 64 * 2**20          # weights that mostly feed linears, matmuls, anything else
+    CONV_BIND_MIN_BYTES = 256 * 2**20    # weights that mostly feed convolutions
 
     def __init__(self, optimize: bool = True):
         self.optimize = optimize
@@ -155,9 +166,18 @@ class AOTIBackend:
 
     def bindings(self, traced, names: dict) -> dict:
         """``names`` ({graph attribute: the module's name}) when those weigh at least
-        :attr:`BIND_MIN_BYTES`, else none (frozen into the package)."""
-        size = sum(t.untyped_storage().nbytes() for a, t in traced.constants if a in names)
-        return dict(names) if names and size >= self.BIND_MIN_BYTES else {}
+        :attr:`BIND_MIN_BYTES` -- :attr:`CONV_BIND_MIN_BYTES` where at least half of their bytes are
+        convolutions' operands -- else none (frozen into the package)."""
+        if not names:
+            return {}
+        sizes = {a: t.untyped_storage().nbytes() for a, t in traced.constants if a in names}
+        size = sum(sizes.values())
+        if size < min(self.BIND_MIN_BYTES, self.CONV_BIND_MIN_BYTES):
+            return {}
+        conv = sum(sizes.get(n.target, 0) for n in traced.graph_module.graph.nodes
+                   if n.op == "get_attr" and any(_is_conv(u) for u in n.users))
+        limit = self.CONV_BIND_MIN_BYTES if 2 * conv >= size else self.BIND_MIN_BYTES
+        return dict(names) if size >= limit else {}
 
     # -- compile -------------------------------------------------------------------------------
 
@@ -288,6 +308,14 @@ class AOTIBackend:
                 return loader_run(list(tensors))
         run.package = module
         return run
+
+
+def _is_conv(node) -> bool:
+    """Whether an FX node calls a convolution (``aten.conv2d``, ``aten.convolution.default``, ...)."""
+    if node.op != "call_function":
+        return False
+    parts = str(node.target).split(".")
+    return len(parts) > 1 and "conv" in parts[1]
 
 
 def _tuned(source) -> dict:
