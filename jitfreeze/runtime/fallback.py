@@ -3,7 +3,8 @@
 A signature that can't be compiled runs the function itself (eager), is remembered (later calls
 with it go straight to eager), and warns once per function and signature. Three reasons warn once
 per function instead: grad mode (with the fix: ``torch.no_grad()``), ``max_signatures`` reached,
-and a backend that can't compile on this machine (:class:`~jitfreeze.backend.base.NoCompiler`). Where eager was timed faster than the compiled graph (a stored decision,
+and a backend that can't compile on this machine (:class:`~jitfreeze.backend.base.NoCompiler`).
+Where eager was timed faster than the compiled graph (a stored decision,
 :class:`~jitfreeze.backend.EagerIsFaster`) nothing warns: one INFO line per function. Under
 ``JITFREEZE_STRICT=1`` each warning raises :class:`~jitfreeze.errors.FallbackReason`.
 """
