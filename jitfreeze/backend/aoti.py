@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -310,12 +311,14 @@ class AOTIBackend:
         return run
 
 
+_CONV = re.compile(r"(^|_)conv(\d|_|olution|$)")     # conv2d, conv_transpose2d, convolution, mkldnn_convolution
+
+
 def _is_conv(node) -> bool:
-    """Whether an FX node calls a convolution (``aten.conv2d``, ``aten.convolution.default``, ...)."""
-    if node.op != "call_function":
-        return False
+    """Whether an FX node calls a convolution (``aten.conv2d``, ``aten.convolution.default``, ...;
+    not ``convert_element_type``)."""
     parts = str(node.target).split(".")
-    return len(parts) > 1 and "conv" in parts[1]
+    return node.op == "call_function" and len(parts) > 1 and _CONV.search(parts[1]) is not None
 
 
 def _tuned(source) -> dict:
