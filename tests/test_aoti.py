@@ -6,6 +6,7 @@ compiles one model once (module-scoped) and reuses its cache for the second-proc
 that compiles again is marked slow.
 """
 
+import io
 import json
 import time
 
@@ -72,6 +73,25 @@ def test_second_process_loads_without_compiling(compiled_mlp, tmp_path):
     assert not second["inductor"]         # the warm path never imports Inductor
 
 
+def test_frozen_package_holds_its_weights_once(compiled_mlp):
+    """A frozen package's weights are in its shared library only: no second copy of them as
+    jitfreeze's constants file (that is for binding packages; a DistilBERT package was 532 MB)."""
+    import zipfile
+
+    from .conftest import stored_payload
+    cache_dir, _ = compiled_mlp
+    model, inputs = make("mlp")
+    fast = jitfreeze(model, cache_dir=cache_dir, backend="aoti")
+    with torch.no_grad():
+        fast(*inputs)
+    assert fast.cache_info().loads == 1
+    payload = stored_payload(fast)
+    with zipfile.ZipFile(payload.path if hasattr(payload, "path") else io.BytesIO(payload)) as z:
+        names = z.namelist()
+    assert any(n.endswith(".wrapper.so") for n in names)
+    assert "jitfreeze/constants.pt" not in names          # where a binding package keeps its other constants
+
+
 def test_backends_do_not_share_entries(compiled_mlp):
     """The same function under the TorchScript backend is another key: compiled, not loaded."""
     cache_dir, _ = compiled_mlp
@@ -97,6 +117,54 @@ def test_missing_compiler_falls_back_to_eager(cache_dir, monkeypatch):
         assert "no-such-compiler" in str(caught[0].message)
     finally:
         aoti.compiler_version.cache_clear()
+
+
+def test_missing_compiler_warns_once_per_function(cache_dir, monkeypatch):
+    """No C++ compiler is the machine's trouble, not a signature's: three signatures, each run
+    eagerly and remembered, one warning; another function on the same model says it once too."""
+    monkeypatch.setenv("CXX", str(cache_dir / "no-such-compiler"))
+    aoti.compiler_version.cache_clear()
+    try:
+        model, (x,) = make("mlp")
+        fast = jitfreeze(model, cache_dir=cache_dir, backend="aoti", dynamic=False)
+        with pytest.warns(JitFreezeWarning, match="needs a C\\+\\+ compiler") as caught, torch.no_grad():
+            for batch in (8, 5, 3, 5, 8):
+                xb = x[:1].expand(batch, -1).contiguous()
+                assert torch.equal(fast(xb), model(xb))
+            assert len([w for w in caught if issubclass(w.category, JitFreezeWarning)]) == 1
+            assert fast.cache_info().fallbacks == 3 and fast.cache_info().compiles == 0
+            jitfreeze(model, cache_dir=cache_dir, backend="aoti")(x)
+        assert len([w for w in caught if issubclass(w.category, JitFreezeWarning)]) == 2
+    finally:
+        aoti.compiler_version.cache_clear()
+
+
+def test_binding_threshold_depends_on_convolutions(monkeypatch):
+    """Weights that mostly feed convolutions stay frozen up to CONV_BIND_MIN_BYTES (freezing's gain is
+    largest there); others bind from BIND_MIN_BYTES (transformers lost per call frozen). No compile."""
+    from jitfreeze.backend import module_weights
+    from jitfreeze.trace.pipeline import trace
+    from jitfreeze.trace.signature import call_mode, describe
+
+    backend = aoti.AOTIBackend()
+
+    def binds(name):
+        model, (x,) = make(name)
+        with torch.no_grad():
+            traced = trace(model, describe((x,), {}, call_mode(model)), [x])
+        ids = {id(t): n for n, t in module_weights(model).items()}
+        names = {a: ids[id(t)] for a, t in traced.constants if id(t) in ids}
+        return bool(backend.bindings(traced, names))
+
+    monkeypatch.setattr(aoti.AOTIBackend, "BIND_MIN_BYTES", 1)
+    monkeypatch.setattr(aoti.AOTIBackend, "CONV_BIND_MIN_BYTES", 2**40)
+    assert binds("mlp") and binds("transformer") and not binds("cnn")
+    monkeypatch.setattr(aoti.AOTIBackend, "BIND_MIN_BYTES", 2**40)
+    monkeypatch.setattr(aoti.AOTIBackend, "CONV_BIND_MIN_BYTES", 1)
+    assert not binds("mlp") and not binds("transformer") and binds("cnn")
+    monkeypatch.setattr(aoti.AOTIBackend, "BIND_MIN_BYTES", 2**40)
+    monkeypatch.setattr(aoti.AOTIBackend, "CONV_BIND_MIN_BYTES", 2**40)
+    assert not binds("mlp") and not binds("cnn")
 
 
 def test_key_names_backend_compiler_and_cpu(monkeypatch):

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -40,7 +41,7 @@ import torch
 
 from ..errors import FallbackReason
 from ..key import tensor_layout
-from .base import EagerIsFaster, SavedArtifact, bound_tensor, room_for
+from .base import EagerIsFaster, NoCompiler, SavedArtifact, bound_tensor, room_for
 from .tuning import choose
 
 __all__ = ["AOTIBackend", "AOTIPackage", "compiler_version", "host_text"]
@@ -131,15 +132,27 @@ class AOTIBackend:
     """torch.export + AOTInductor. The same interface as
     :class:`~jitfreeze.backend.torchscript.TorchScriptBackend`; ``load`` returns an :class:`AOTIPackage`.
 
-    Weights: below :attr:`BIND_MIN_BYTES` of the module's own tensors the graph is frozen (weights
-    folded and prepacked into the package's shared library: per call 0.72x the unfrozen package on
-    the MLP, 0.74x on a 100 MB stack of linears, measured 2026-12-03). From it on, the package is
-    compiled unfrozen and without its weights (``package_constants_in_so=False``: 1.5 MB instead of
-    102 MB, loaded in 5 ms instead of 0.3 s) and the module's tensors are handed to the loader at
-    load (``load_constants(..., user_managed=True)``: shared, no copy) -- losing freezing's gain per
-    call, saving a copy of the weights in memory and one per stored signature on disk."""
+    Weights: the module's own tensors are frozen into the package (folded and prepacked into its
+    shared library) or, from a size on, bound at load: the package is compiled unfrozen and without
+    them (``package_constants_in_so=False``) and the module's tensors are handed to the loader
+    (``load_constants(..., user_managed=True)``: shared, no copy). Where most of the weights' bytes
+    feed convolutions they bind from :attr:`CONV_BIND_MIN_BYTES`, otherwise from :attr:`BIND_MIN_BYTES`
+    (:meth:`bindings`). Measured 2026-12-03 (1 thread, 2 shared cores; docs/backends.md):
 
-    BIND_MIN_BYTES = 256 * 2**20
+    * freezing pays most on convolutions (conv+BN net 0.20x eager per call, MobileNetV2 0.18x the
+      TorchScript backend) and on small linear stacks (MLP 0.72x unfrozen, 100 MB of linears 0.74x);
+    * on transformers it lost: frozen 1.34x the TorchScript backend per call (DistilBERT, batch
+      1 x 128), 1.28x (BERT-base), bound 0.97x and 1.03x; and a frozen package is the weights again
+      (266 / 440 MB on disk per signature, loaded in 0.37-0.41 / 0.63-0.83 s, peak RSS 1112 / 1610 MB)
+      where a bound one is 2 MB, loads in 6-11 ms (RSS 605 / 776 MB). Warm first call in a fresh
+      process: DistilBERT 0.77-0.85 s frozen, 0.38 s bound; BERT 1.38-1.79 s, 0.53-0.59 s;
+    * ConvNeXt-tiny (106 MiB, 7% of it convolution weights) the same way: 1.04x frozen, 0.88x bound.
+
+    So a transformer-size model binds; a conv net keeps its frozen weights up to 256 MiB (ResNet-50's 90 MiB
+    included)."""
+
+    BIND_MIN_BYTES = 64 * 2**20          # weights that mostly feed linears, matmuls, anything else
+    CONV_BIND_MIN_BYTES = 256 * 2**20    # weights that mostly feed convolutions
 
     def __init__(self, optimize: bool = True):
         self.optimize = optimize
@@ -155,9 +168,18 @@ class AOTIBackend:
 
     def bindings(self, traced, names: dict) -> dict:
         """``names`` ({graph attribute: the module's name}) when those weigh at least
-        :attr:`BIND_MIN_BYTES`, else none (frozen into the package)."""
-        size = sum(t.untyped_storage().nbytes() for a, t in traced.constants if a in names)
-        return dict(names) if names and size >= self.BIND_MIN_BYTES else {}
+        :attr:`BIND_MIN_BYTES` -- :attr:`CONV_BIND_MIN_BYTES` where at least half of their bytes are
+        convolutions' operands -- else none (frozen into the package)."""
+        if not names:
+            return {}
+        sizes = {a: t.untyped_storage().nbytes() for a, t in traced.constants if a in names}
+        size = sum(sizes.values())
+        if size < min(self.BIND_MIN_BYTES, self.CONV_BIND_MIN_BYTES):
+            return {}
+        conv = sum(sizes.get(n.target, 0) for n in traced.graph_module.graph.nodes
+                   if n.op == "get_attr" and any(_is_conv(u) for u in n.users))
+        limit = self.CONV_BIND_MIN_BYTES if 2 * conv >= size else self.BIND_MIN_BYTES
+        return dict(names) if size >= limit else {}
 
     # -- compile -------------------------------------------------------------------------------
 
@@ -170,7 +192,7 @@ class AOTIBackend:
         faster, the package records it and :meth:`load` raises :class:`EagerIsFaster`."""
         bindings = bindings or {}
         if compiler_version() is None:
-            raise FallbackReason(
+            raise NoCompiler(
                 f"backend 'aoti' needs a C++ compiler to compile and found none ({_compiler()!r} does not run; "
                 "install g++ or set CXX to a C++ compiler), or use backend='torchscript'")
         if example is None:
@@ -193,8 +215,8 @@ class AOTIBackend:
                                                                 "single": single})}}
         if bindings:
             configs["aot_inductor.package_constants_in_so"] = False
-        stored = sum(t.untyped_storage().nbytes() for a, t in traced.constants if a not in bindings)
-        estimate = stored + stored // 8 + 16 * 2**20      # the weights, the shared library, the zip
+        inside = sum(t.untyped_storage().nbytes() for a, t in traced.constants if a not in bindings)
+        estimate = inside + inside // 8 + 16 * 2**20      # the weights, the shared library, the zip
         ds = tuple({d: torch.export.Dim.AUTO for d in dims} for dims in dynamic) if any(dynamic) else None
         with _COMPILE_LOCK, warnings.catch_warnings():
             # Inductor's imports and passes warn (TorchScript deprecation, export notes): not the caller's concern.
@@ -290,6 +312,16 @@ class AOTIBackend:
         return run
 
 
+_CONV = re.compile(r"(^|_)conv(\d|_|olution|$)")     # conv2d, conv_transpose2d, convolution, mkldnn_convolution
+
+
+def _is_conv(node) -> bool:
+    """Whether an FX node calls a convolution (``aten.conv2d``, ``aten.convolution.default``, ...;
+    not ``convert_element_type``)."""
+    parts = str(node.target).split(".")
+    return node.op == "call_function" and len(parts) > 1 and _CONV.search(parts[1]) is not None
+
+
 def _tuned(source) -> dict:
     """The timing record :meth:`AOTIBackend._tune` wrote into the package (:data:`_TUNED`), or {}."""
     with zipfile.ZipFile(source if isinstance(source, str) else io.BytesIO(source)) as z:
@@ -340,7 +372,7 @@ def _package(ep, path: str | None, configs: dict, estimate: int) -> SavedArtifac
     except Exception as exc:  # noqa: BLE001 - a compile that fails runs eagerly, with the reason
         with contextlib.suppress(OSError):
             os.unlink(path)
-        raise FallbackReason(_compile_error(exc)) from exc
+        raise _compile_error(exc) from exc
     return SavedArtifact(path, error)
 
 
@@ -363,14 +395,15 @@ def _scratch(extract_here: bool):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _compile_error(exc: BaseException) -> str:
+def _compile_error(exc: BaseException) -> FallbackReason:
+    """What a failed compile means: :class:`NoCompiler` where Inductor found no C++ compiler."""
     c, seen = exc, 0
     while c is not None and seen < 8:
         if type(c).__name__ == "InvalidCxxCompiler":
-            return (f"backend 'aoti' needs a C++ compiler and Inductor found none ({_first_line(c)}); "
-                    "install g++ or set CXX, or use backend='torchscript'")
+            return NoCompiler(f"backend 'aoti' needs a C++ compiler and Inductor found none ({_first_line(c)}); "
+                              "install g++ or set CXX, or use backend='torchscript'")
         c, seen = c.__cause__ or c.__context__, seen + 1
-    return f"AOTInductor compile failed: {type(exc).__name__}: {_first_line(exc)}"
+    return FallbackReason(f"AOTInductor compile failed: {type(exc).__name__}: {_first_line(exc)}")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import FallbackReason
 
-__all__ = ["SavedArtifact", "BindingError", "EagerIsFaster", "module_weights", "bound_tensor", "room_for"]
+__all__ = ["SavedArtifact", "BindingError", "EagerIsFaster", "NoCompiler", "module_weights", "bound_tensor", "room_for"]
 
 
 class SavedArtifact:
@@ -63,6 +63,11 @@ class EagerIsFaster(FallbackReason):
         super().__init__(f"eager is faster here ({ms.get('eager', float('nan')):.3g} ms per call against "
                          f"{best:.3g} ms compiled, timed side by side when it was compiled)")
         self.record = record
+
+
+class NoCompiler(FallbackReason):
+    """The backend can't compile on this machine (``backend="aoti"`` without a working C++
+    compiler): every new signature runs eagerly, and one warning per function says why."""
 
 
 class BindingError(RuntimeError):

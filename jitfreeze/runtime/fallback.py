@@ -1,9 +1,10 @@
 """The eager-fallback policy: when a call runs eagerly, and what it says when it does.
 
 A signature that can't be compiled runs the function itself (eager), is remembered (later calls
-with it go straight to eager), and warns once per function and signature. Two reasons warn once
-per function instead: grad mode (with the fix: ``torch.no_grad()``), and ``max_signatures``
-reached. Where eager was timed faster than the compiled graph (a stored decision,
+with it go straight to eager), and warns once per function and signature. Three reasons warn once
+per function instead: grad mode (with the fix: ``torch.no_grad()``), ``max_signatures`` reached,
+and a backend that can't compile on this machine (:class:`~jitfreeze.backend.base.NoCompiler`).
+Where eager was timed faster than the compiled graph (a stored decision,
 :class:`~jitfreeze.backend.EagerIsFaster`) nothing warns: one INFO line per function. Under
 ``JITFREEZE_STRICT=1`` each warning raises :class:`~jitfreeze.errors.FallbackReason`.
 """
@@ -14,17 +15,18 @@ import dataclasses
 import logging
 from typing import Any
 
-from ..backend.base import EagerIsFaster
+from ..backend.base import EagerIsFaster, NoCompiler
 from ..errors import FallbackReason, ParametersDiscardedError, trouble
 from ..trace.pipeline import NO_RESULT
 
 __all__ = ["Fallback", "Fallbacks", "before_trace", "grad_weights", "cap", "run_eagerly", "from_reason",
-           "SIGNATURE", "GRAD", "CAP", "FASTER"]
+           "SIGNATURE", "GRAD", "CAP", "MACHINE", "FASTER"]
 
 log = logging.getLogger("jitfreeze")
 _INFORMED: set = set()     # (function serial, topic) already said at INFO
 
 SIGNATURE, GRAD, CAP = "signature", "grad", "cap"      # what a fallback warns once per
+MACHINE = "machine"        # the backend can't compile here (no C++ compiler): once per function
 FASTER = "faster"          # eager was timed faster when the graph was compiled: one INFO line per function
 
 
@@ -40,7 +42,8 @@ class Fallback:
 
 def from_reason(reason: FallbackReason, result: Any = NO_RESULT) -> Fallback:
     """The fallback a stage's :class:`FallbackReason` means (``result``: the function's, if it ran)."""
-    return Fallback(str(reason), FASTER if isinstance(reason, EagerIsFaster) else SIGNATURE, result)
+    kind = FASTER if isinstance(reason, EagerIsFaster) else MACHINE if isinstance(reason, NoCompiler) else SIGNATURE
+    return Fallback(str(reason), kind, result)
 
 
 def before_trace(call, mode, module) -> Fallback | None:
@@ -114,6 +117,9 @@ class Fallbacks:
             if (self.serial, FASTER) not in _INFORMED:
                 _INFORMED.add((self.serial, FASTER))
                 log.info("jitfreeze: %s runs eagerly for this signature: %s", self.name, fallback.reason)
+        elif fallback.kind == MACHINE:
+            trouble(f"jitfreeze: {self.name} runs eagerly: {fallback.reason}", None, strict=strict,
+                    once=(self.serial, MACHINE), error=FallbackReason)
         elif fallback.kind == CAP:
             trouble(f"jitfreeze: {self.name}: {fallback.reason}", None, strict=strict,
                     once=(self.serial, "cap"), error=FallbackReason)

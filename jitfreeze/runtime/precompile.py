@@ -168,7 +168,7 @@ class _LogCapture(logging.Filter):
 
 def _short(message: str, name: str) -> str:
     message = message.removeprefix("jitfreeze: ")
-    for prefix in (f"{name} runs eagerly for this signature: ", f"{name}: "):
+    for prefix in (f"{name} runs eagerly for this signature: ", f"{name} runs eagerly: ", f"{name}: "):
         message = message.removeprefix(prefix)
     return message
 
