@@ -111,8 +111,10 @@ def _cpu_text() -> str:
 
 
 def host_text() -> str:
-    """The machine's part of an AOTI key: the compiler and the CPU (cached per process)."""
-    return f"cxx={compiler_version() or 'none (' + _compiler() + ')'}; cpu={_cpu_text()}"
+    """The machine's part of an AOTI key: the CPU (cached per process). Not the compiler: a package
+    is a shared library for this CPU, and it loads without one (a serving machine needs no g++);
+    the compiler that built it is recorded in its metadata."""
+    return f"cpu={_cpu_text()}"
 
 
 class AOTIPackage:
@@ -160,8 +162,8 @@ class AOTIBackend:
 
     @property
     def name(self) -> str:
-        """The backend's part of every key: this recipe's version, freezing, the compiler and the
-        CPU (torch's version is in every key already)."""
+        """The backend's part of every key: this recipe's version, freezing and the CPU (torch's
+        version is in every key already; the compiler is not: see :func:`host_text`)."""
         if self._name is None:
             self._name = f"aoti-{_FORMAT}{'+freeze' if self.optimize else ''}; {host_text()}"
         return self._name
@@ -210,9 +212,9 @@ class AOTIBackend:
         frozen = self.optimize and not bindings
         stored = bool(bindings) and any(a not in bindings for a, _ in traced.constants)
         configs = {"freezing": frozen,
-                   "aot_inductor.metadata": {_META: json.dumps({"format": _FORMAT, "frozen": frozen,
-                                                                "bindings": record, "stored": stored,
-                                                                "single": single})}}
+                   "aot_inductor.metadata": {_META: json.dumps({"format": _FORMAT, "cxx": compiler_version(),
+                                                                "frozen": frozen, "bindings": record,
+                                                                "stored": stored, "single": single})}}
         if bindings:
             configs["aot_inductor.package_constants_in_so"] = False
         inside = sum(t.untyped_storage().nbytes() for a, t in traced.constants if a not in bindings)
