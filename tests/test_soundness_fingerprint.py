@@ -359,3 +359,24 @@ def test_an_object_that_breaks_the_walk_is_refused_not_raised():
 
     with pytest.raises(fp.Unfingerprintable, match="no repr"):
         _digest(f)
+
+
+def test_long_lists_of_numbers_are_hashed_by_value(monkeypatch):
+    """Lists of one scalar type are hashed in one pass (LeViT keeps lists of 38,416 ints): the
+    same bytes as item by item (keys unchanged), each value still counts, and the type too."""
+    table = list(range(1000))
+    floats = [0.5, 1.25, 2.0]
+
+    def f(x):
+        return x + table[3] + floats[0]
+
+    before = _digest(f)
+    with monkeypatch.context() as m:
+        m.setattr(fp, "_SCALARS", frozenset())
+        assert _digest(f) == before
+    table[999] = -1
+    changed = _digest(f)
+    table[999] = 999.0            # the same number, another type
+    as_float = _digest(f)
+    table[999] = 999
+    assert len({before, changed, as_float}) == 3 and _digest(f) == before
