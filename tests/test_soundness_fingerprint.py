@@ -372,7 +372,7 @@ def test_long_lists_of_numbers_are_hashed_by_value(monkeypatch):
 
     before = _digest(f)
     with monkeypatch.context() as m:
-        m.setattr(fp, "_SCALARS", frozenset())
+        m.setattr(fp, "SCALAR_TYPES", frozenset())
         assert _digest(f) == before
     table[999] = -1
     changed = _digest(f)

@@ -56,7 +56,7 @@ __all__ = ["Unfingerprintable", "function_fingerprint", "module_fingerprint"]
 MAX_OBJECTS = 50000      # objects visited (transformers models reach about 5,000-10,000)
 MAX_DEPTH = 120          # nesting of the walk: containers in containers, helpers calling helpers
 
-_SCALARS = frozenset({int, float, bool, type(None)})    # hashed as value() does, without its dispatch
+SCALAR_TYPES = frozenset({int, float, bool, type(None)})    # hashed as value() does, without its dispatch
 _INSTANCE_TYPES: set = set()     # types whose instances _Walker._dispatch walks as objects (a cache)
 
 
@@ -142,7 +142,7 @@ class _Walker(CodeWalk, ObjectWalk):
                 self.add(t.__name__, len(v))
                 kinds = set(map(type, v))
                 kind = kinds.pop() if len(kinds) == 1 else None
-                if kind in _SCALARS:
+                if kind in SCALAR_TYPES:
                     # what value() hashes for each, in one pass (LeViT's modules keep lists of 38,416 ints)
                     self.put(("\x00".join(map(repr, zip(itertools.repeat(kind.__name__), v))) + "\x00").encode())
                 else:
