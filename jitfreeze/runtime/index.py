@@ -100,14 +100,14 @@ class FingerprintIndex:
         ``key``, and name it in the signature's hint."""
         if entry.source == "unstored":
             return      # the artifact was not written (lock timeout, write failure): neither is its index
-        hint = entry.key if not traced.guards and not traced.writes_inputs else None
-        cache.put(hint_key(self.name, self.backend, call, texts), {"graph_key": hint, "qualname": self.name},
-                  b"", ns=HINT)
         out = treespec.dumps(traced.out_spec)
         consts = [[i, v] for i, v in traced.out_consts]
         if out is None or not all(isinstance(v, (type(None), bool, int, float, str)) for _, v in consts):
             log.debug("%s: output structure can't be stored; no index entry", self.name)
-            return
+            return        # nor a hint: no index entry could ever take its graph
+        hint = entry.key if not traced.guards and not traced.writes_inputs else None
+        cache.put(hint_key(self.name, self.backend, call, texts), {"graph_key": hint, "qualname": self.name},
+                  b"", ns=HINT)
         candidate = {"graph_key": entry.key, "out": out, "out_tensor_idx": list(entry.out_tensor_idx),
                      "out_consts": consts, "guards": list(traced.guards)}
         with cache.lock("index-" + key) as held:

@@ -82,20 +82,13 @@ class Resolver:
 
     def from_index(self, call, fp, index, tensors, spec: Speculation | None = None) -> Loaded | None:
         """The first candidate of the fingerprint ``index``'s entry for ``fp`` that loads, or None. No trace.
-        ``spec``: a graph loaded and called already, taken when it is the candidate's (and dropped
-        before this returns when it is not). (The caller has checked grad mode:
+        ``spec``: a graph loaded and called already, taken when it is the candidate's (the caller
+        drops it otherwise). (The caller has checked grad mode:
         :func:`jitfreeze.runtime.fallback.grad_weights`.)"""
-        try:
-            return self._from_index(call, fp, index, tensors, spec)
-        finally:
-            if spec is not None:
-                spec.drop()
-
-    def _from_index(self, call, fp, index, tensors, spec) -> Loaded | None:
         cache = self._cache()
         for candidate in index.candidates(cache, fp.key, tensors):
             key = candidate.graph_key
-            taken = spec if spec is not None and key == spec.key and spec.module is not None else None
+            taken = spec if spec is not None and key == spec.key else None
             if taken is not None:
                 module = taken.module
             else:
